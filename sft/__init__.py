@@ -1,0 +1,28 @@
+"""sft — supervised fine-tuning on HPC clusters: one YAML config in, one inspectable run directory out."""
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def train(config_path: str, **overrides: Any) -> "object":
+    """Train from a YAML config, for notebooks: `train("configs/x.yaml", **{"training.epochs": 1})`.
+
+    Nested dicts work too (`training={"epochs": 1}`). Returns the finished run's summary (`sft.train.RunResult`).
+    """
+    from sft.config import load_config
+    from sft.train import run_training
+
+    config = load_config(config_path, overrides=_flatten(overrides))
+    return run_training(config)
+
+
+def _flatten(overrides: dict[str, Any], prefix: str = "") -> list[str]:
+    import yaml
+
+    flat = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            flat += _flatten(value, f"{prefix}{key}.")
+        else:
+            flat.append(f"{prefix}{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return flat

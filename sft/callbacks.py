@@ -1,0 +1,83 @@
+"""Trainer callbacks for what Trainer lacks: a metrics file, complete-checkpoint markers, preemption."""
+import json
+import logging
+import signal
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from sft import rundir
+
+log = logging.getLogger("sft")
+
+
+class MetricsFileCallback(TrainerCallback):
+    """metrics.jsonl: one JSON line per logging step and per evaluation, flushed as it happens."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
+        log.info("step %d/%d: %s", state.global_step, state.max_steps, shown)
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """Marks checkpoint-N complete once every rank has written its part; only marked ones are resumed from."""
+
+    def on_save(self, args, state, control, **kwargs):
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+        if state.is_world_process_zero:
+            rundir.mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGUSR1/SIGTERM (Slurm's warning before preemption or the time limit): finish the current optimizer step,
+    save a checkpoint, stop. The flag is agreed across ranks so every process stops at the same step."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: str | None = None
+        self.stopped_by: str | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._any_rank_received(args):
+            self.stopped_by = self.received or "a signal on another rank"
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # Stopping mid-epoch still ends the epoch loop: do not evaluate a partial epoch or save a second time.
+        if self.stopped_by:
+            control.should_evaluate = False
+            control.should_save = False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum in self.SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+
+    def _any_rank_received(self, args) -> bool:
+        if args.world_size <= 1:
+            return self.received is not None
+        import torch
+        import torch.distributed as dist
+
+        device = args.device if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1 if self.received else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -1,0 +1,86 @@
+"""Command line: parse, dispatch, and turn user errors into one line + exit code 2 (tracebacks only with --debug).
+
+    sft train CONFIG [key.sub=value ...]   fine-tune (a bare `sft CONFIG` means the same)
+    sft check CONFIG [key.sub=value ...]   validate the config and every data row, no weights loaded
+    sft info                               versions, GPUs and container provenance
+"""
+import argparse
+import sys
+
+from sft.errors import EXIT_USER_ERROR, UserError
+
+COMMANDS = ("train", "check", "info")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sft", description="Supervised fine-tuning for HPC clusters.",
+                                     epilog="A bare `sft CONFIG` runs `sft train CONFIG`.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("train", "fine-tune a model from a YAML config"),
+                       ("check", "validate a config and every data row without loading weights")):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("config", help="YAML config, e.g. configs/sft_v1.yaml")
+        command.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+        command.add_argument("--env-file", help=".env file with DATA_PATH, tokens, ... (default: ./.env)")
+        command.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    commands.choices["train"].add_argument("--overwrite", action="store_true",
+                                           help="replace a finished run directory of the same name")
+    commands.add_parser("info", help="show versions, GPUs and container provenance").add_argument(
+        "--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is not None and first not in COMMANDS:
+        argv.insert(argv.index(first), "train")
+    args = build_parser().parse_args(argv)
+
+    from sft.logs import setup_terminal
+
+    setup_terminal(args.debug)
+    try:
+        return {"train": _train, "check": _check, "info": _info}[args.command](args)
+    except UserError as error:
+        if args.debug:
+            raise
+        print(f"sft: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("sft: interrupted; rerun the same command to resume from the newest complete checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+def _train(args) -> int:
+    from sft.config import load_config
+    from sft.report import print_summary
+    from sft.train import Preempted, run_training
+
+    config = load_config(args.config, args.overrides, args.env_file)
+    try:
+        result = run_training(config, overwrite=args.overwrite)
+    except Preempted as stop:
+        return stop.exit_code
+    print_summary(result)
+    return 0
+
+
+def _check(args) -> int:
+    from sft.config import load_config
+    from sft.data import load_rows
+    from sft.report import print_check
+
+    config = load_config(args.config, args.overrides, args.env_file)
+    print_check(config, load_rows(config))
+    return 0
+
+
+def _info(args) -> int:
+    from sft.report import print_info
+
+    print_info()
+    return 0
+

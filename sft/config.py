@@ -1,0 +1,263 @@
+"""Config stage: YAML + .env + `key.sub=value` overrides → one validated `Config`, every problem reported at once."""
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sft import secrets
+from sft.errors import UserError
+
+
+class Section(BaseModel):
+    # Unknown keys fail loudly (a typo must never silently fall back to a default).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(Section):
+    name: str = Field(description="Hub id, local directory, or `pkg:MODULE` for a Python package that ships weights "
+                                  "(it must provide `get_model_path()`).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    num_labels: int | None = Field(None, ge=2, description="classification: number of classes; checked against the data.")
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel. flex_attention masks packed documents exactly (fastest measured on H100).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Training precision. auto: bf16 on GPUs that support it, fp32 otherwise (always fp32 on CPU).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub; off because it runs arbitrary code.")
+
+
+class FileSource(Section):
+    path: str = Field(description="A data file, or a `datasets.save_to_disk` folder.")
+    split: str | None = Field(None, description="Split of a saved DatasetDict (e.g. validation).")
+
+
+class SQLSource(Section):
+    database: str = Field(description="Database URL: sqlite:///path/to.db (PostgreSQL support is planned).")
+    query: str = Field(description="SELECT returning one row per example; column names are the field names.")
+
+
+Source = str | list[str] | FileSource | SQLSource
+
+
+class Fields(Section):
+    """Column names in the user's data, per format."""
+    text: str = "text"
+    text_pair: str | None = Field(None, description="classification: second text of a pair (e.g. NLI hypothesis).")
+    label: str = "label"
+    messages: str = "messages"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+
+
+class DataConfig(Section):
+    train: Source = Field(description="Training data: file path(s), {path, split}, or {database, query}.")
+    eval: Source | None = Field(None, description="Evaluation data; when absent, eval_fraction of train is held out.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out share of train (split by training.seed); "
+                                                                  "0 with no eval data disables evaluation.")
+    format: Literal["auto", "classification", "messages", "prompt_completion", "instruction", "text"] = Field(
+        "auto", description="auto: classification for task=classification, else guessed from the columns.")
+    fields: Fields = Field(default_factory=Fields)
+    label_names: list[str] | None = Field(None, description="classification: class names in id order; inferred "
+                                                            "(sorted) from string labels when absent.")
+    max_length: int = Field(512, ge=8, description="Tokens per example after truncation (no padding to this length).")
+
+
+class LoraSettings(Section):
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator; usually 2*r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field("all-linear", description="Module names to adapt; all-linear = every linear "
+                                                                       "layer except the output head.")
+
+
+class MethodConfig(Section):
+    name: Literal["lora", "full"] = Field("lora", description="lora trains adapters (+ the classifier head); full trains all weights.")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    merge: bool = Field(False, description="lora: also save the adapter merged into the base weights in final/merged/.")
+
+
+class TrainingConfig(Section):
+    epochs: float = Field(3, gt=0)
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (overrides epochs when > 0).")
+    batch_size: int = Field(8, ge=1, description="Examples per device per step.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Defaults to batch_size.")
+    max_tokens_per_batch: int | None = Field(None, ge=8, description="causal_lm: size batches by tokens instead of "
+                                                                     "examples (~8k filled an H100 well).")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    lr_scheduler: str = Field("linear", description="Any transformers scheduler name (linear, cosine, constant, ...).")
+    max_grad_norm: float = 1.0
+    eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    eval_steps: int | None = Field(None, ge=1)
+    save_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    save_steps: int | None = Field(None, ge=1, description="Setting it switches save_strategy to steps.")
+    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept; the newest complete one is resumed from.")
+    logging_steps: int = Field(10, ge=1)
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    ddp_backend: Literal["nccl", "gloo"] | None = Field(None, description="Defaults to nccl on GPUs, gloo on CPU.")
+    fsdp: str = Field("", description="Trainer's fsdp option, e.g. 'full_shard auto_wrap', for models beyond one GPU.")
+
+    @model_validator(mode="after")
+    def _steps_imply_strategy(self) -> "TrainingConfig":
+        if self.save_steps is not None:
+            self.save_strategy = "steps"
+        if self.eval_steps is not None:
+            self.eval_strategy = "steps"
+        return self
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs", description="Parent of run directories; bind it read-write in the container.")
+    name: str = Field("{config}-{date}", description="Run directory name; {config}, {date} and {time} are filled "
+                                                    "once and recorded, so a requeued job finds the same directory.")
+
+
+class Config(Section):
+    task: Literal["classification", "causal_lm"]
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    env_file: str | None = Field(None, description=".env file with DATA_PATH, tokens, ...; default: ./.env if present.")
+    # Filled by load_config, not by the user.
+    config_path: Path | None = Field(None, exclude=True)
+
+
+VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+
+
+def load_config(path: str | Path, overrides: list[str] = (), env_file: str | None = None) -> Config:
+    """Read, interpolate, override and validate a config; raise UserError listing every problem."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    for override in overrides:
+        _apply_override(raw, override)
+    _load_env_file(env_file or raw.get("env_file"), path)
+    problems: list[str] = []
+    raw = _interpolate(raw, "", problems)
+    if problems:
+        raise UserError(f"{path}: " + "; ".join(problems))
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(f"{path}: " + "; ".join(_describe(e) for e in error.errors())) from None
+    config.config_path = path.resolve()
+    return config
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found; pass the path to a YAML config (see configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML ({getattr(error, 'problem', error)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections (task, model, data, ...) at the top level")
+    return raw
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise UserError(f"override '{override}': expected key.sub=value, e.g. training.epochs=1")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override '{override}': {part} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value) if value else ""
+
+
+def _load_env_file(env_file: str | None, config_path: Path) -> None:
+    """Load .env into the process environment (tokens must reach huggingface_hub too); real env vars win."""
+    from dotenv import dotenv_values
+
+    if env_file:
+        env_path = Path(os.path.expandvars(env_file))
+        if not env_path.is_file():
+            raise UserError(f"env_file '{env_file}': file not found; create it or drop the setting")
+    else:
+        env_path = Path(".env")
+        if not env_path.is_file():
+            return
+    for name, value in dotenv_values(env_path).items():
+        if value is not None:
+            os.environ.setdefault(name, value)
+
+
+def _interpolate(node: Any, where: str, problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, f"{where}.{k}" if where else str(k), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, f"{where}[{i}]", problems) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def substitute(match: re.Match) -> str:
+        name, default = match["name"], match["default"]
+        value = os.environ.get(name)
+        if value is None:
+            if default is None:
+                problems.append(f"{where}: environment variable {name} is not set; "
+                                f"export it or add it to .env (or write ${{{name}:-default}})")
+                return ""
+            value = default
+        if secrets.is_secret_name(name):
+            secrets.register_secret(value)
+        return value
+
+    return VARIABLE.sub(substitute, node)
+
+
+def _describe(error: dict) -> str:
+    """One pydantic error → 'yaml.path: what is wrong — how to fix'."""
+    loc = [str(p) for p in error["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
+    # Union members show up as extra loc parts (e.g. 'str', 'list[str]', 'FileSource'); keep the YAML path only.
+    loc = [p for p in loc if not (p[0].isupper() or p in ("str", "list[str]") or "[" in p)]
+    where = ".".join(loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent = _section_at(loc[:-1])
+        options = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(loc[-1], options, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(options)}"
+        return f"{where}: unknown key — {hint}"
+    if kind == "missing":
+        return f"{where}: required setting is missing"
+    value = error.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
+    return f"{where}: {error['msg'].lower()}{shown}"
+
+
+def _section_at(path: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        candidates = getattr(annotation, "__args__", (annotation,))
+        sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not sections:
+            return None
+        model = sections[0]
+    return model
+
+
+def resolved_yaml(config: Config) -> str:
+    """The config as it will run (defaults filled, variables substituted), with secrets masked."""
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return secrets.mask(text)

@@ -1,0 +1,45 @@
+"""Logging: one timestamped log file per run (appended on restart), echoed to the terminal, secrets masked."""
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from sft.secrets import MaskingFilter
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_terminal(debug: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, rich_tracebacks=debug, console=_stderr_console())
+    handler.addFilter(MaskingFilter())
+    logger = logging.getLogger("sft")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
+    if not sys.stderr.isatty():
+        # Slurm output files fill up with carriage-return progress bars otherwise (model loading, shard writing).
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
+def add_run_log(run_dir: Path, resumed: bool) -> Path:
+    """Attach the run's log file: a restart appends to the first one so a run has one continuous log."""
+    existing = sorted(run_dir.glob("sft_log_*.log"))
+    path = existing[0] if resumed and existing else run_dir / f"sft_log_{datetime.now():%Y%m%d_%H%M%S}.log"
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(MaskingFilter())
+    # transformers/peft warnings belong in the run's record as well.
+    for name in ("sft", "transformers", "peft", "accelerate"):
+        logging.getLogger(name).addHandler(handler)
+    return path
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    # Slurm output files are not terminals: no colours or cursor tricks there, and wide lines.
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 160)

@@ -1,0 +1,102 @@
+"""Model stage: resolve where the weights live, load tokenizer and model, wrap in LoRA when asked."""
+import importlib
+import logging
+from pathlib import Path
+
+from sft.config import Config
+from sft.errors import UserError
+
+log = logging.getLogger("sft")
+
+
+def resolve_model_path(name: str) -> str:
+    """`pkg:MODULE` → the weights a Python package ships; a local folder → itself; anything else → a hub id."""
+    if name.startswith("pkg:"):
+        module_name = name.removeprefix("pkg:")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise UserError(f"model.name: Python package {module_name} is not installed; pip install it "
+                            f"(its PyPI name may use dashes)") from None
+        if not hasattr(module, "get_model_path"):
+            raise UserError(f"model.name: package {module_name} has no get_model_path(); point model.name at a folder")
+        return str(module.get_model_path())
+    return name
+
+
+def training_dtype(config: Config):
+    """bf16 where the GPU supports it, fp32 on CPU (CPU bf16 training is slow and less exact)."""
+    import torch
+
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if config.model.dtype != "auto":
+        return names[config.model.dtype]
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(config: Config):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(config.model.name)
+    tokenizer = _from_pretrained(AutoTokenizer, path, config)
+    if tokenizer.pad_token is None:
+        # Causal LMs often ship without a pad token; padding-free batches barely use it, eval batching does.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: Config, label_names: list[str] | None = None):
+    """The model as Trainer will train it: base weights, plus LoRA adapters when method.name is lora."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(config.model.name)
+    options = {"attn_implementation": config.model.attn_implementation}
+    if config.task == "classification":
+        options |= {"num_labels": len(label_names),
+                    "id2label": dict(enumerate(label_names)),
+                    "label2id": {name: i for i, name in enumerate(label_names)}}
+        model = _from_pretrained(AutoModelForSequenceClassification, path, config, **options)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, path, config, **options)
+    if config.training.gradient_checkpointing:
+        model.config.use_cache = False
+    if config.method.name == "lora":
+        model = _wrap_lora(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %s parameters, %s trainable (%.2f%%)", path, f"{total:,}", f"{trainable:,}",
+             100 * trainable / total)
+    return model
+
+
+def _wrap_lora(model, config: Config):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = config.method.lora
+    task_type = TaskType.SEQ_CLS if config.task == "classification" else TaskType.CAUSAL_LM
+    # For SEQ_CLS, peft adds the classifier head to modules_to_save: it is trained fully and saved with the adapter.
+    peft_config = LoraConfig(task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=lora.target_modules)
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as error:
+        raise UserError(f"method.lora.target_modules: {error}") from None
+
+
+def _from_pretrained(auto_class, path: str, config: Config, **options):
+    """Load from a folder or the hub, turning 'not found / offline' into one actionable line."""
+    from transformers import AutoConfig
+
+    kwargs = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code}
+    if auto_class is not AutoConfig and "Tokenizer" not in auto_class.__name__:
+        kwargs["dtype"] = training_dtype(config)
+    try:
+        return auto_class.from_pretrained(path, **kwargs, **options)
+    except OSError as error:
+        if Path(path).exists():
+            raise UserError(f"model.name: {path}: {str(error).splitlines()[0]}") from None
+        raise UserError(f"model.name: cannot load '{path}' (not a local folder, and the hub copy is not cached; "
+                        f"runs are offline by default): download it on a login node with `hf download {path}` "
+                        f"into HF_HOME, or point model.name at a folder") from None

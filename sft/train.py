@@ -1,0 +1,286 @@
+"""Train stage: wire config, data and model into Hugging Face Trainer, resume from the newest complete
+checkpoint, and leave a finished run directory (config, manifest, log, metrics, final model)."""
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sft import rundir
+from sft.config import Config, resolved_yaml
+from sft.errors import EXIT_PREEMPTED, UserError
+from sft.files import write_text_atomic
+
+log = logging.getLogger("sft")
+
+
+class Preempted(Exception):
+    """Training stopped on SIGUSR1/SIGTERM after writing a complete checkpoint; the job should be requeued."""
+    exit_code = EXIT_PREEMPTED
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict = field(default_factory=dict)
+
+
+def run_training(config: Config, overwrite: bool = False) -> RunResult:
+    from accelerate import PartialState
+
+    from sft import data, manifest as manifests, model as models
+    from sft.logs import add_run_log
+
+    # Rank 0 creates (or finds) the run directory first; the other ranks then find the same one.
+    state = PartialState()
+    with state.main_process_first():
+        run = rundir.open_run_dir(config, overwrite) if state.is_main_process else _wait_for_run_dir(config)
+    is_main = state.is_main_process
+    if is_main:
+        add_run_log(run.path, run.resumed)
+        _write_config(run.path, config, run.resumed)
+    resume_from = _resume_checkpoint(run, is_main)
+    manifest = manifests.start_manifest(run.path, config, run.resumed, resume_from and rundir.checkpoint_step(resume_from)) \
+        if is_main else {}
+    log.info("run directory %s (%s)", run.path, f"resuming from {resume_from.name}" if resume_from else "new run")
+
+    # Load data (rank 0 tokenizes; under torchrun the others load its result instead of racing it)
+    tokenizer = models.load_tokenizer(config)
+    with state.main_process_first():
+        prepared = data.prepare(config, tokenizer) if is_main or state.num_processes == 1 \
+            else _load_prepared(run.path)
+        if is_main and state.num_processes > 1:
+            _save_prepared(prepared, run.path)
+    if is_main:
+        manifests.record_data(manifest, prepared)
+        manifests.write_manifest(run.path, manifest)
+    log.info("data: %s format, %d training %s, %d eval", prepared.data_format, len(prepared.train),
+             "token-budget batches" if config.training.max_tokens_per_batch else "examples", len(prepared.eval or []))
+
+    # Load model and train
+    model = models.load_model(config, prepared.label_names)
+    from sft.callbacks import PreemptionCallback
+
+    trainer = build_trainer(config, run, model, tokenizer, prepared)
+    preemption = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionCallback))
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if preemption.stopped_by:
+        if is_main:
+            manifests.finish_manifest(run.path, manifest, "preempted")
+        log.warning("stopped by %s at step %d after saving a complete checkpoint; rerun (or requeue) to resume",
+                    preemption.stopped_by, trainer.state.global_step)
+        raise Preempted()
+
+    # Save the final model
+    metrics = final_metrics(trainer.state.log_history)
+    if is_main:
+        save_final(trainer, config, run.path)
+        manifests.finish_manifest(run.path, manifest, "finished", metrics)
+    state.wait_for_everyone()
+    return RunResult(run.path, metrics)
+
+
+def _wait_for_run_dir(config: Config) -> rundir.RunDir:
+    """Non-zero ranks: the main process has created the directory by now, so opening it finds it unfinished."""
+    return rundir.open_run_dir(config, overwrite=False)
+
+
+def _write_config(run_dir: Path, config: Config, resumed: bool) -> None:
+    path, text = run_dir / "config.yaml", resolved_yaml(config)
+    if resumed and path.is_file() and path.read_text() != text:
+        changed = _changed_keys(path.read_text(), text)
+        raise UserError(f"output: {run_dir} was started with a different config ({', '.join(changed)} changed); "
+                        f"resume with the same settings, or choose a new output.name")
+    write_text_atomic(path, text)
+
+
+def _changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
+    import yaml
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): node}
+
+    old, new = flat(yaml.safe_load(old_yaml)), flat(yaml.safe_load(new_yaml))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def _resume_checkpoint(run: rundir.RunDir, is_main: bool) -> Path | None:
+    if not run.resumed:
+        return None
+    if is_main:
+        for path in rundir.discard_incomplete_checkpoints(run.checkpoints):
+            log.warning("removed incomplete checkpoint %s (interrupted while saving)", path.name)
+        _drop_metrics_after(run.path, _newest_step(run))
+    complete = rundir.complete_checkpoints(run.checkpoints)
+    return complete[-1] if complete else None
+
+
+def _newest_step(run: rundir.RunDir) -> int:
+    complete = rundir.complete_checkpoints(run.checkpoints)
+    return rundir.checkpoint_step(complete[-1]) if complete else 0
+
+
+def _drop_metrics_after(run_dir: Path, step: int) -> None:
+    """Lines logged after the checkpoint we resume from are recomputed (identically), so drop the old copies."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _save_prepared(prepared, run_dir: Path) -> None:
+    from dataclasses import asdict
+
+    folder = run_dir / "tokenized"
+    prepared.train.save_to_disk(str(folder / "train"))
+    if prepared.eval is not None:
+        prepared.eval.save_to_disk(str(folder / "eval"))
+    info = {"data_format": prepared.data_format, "label_names": prepared.label_names,
+            "files": [asdict(f) for f in prepared.files]}
+    write_text_atomic(folder / "info.json", json.dumps(info))
+
+
+def _load_prepared(run_dir: Path):
+    from datasets import load_from_disk
+
+    from sft.data import DataFile, PreparedData
+
+    folder = run_dir / "tokenized"
+    info = json.loads((folder / "info.json").read_text())
+    eval_set = load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
+    return PreparedData(load_from_disk(str(folder / "train")), eval_set, info["data_format"], info["label_names"],
+                        [DataFile(**f) for f in info["files"]])
+
+
+# Trainer wiring
+
+def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared):
+    import torch
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from sft.callbacks import CompleteCheckpointCallback, MetricsFileCallback, PreemptionCallback
+    from sft.model import training_dtype
+
+    t = config.training
+    has_eval = prepared.eval is not None
+    by_tokens = bool(t.max_tokens_per_batch) and config.task == "causal_lm"
+    dtype = training_dtype(config)
+    on_gpu = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(run.checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        # With a token budget each dataset row already is a whole batch.
+        per_device_train_batch_size=1 if by_tokens else t.batch_size,
+        per_device_eval_batch_size=1 if by_tokens else (t.eval_batch_size or t.batch_size),
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of total steps
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        eval_strategy=t.eval_strategy if has_eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        ddp_backend=t.ddp_backend,
+        fsdp=t.fsdp,
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=not sys.stderr.isatty(),
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_gpu,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        processing_class=tokenizer,
+        data_collator=make_collator(config, tokenizer),
+        compute_metrics=classification_metrics if config.task == "classification" else None,
+        callbacks=[MetricsFileCallback(run.path), CompleteCheckpointCallback(), PreemptionCallback()],
+    )
+    # Without a progress bar Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def make_collator(config: Config, tokenizer):
+    from transformers import DataCollatorWithFlattening, DataCollatorWithPadding
+
+    if config.task == "classification":
+        return DataCollatorWithPadding(tokenizer)
+    # Padding-free: examples are concatenated and position_ids restart at each one, so attention stays
+    # within an example (tests/test_train.py checks packed loss == per-example loss).
+    flatten = DataCollatorWithFlattening(return_position_ids=True)
+    if config.training.max_tokens_per_batch:
+        return TokenBudgetCollator(flatten)
+    return flatten
+
+
+class TokenBudgetCollator:
+    """Unpacks a token-budget batch (one dataset row holding several examples) into a flattened batch."""
+
+    def __init__(self, flatten):
+        self.flatten = flatten
+
+    def __call__(self, rows: list[dict]) -> dict:
+        examples = [{"input_ids": ids, "labels": labels}
+                    for row in rows for ids, labels in zip(row["input_ids"], row["labels"])]
+        return self.flatten(examples)
+
+
+def classification_metrics(prediction) -> dict:
+    import numpy as np
+
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    predicted, labels = np.argmax(logits, axis=-1), prediction.label_ids
+    f1s = []
+    for label in np.unique(labels):
+        tp = np.sum((predicted == label) & (labels == label))
+        precision_denominator, recall_denominator = np.sum(predicted == label), np.sum(labels == label)
+        f1s.append(2 * tp / (precision_denominator + recall_denominator) if tp else 0.0)
+    return {"accuracy": float(np.mean(predicted == labels)), "macro_f1": float(np.mean(f1s))}
+
+
+def final_metrics(log_history: list[dict]) -> dict:
+    """Last training loss and last evaluation, as the run's headline numbers."""
+    metrics = {}
+    train_losses = [entry for entry in log_history if "loss" in entry]
+    if train_losses:
+        metrics["train_loss"] = train_losses[-1]["loss"]
+    evaluations = [entry for entry in log_history if "eval_loss" in entry]
+    if evaluations:
+        metrics.update({k: v for k, v in evaluations[-1].items() if k.startswith("eval_") and "runtime" not in k
+                        and "per_second" not in k})
+        if "eval_accuracy" not in metrics:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    summary = [entry for entry in log_history if "train_runtime" in entry]
+    if summary:
+        metrics["train_runtime_s"] = summary[-1]["train_runtime"]
+    metrics["steps"] = max((entry.get("step", 0) for entry in log_history), default=0)
+    return metrics
+
+
+def save_final(trainer, config: Config, run_dir: Path) -> None:
+    """final/: model (or LoRA adapter) + tokenizer in safetensors; final/merged/ when method.merge is set."""
+    final = run_dir / "final"
+    trainer.save_model(str(final))
+    if config.method.name == "lora" and config.method.merge:
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(str(final / "merged"))
+        trainer.processing_class.save_pretrained(str(final / "merged"))
+    log.info("saved %s to %s", "adapter" if config.method.name == "lora" else "model", final)
