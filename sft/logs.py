@@ -18,11 +18,6 @@ def setup_terminal(debug: bool = False) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     logger.propagate = False
-    if not sys.stderr.isatty():
-        # Slurm output files fill up with carriage-return progress bars otherwise (model loading, shard writing).
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
 
 
 def add_run_log(run_dir: Path, resumed: bool) -> Path:
@@ -35,6 +30,11 @@ def add_run_log(run_dir: Path, resumed: bool) -> Path:
     # transformers/peft warnings belong in the run's record as well.
     for name in ("sft", "transformers", "peft", "accelerate"):
         logging.getLogger(name).addHandler(handler)
+    if not sys.stderr.isatty():
+        # Slurm output files fill up with carriage-return progress bars otherwise (model loading, shard writing).
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     return path
 
 

@@ -1,0 +1,100 @@
+"""Shared test assets, all built locally and offline: a tiny BPE tokenizer + Llama model, and small datasets."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+
+# ChatML-style, deliberately without {% generation %} markers: exercises the render-and-diff masking route.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog", "what is the capital of france ? paris is the capital",
+    "add two and three : the answer is five", "translate hello to german : hallo", "slurm jobs get preempted",
+    "checkpoints make training resumable", "the model learns to answer questions", "user assistant system",
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def build_tiny_tokenizer(folder: Path, chat_template: str | None = CHAT_TEMPLATE):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    from tokenizers import processors
+
+    # Prepend BOS like Llama tokenizers do, so prompt masking covers a special token too.
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tmp_path_factory) -> Path:
+    """A 2-layer Llama (~100 k parameters) with its BPE tokenizer, saved like a hub checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+CHAT_ROWS = [
+    {"messages": [{"role": "user", "content": f"add {a} and {b}"},
+                  {"role": "assistant", "content": f"the answer is {a + b}"}]}
+    for a in range(6) for b in range(4)
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_data(tmp_path_factory) -> Path:
+    """24 short chat conversations (JSONL, `messages` format)."""
+    return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", CHAT_ROWS)
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a YAML config into tmp_path and return its path."""
+    import yaml
+
+    def write(config: dict, name: str = "config.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    return write
+
+
+def tiny_lm_config(model: Path, data: Path, output: Path, **training) -> dict:
+    """A causal-LM config that trains the tiny model in seconds."""
+    return {"task": "causal_lm", "model": {"name": str(model)},
+            "data": {"train": str(data), "eval_fraction": 0.0, "max_length": 64},
+            "method": {"name": "full"},
+            "training": {"epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+                         "eval_strategy": "no", "save_strategy": "no", "seed": 42, **training},
+            "output": {"dir": str(output), "name": "tiny"}}
