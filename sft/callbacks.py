@@ -47,10 +47,15 @@ class PreemptionCallback(TrainerCallback):
     def __init__(self):
         self.received: str | None = None
         self.stopped_by: str | None = None
+        self._previous: dict = {}
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        for signum in self.SIGNALS:
-            signal.signal(signum, self._handle)
+    def install(self) -> None:
+        """Catch the signals from the start of the run: a USR1 during model loading must not kill the job."""
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
@@ -66,10 +71,6 @@ class PreemptionCallback(TrainerCallback):
         if self.stopped_by:
             control.should_evaluate = False
             control.should_save = False
-
-    def on_train_end(self, args, state, control, **kwargs):
-        for signum in self.SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
 
     def _any_rank_received(self, args) -> bool:
         if args.world_size <= 1:

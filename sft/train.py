@@ -28,6 +28,17 @@ class RunResult:
 
 
 def run_training(config: Config, overwrite: bool = False) -> RunResult:
+    from sft.callbacks import PreemptionCallback
+
+    preemption = PreemptionCallback()
+    preemption.install()
+    try:
+        return _run(config, overwrite, preemption)
+    finally:
+        preemption.restore()
+
+
+def _run(config: Config, overwrite: bool, preemption) -> RunResult:
     from accelerate import PartialState
 
     from sft import data, manifest as manifests, model as models
@@ -61,10 +72,7 @@ def run_training(config: Config, overwrite: bool = False) -> RunResult:
 
     # Load model and train
     model = models.load_model(config, prepared.label_names)
-    from sft.callbacks import PreemptionCallback
-
-    trainer = build_trainer(config, run, model, tokenizer, prepared)
-    preemption = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionCallback))
+    trainer = build_trainer(config, run, model, tokenizer, prepared, preemption)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if preemption.stopped_by:
         if is_main:
@@ -158,11 +166,11 @@ def _load_prepared(run_dir: Path):
 
 # Trainer wiring
 
-def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared):
+def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared, preemption):
     import torch
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    from sft.callbacks import CompleteCheckpointCallback, MetricsFileCallback, PreemptionCallback
+    from sft.callbacks import CompleteCheckpointCallback, MetricsFileCallback
     from sft.model import training_dtype
 
     t = config.training
@@ -194,7 +202,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         data_seed=t.seed,
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         ddp_backend=t.ddp_backend,
         fsdp=t.fsdp,
         report_to="none",
@@ -211,7 +219,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         processing_class=tokenizer,
         data_collator=make_collator(config, tokenizer),
         compute_metrics=classification_metrics if config.task == "classification" else None,
-        callbacks=[MetricsFileCallback(run.path), CompleteCheckpointCallback(), PreemptionCallback()],
+        callbacks=[MetricsFileCallback(run.path), CompleteCheckpointCallback(), preemption],
     )
     # Without a progress bar Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
     trainer.remove_callback(PrinterCallback)

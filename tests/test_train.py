@@ -1,0 +1,246 @@
+"""Train stage: packed batches are exact, tiny end-to-end runs learn, the run directory is complete, resume is exact."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, tiny_lm_config
+from sft.config import load_config
+from sft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(line["step"], line["loss"]) for line in lines if "loss" in line]
+
+
+def run_cli(*args: str, cwd: Path | None = None, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "entrypoint.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600, **popen)
+
+
+def test_packed_loss_equals_per_example_loss(tiny_causal_lm):
+    """Flattened examples must not attend to each other: the packed batch's loss equals the per-example loss."""
+    import torch
+    from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm, attn_implementation="sdpa").eval()
+    examples = [{"input_ids": [1, 20, 30, 40, 50, 60], "labels": [-100, -100, 30, 40, 50, 60]},
+                {"input_ids": [1, 70, 80, 90], "labels": [-100, 70, 80, 90]},
+                {"input_ids": [1, 25, 35, 45, 55, 65, 75, 85], "labels": [-100, -100, -100, 45, 55, 65, 75, 85]}]
+    packed = DataCollatorWithFlattening(return_position_ids=True)(examples)
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                              use_cache=False).logits[0]
+        separate_logits = torch.cat([model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits[0]
+                                     for e in examples])
+        packed_loss = model(**packed, use_cache=False).loss
+        token_losses, token_count = 0.0, 0
+        for e in examples:
+            out = model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]]), use_cache=False)
+            answer_tokens = sum(label != -100 for label in e["labels"][1:])
+            token_losses += out.loss * answer_tokens
+            token_count += answer_tokens
+    torch.testing.assert_close(packed_logits, separate_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_loss, token_losses / token_count, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_tiny_causal_lm_learns_and_writes_a_complete_run_dir(tiny_causal_lm, tiny_chat_data, tmp_path,
+                                                             write_config, method):
+    from transformers import AutoModelForCausalLM
+
+    from sft.train import run_training
+
+    config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", epochs=8,
+                            learning_rate=3e-3 if method == "full" else 5e-2)
+    config["method"] = {"name": method, "lora": {"r": 8, "alpha": 16}, "merge": method == "lora"}
+    config["data"]["eval_fraction"] = 0.25
+    config["training"]["eval_strategy"] = "epoch"
+    result = run_training(load_config(write_config(config)))
+
+    run_dir = result.run_dir
+    losses = [loss for _, loss in train_losses(run_dir)]
+    # LoRA on a random-init model moves slowly (a random lm_head caps the change in logits); full FT memorizes.
+    assert losses[-1] < (0.6 if method == "full" else 0.95) * losses[0], losses
+    assert result.metrics["eval_loss"] < losses[0]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["seed"] == 42
+    assert manifest["data"]["files"][0]["sha256"] and manifest["data"]["files"][0]["rows"] == 24
+    assert manifest["versions"]["torch"] and manifest["versions"]["transformers"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["method"]["name"] == method
+    assert len(list(run_dir.glob("sft_log_*.log"))) == 1
+    assert (run_dir / "final" / "tokenizer.json").is_file()
+    if method == "lora":
+        assert (run_dir / "final" / "adapter_model.safetensors").is_file()
+        merged = AutoModelForCausalLM.from_pretrained(run_dir / "final" / "merged")
+        base = AutoModelForCausalLM.from_pretrained(tiny_causal_lm)
+        assert not any("lora" in name for name, _ in merged.named_parameters())
+        changed = [n for n, p in merged.named_parameters() if not (p == base.get_parameter(n)).all()]
+        assert changed and all("proj" in name for name in changed), changed
+    else:
+        assert (run_dir / "final" / "model.safetensors").is_file()
+        AutoModelForCausalLM.from_pretrained(run_dir / "final")
+
+
+@pytest.mark.slow
+def test_token_budget_batches_train(tiny_causal_lm, tiny_chat_data, tmp_path, write_config):
+    from sft.train import run_training
+
+    from transformers import AutoTokenizer
+
+    from conftest import CHAT_ROWS
+    from sft.data import group_by_tokens, tokenize_messages
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    lengths = [len(tokenize_messages(tokenizer, row["messages"], 64)["input_ids"]) for row in CHAT_ROWS]
+    expected_batches = group_by_tokens(lengths, 128)
+    assert all(sum(lengths[i] for i in batch) <= 128 for batch in expected_batches)
+
+    config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_tokens_per_batch=128)
+    result = run_training(load_config(write_config(config)))
+    # One optimizer step per token-budget batch (one epoch), far fewer than one per example.
+    assert result.metrics["steps"] == len(expected_batches) < len(CHAT_ROWS) / 3
+
+
+@pytest.mark.slow
+def test_minilm_classifier_with_lora_saves_adapter_and_head(tmp_path, write_config):
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
+
+    from sft.train import run_training
+
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config["data"]["train"] = str(REPO / "data" / "demo" / "reviews.jsonl")
+    config["method"] = {"name": "lora", "lora": {"r": 8, "alpha": 16}, "merge": True}
+    config["training"].update(max_steps=6, logging_steps=2, eval_strategy="steps", eval_steps=6, learning_rate=1e-3)
+    config["output"] = {"dir": str(tmp_path / "runs"), "name": "minilm"}
+    result = run_training(load_config(write_config(config)))
+
+    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
+    final = result.run_dir / "final"
+    # The adapter holds LoRA weights and the fully trained classifier head; labels come from the manifest.
+    label_names = json.loads((result.run_dir / "manifest.json").read_text())["data"]["label_names"]
+    adapter = AutoPeftModelForSequenceClassification.from_pretrained(
+        final, id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    merged = AutoModelForSequenceClassification.from_pretrained(final / "merged")
+    assert merged.config.id2label == {0: "negative", 1: "positive"}
+    head = adapter.base_model.model.classifier.modules_to_save["default"]
+    assert (head.weight == merged.classifier.weight).all()
+
+
+@pytest.mark.slow
+def test_finished_run_is_not_overwritten_without_flag(tiny_causal_lm, tiny_chat_data, tmp_path, write_config):
+    config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=2))
+    assert run_cli("train", str(config_path)).returncode == 0
+    final_model = tmp_path / "runs" / "tiny" / "final" / "model.safetensors"
+    before = final_model.stat().st_mtime_ns
+
+    refused = run_cli(str(config_path))
+    assert refused.returncode == EXIT_USER_ERROR
+    assert "finished run" in refused.stderr and "--overwrite" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert final_model.stat().st_mtime_ns == before
+
+    assert run_cli("train", str(config_path), "--overwrite").returncode == 0
+    assert final_model.stat().st_mtime_ns != before
+
+
+def start_training(config_path: Path, tmp_path: Path) -> subprocess.Popen:
+    log = (tmp_path / "stdout.log").open("a")
+    return subprocess.Popen([sys.executable, str(REPO / "entrypoint.py"), "train", str(config_path)],
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_file(path: Path, process: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while not path.exists():
+        assert process.poll() is None, f"training ended before {path} was written"
+        assert time.time() < deadline
+        time.sleep(0.005)
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+@pytest.fixture
+def resumable_config(tiny_causal_lm, tiny_chat_data, tmp_path, write_config):
+    """24 steps with dropout (so RNG state matters), a checkpoint every 3 steps."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_causal_lm, model)
+    model_config = AutoConfig.from_pretrained(model)
+    model_config.attention_dropout = 0.1
+    model_config.save_pretrained(model)
+
+    def make(name: str) -> Path:
+        config = tiny_lm_config(model, tiny_chat_data, tmp_path / "runs", epochs=4, batch_size=4, save_steps=3,
+                                save_total_limit=10)
+        config["output"]["name"] = name
+        return write_config(config, f"{name}.yaml")
+
+    return make
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(resumable_config, tmp_path):
+    reference = run_cli("train", str(resumable_config("reference")))
+    assert reference.returncode == 0, reference.stderr
+
+    interrupted_config = resumable_config("interrupted")
+    run_dir = tmp_path / "runs" / "interrupted"
+    process = start_training(interrupted_config, tmp_path)
+    wait_for_file(run_dir / "checkpoints" / "checkpoint-3" / ".complete", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "final").exists(), "the run finished before the kill: make it longer"
+    # A checkpoint killed mid-write (no .complete marker) must be ignored, never resumed from.
+    newest = max(int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("checkpoint-*/.complete"))
+    half_written = run_dir / "checkpoints" / f"checkpoint-{newest + 3}"
+    half_written.mkdir(exist_ok=True)
+    (half_written / "trainer_state.json").write_text("{truncated")
+
+    resumed = run_cli("train", str(interrupted_config))
+    assert resumed.returncode == 0, resumed.stderr
+
+    assert train_losses(run_dir) == train_losses(tmp_path / "runs" / "reference")
+    expected, actual = final_weights(tmp_path / "runs" / "reference"), final_weights(run_dir)
+    assert all((expected[name] == actual[name]).all() for name in expected)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["restarts"][0]["resumed_from_step"] == newest
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_exits_75_and_resumes_exactly(resumable_config, tmp_path):
+    reference = run_cli("train", str(resumable_config("reference")))
+    assert reference.returncode == 0, reference.stderr
+
+    config_path = resumable_config("preempted")
+    run_dir = tmp_path / "runs" / "preempted"
+    process = start_training(config_path, tmp_path)
+    # Sent while the model is still loading: the handler is already in place, training stops after step 1.
+    wait_for_file(run_dir / "manifest.json", process)
+    process.send_signal(signal.SIGUSR1)
+    assert process.wait(timeout=120) == EXIT_PREEMPTED
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "preempted"
+    assert [p.parent.name for p in (run_dir / "checkpoints").glob("checkpoint-*/.complete")] == ["checkpoint-1"]
+
+    resumed = run_cli("train", str(config_path))
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_losses(run_dir) == train_losses(tmp_path / "runs" / "reference")
+    expected, actual = final_weights(tmp_path / "runs" / "reference"), final_weights(run_dir)
+    assert all((expected[name] == actual[name]).all() for name in expected)
