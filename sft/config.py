@@ -2,11 +2,12 @@
 import difflib
 import os
 import re
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from sft import secrets
 from sft.errors import UserError
@@ -39,7 +40,25 @@ class SQLSource(Section):
     query: str = Field(description="SELECT returning one row per example; column names are the field names.")
 
 
-Source = str | list[str] | FileSource | SQLSource
+def _source_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "path"
+    if isinstance(value, list):
+        return "paths"
+    if isinstance(value, dict):
+        return "sql" if "database" in value or "query" in value else "file"
+    if isinstance(value, (FileSource, SQLSource)):
+        return "sql" if isinstance(value, SQLSource) else "file"
+    return None
+
+
+# The shape picks the variant, so an error names what is wrong with that one instead of listing every variant.
+Source = Annotated[Annotated[str, Tag("path")] | Annotated[list[str], Tag("paths")] | Annotated[FileSource, Tag("file")]
+                   | Annotated[SQLSource, Tag("sql")],
+                   Discriminator(_source_kind, custom_error_type="source",
+                                 custom_error_message="expected a path, a list of paths, {path, split} or "
+                                                      "{database, query}")]
+SOURCE_TAGS = {"path", "paths", "file", "sql"}
 
 
 class Fields(Section):
@@ -131,6 +150,16 @@ class Config(Section):
     env_file: str | None = Field(None, description=".env file with DATA_PATH, tokens, ...; default: ./.env if present.")
     # Filled by load_config, not by the user.
     config_path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _settings_agree(self) -> "Config":
+        budget = self.training.max_tokens_per_batch
+        if budget is not None and self.task != "causal_lm":
+            raise ValueError("training.max_tokens_per_batch: only for task causal_lm; use training.batch_size")
+        if budget is not None and budget < self.data.max_length:
+            raise ValueError(f"training.max_tokens_per_batch: {budget} is below data.max_length "
+                             f"{self.data.max_length}; a long example would not fit in any batch")
+        return self
 
 
 VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
@@ -226,35 +255,41 @@ def _interpolate(node: Any, where: str, problems: list[str]) -> Any:
 
 def _describe(error: dict) -> str:
     """One pydantic error → 'yaml.path: what is wrong — how to fix'."""
-    loc = [str(p) for p in error["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
-    # Union members show up as extra loc parts (e.g. 'str', 'list[str]', 'FileSource'); keep the YAML path only.
-    loc = [p for p in loc if not (p[0].isupper() or p in ("str", "list[str]") or "[" in p)]
+    loc = [str(p) for p in error["loc"]]
+    # A data source's variant tag shows up as an extra path part (data.train.file.path); keep the YAML path only.
+    loc = [p for i, p in enumerate(loc) if not (p in SOURCE_TAGS and i > 0 and loc[i - 1] in ("train", "eval"))]
     where = ".".join(loc) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":
-        parent = _section_at(loc[:-1])
-        options = list(parent.model_fields) if parent else []
+        options = _keys_at(loc[:-1])
         close = difflib.get_close_matches(loc[-1], options, n=1)
         hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(options)}"
         return f"{where}: unknown key — {hint}"
     if kind == "missing":
         return f"{where}: required setting is missing"
+    if kind == "value_error" and not loc:
+        return error["msg"].removeprefix("Value error, ")
     value = error.get("input")
     shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
     return f"{where}: {error['msg'].lower()}{shown}"
 
 
-def _section_at(path: list[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] = Config
+def _keys_at(path: list[str]) -> list[str]:
+    """Keys allowed where a YAML path points (for did-you-mean); a data source allows {path, split} or
+    {database, query}."""
+    sections: list[type[BaseModel]] = [Config]
     for part in path:
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        candidates = getattr(annotation, "__args__", (annotation,))
-        sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        field = sections[0].model_fields.get(part)
+        sections = _sections_in(field.annotation) if field else []
         if not sections:
-            return None
-        model = sections[0]
-    return model
+            return []
+    return [key for section in sections for key in section.model_fields if key != "config_path"]
+
+
+def _sections_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [section for arg in typing.get_args(annotation) for section in _sections_in(arg)]
 
 
 def resolved_yaml(config: Config) -> str:

@@ -1,0 +1,112 @@
+"""Config stage: loading, interpolation, .env, overrides, every problem reported at once, secrets masked."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from sft.config import load_config, resolved_yaml
+from sft.errors import UserError
+
+MINIMAL = {"task": "classification", "model": {"name": "some/model"}, "data": {"train": "train.jsonl"}}
+
+
+def test_defaults_reproduce_the_classic_recipe(write_config):
+    config = load_config(write_config(MINIMAL))
+    assert (config.training.epochs, config.training.batch_size, config.training.seed) == (3, 8, 42)
+    assert config.training.eval_strategy == config.training.save_strategy == "epoch"
+    assert config.method.name == "lora" and config.method.lora.target_modules == "all-linear"
+
+
+def test_every_problem_is_reported_in_one_line_with_yaml_paths(write_config):
+    path = write_config({"task": "classification", "model": {"name": "x", "nme": "y"},
+                         "data": {"train": "a.jsonl", "eval_fracton": 0.1},
+                         "training": {"lerning_rate": 1e-5, "epochs": "three", "batch_size": 0}})
+    with pytest.raises(UserError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "model.nme: unknown key — did you mean name?" in message
+    assert "data.eval_fracton: unknown key — did you mean eval_fraction?" in message
+    assert "training.lerning_rate: unknown key — did you mean learning_rate?" in message
+    assert "training.epochs:" in message and "'three'" in message
+    assert "training.batch_size: input should be greater than or equal to 1" in message
+
+
+def test_data_source_errors_name_the_chosen_shape(write_config):
+    with pytest.raises(UserError, match=r"data.train: expected a path, a list of paths"):
+        load_config(write_config({**MINIMAL, "data": {"train": 5}}))
+    with pytest.raises(UserError, match=r"data.eval.qery: unknown key — did you mean query\?"):
+        load_config(write_config({**MINIMAL, "data": {"train": "a", "eval": {"database": "sqlite:///x", "qery": "q"}}}))
+
+
+def test_cross_section_rules(write_config):
+    lm = {**MINIMAL, "task": "causal_lm", "data": {"train": "a", "max_length": 1024},
+          "training": {"max_tokens_per_batch": 512}}
+    with pytest.raises(UserError, match="max_tokens_per_batch: 512 is below data.max_length 1024"):
+        load_config(write_config(lm))
+
+
+def test_environment_interpolation_with_defaults_and_missing_names(write_config, monkeypatch):
+    monkeypatch.setenv("DATA_PATH", "/project/data")
+    monkeypatch.delenv("SFT_NOT_SET", raising=False)
+    config = load_config(write_config({**MINIMAL, "data": {"train": "${DATA_PATH}/train.jsonl"},
+                                       "output": {"dir": "${SFT_NOT_SET:-runs}/x"}}))
+    assert config.data.train == "/project/data/train.jsonl" and config.output.dir == "runs/x"
+    with pytest.raises(UserError, match=r"data.train: environment variable SFT_NOT_SET is not set"):
+        load_config(write_config({**MINIMAL, "data": {"train": "${SFT_NOT_SET}/a.jsonl"}}))
+
+
+def test_dotenv_file_from_config_flag_or_working_directory(write_config, tmp_path, monkeypatch):
+    monkeypatch.delenv("SFT_TEST_DIR", raising=False)
+    (tmp_path / "project.env").write_text("SFT_TEST_DIR=/from/flag\n")
+    config_path = write_config({**MINIMAL, "data": {"train": "${SFT_TEST_DIR}/a.jsonl"}})
+    assert load_config(config_path, env_file=str(tmp_path / "project.env")).data.train == "/from/flag/a.jsonl"
+
+    monkeypatch.delenv("SFT_TEST_DIR")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("SFT_TEST_DIR=/from/cwd\n")
+    assert load_config(config_path).data.train == "/from/cwd/a.jsonl"
+
+    monkeypatch.delenv("SFT_TEST_DIR")
+    with pytest.raises(UserError, match="env_file 'missing.env': file not found"):
+        load_config(write_config({**MINIMAL, "env_file": "missing.env"}))
+
+
+def test_command_line_overrides_parse_yaml_values(write_config):
+    config = load_config(write_config(MINIMAL), overrides=["training.epochs=1", "training.learning_rate=3e-5",
+                                                           "method.name=full", "data.label_names=[neg, pos]"])
+    assert config.training.epochs == 1 and config.training.learning_rate == 3e-5
+    assert config.method.name == "full" and config.data.label_names == ["neg", "pos"]
+    with pytest.raises(UserError, match="training.epohcs: unknown key — did you mean epochs"):
+        load_config(write_config(MINIMAL), overrides=["training.epohcs=1"])
+    with pytest.raises(UserError, match="expected key.sub=value"):
+        load_config(write_config(MINIMAL), overrides=["training.epochs"])
+
+
+def test_secrets_are_masked_in_the_resolved_config(write_config, monkeypatch):
+    monkeypatch.setenv("DB_PASSWORD", "hunter2-secret")
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh")
+    config = load_config(write_config({
+        **MINIMAL, "model": {"name": "org/${HF_TOKEN}"},
+        "data": {"train": {"database": "sqlite:///db?password=${DB_PASSWORD}", "query": "SELECT 1"},
+                 "eval": {"database": "postgresql://ann:plainpw@host/db", "query": "SELECT 2"}}}))
+    text = resolved_yaml(config)
+    assert "hunter2-secret" not in text and "hf_abcdefgh" not in text and "plainpw" not in text
+    assert "postgresql://ann:***@host/db" in text
+
+
+def test_bad_yaml_points_at_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("task: causal_lm\nmodel:\n  name: [unclosed\n")
+    with pytest.raises(UserError, match=r"broken.yaml:\d+: invalid YAML"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("config_file", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_documents_its_command(config_file: Path, monkeypatch):
+    monkeypatch.setenv("DATA_PATH", "/project/data")
+    text = config_file.read_text()
+    assert text.startswith("#") and ("sft " in text.split("\n\n")[0] or "make demo" in text.split("\n\n")[0])
+    config = load_config(config_file)
+    assert yaml.safe_load(resolved_yaml(config))["task"] == config.task
