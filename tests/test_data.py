@@ -1,0 +1,227 @@
+"""Data stage: every source, file:line errors, labels, the eval split, and token-by-token masks per format."""
+import json
+import sqlite3
+
+import pytest
+
+from conftest import CHAT_TEMPLATE, build_tiny_tokenizer, write_jsonl
+from sft.config import Config
+from sft.data import (IGNORE_INDEX, group_by_tokens, load_rows, read_source, split_eval, tokenize_classification,
+                      tokenize_instruction, tokenize_messages, tokenize_prompt_completion, tokenize_rows, tokenize_text)
+from sft.errors import UserError
+
+ROWS = [{"text": f"review {i}", "label": "pos" if i % 3 else "neg"} for i in range(30)]
+
+
+def make_config(train, task="classification", **data) -> Config:
+    return Config.model_validate({"task": task, "model": {"name": "m"}, "data": {"train": train, **data}})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+# Sources
+
+def test_jsonl_csv_json_parquet_and_saved_dataset_read_the_same_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset, DatasetDict
+
+    write_jsonl(tmp_path / "a.jsonl", ROWS)
+    (tmp_path / "a.json").write_text(json.dumps(ROWS))
+    (tmp_path / "a.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in ROWS))
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "a.parquet")
+    DatasetDict({"train": Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "saved"))
+    for source in ("a.jsonl", "a.json", "a.csv", "a.parquet", "saved"):
+        rows = read_source(str(tmp_path / source), "data.train")
+        assert rows.records == ROWS, source
+        assert len(rows.files) == 1 and rows.files[0].rows == 30 and len(rows.files[0].sha256) == 64
+
+
+def test_several_files_concatenate_and_keep_their_line_numbers(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ROWS[:2])
+    write_jsonl(tmp_path / "b.jsonl", ROWS[2:5])
+    rows = read_source([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], "data.train")
+    assert len(rows.records) == 5 and rows.where[2] == f"{tmp_path / 'b.jsonl'}:1"
+
+
+def test_sqlite_query_reads_rows_without_writing(tmp_path):
+    from sft.config import SQLSource
+
+    db = tmp_path / "labels.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE reviews (body TEXT, verdict TEXT)")
+        connection.executemany("INSERT INTO reviews VALUES (?, ?)", [(r["text"], r["label"]) for r in ROWS])
+    db.chmod(0o444)  # read-only data directory, as bound into the container
+    rows = read_source(SQLSource(database=f"sqlite:///{db}",
+                                 query="SELECT body AS text, verdict AS label FROM reviews ORDER BY rowid"), "data.train")
+    assert rows.records == ROWS and rows.files[0].rows == 30
+    with pytest.raises(UserError, match=r"data.train.query: no such column: nope"):
+        read_source(SQLSource(database=f"sqlite:///{db}", query="SELECT nope FROM reviews"), "data.train")
+
+
+def test_saved_dataset_dict_needs_an_existing_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from sft.config import FileSource
+
+    DatasetDict({"train": Dataset.from_list(ROWS), "test": Dataset.from_list(ROWS[:3])}).save_to_disk(str(tmp_path / "d"))
+    assert len(read_source(FileSource(path=str(tmp_path / "d"), split="test"), "data.eval").records) == 3
+    with pytest.raises(UserError, match=r"data.eval: .* has splits train, test, not 'validation'"):
+        read_source(str(tmp_path / "d"), "data.eval", default_split="validation")
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"text": "a", "label": "pos"}\n{"text": "b", "label": \n', r"bad.jsonl:2: invalid JSON"),
+    ('{"text": "a", "label": "pos"}\n["not", "an", "object"]\n', r"bad.jsonl:2: expected a JSON object"),
+])
+def test_malformed_jsonl_names_file_and_line(tmp_path, content, expected):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(UserError, match=expected):
+        read_source(str(tmp_path / "bad.jsonl"), "data.train")
+
+
+def test_missing_files_and_unknown_types_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="data.train: .*nope.jsonl does not exist"):
+        read_source(str(tmp_path / "nope.jsonl"), "data.train")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(UserError, match="unsupported file type"):
+        read_source(str(tmp_path / "x.txt"), "data.train")
+
+
+def test_missing_fields_and_wrong_types_are_listed_with_lines(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "ok", "label": "pos"}, {"text": "no label"}, {"text": 3, "label": "neg"}])
+    with pytest.raises(UserError) as error:
+        load_rows(make_config(str(tmp_path / "a.jsonl"), eval_fraction=0))
+    message = str(error.value)
+    assert "2 bad example(s)" in message and "\n" not in message
+    assert f"{tmp_path / 'a.jsonl'}:2: missing field 'label'" in message
+    assert f"{tmp_path / 'a.jsonl'}:3: field 'text' should be a string, got int" in message
+
+
+# Labels
+
+def test_string_labels_are_inferred_sorted_and_checked_against_num_labels(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ROWS)
+    loaded = load_rows(make_config(str(tmp_path / "a.jsonl")))
+    assert loaded.label_names == ["neg", "pos"]
+    with pytest.raises(UserError, match=r"model.num_labels: 3, but the labels give 2 classes"):
+        load_rows(Config.model_validate({"task": "classification", "model": {"name": "m", "num_labels": 3},
+                                         "data": {"train": str(tmp_path / "a.jsonl")}}))
+
+
+def test_labels_outside_the_declared_set_list_values_counts_and_first_lines(tmp_path):
+    rows = ROWS + [{"text": "meh", "label": "neutral"}, {"text": "so so", "label": "neutral"}]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    with pytest.raises(UserError) as error:
+        load_rows(make_config(str(tmp_path / "a.jsonl"), label_names=["neg", "pos"], eval_fraction=0))
+    assert f"'neutral' ×2 (first {tmp_path / 'a.jsonl'}:31)" in str(error.value)
+
+
+def test_eval_fraction_split_is_deterministic_by_seed(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ROWS)
+    rows = read_source(str(tmp_path / "a.jsonl"), "data.train")
+    first_train, first_eval = split_eval(rows, 0.2, seed=42)
+    again_train, again_eval = split_eval(rows, 0.2, seed=42)
+    _, other_eval = split_eval(rows, 0.2, seed=7)
+    assert first_eval.records == again_eval.records and len(first_eval.records) == 6
+    assert len(first_train.records) == 24 and other_eval.records != first_eval.records
+    assert not {r["text"] for r in first_eval.records} & {r["text"] for r in first_train.records}
+
+
+# Token ids and labels, token by token
+
+def test_prompt_completion_masks_exactly_the_prompt(tokenizer):
+    prompt_ids = tokenizer("add 2 and 3 :")["input_ids"]
+    answer_ids = tokenizer(" five", add_special_tokens=False)["input_ids"]
+    example = tokenize_prompt_completion(tokenizer, "add 2 and 3 :", " five", max_length=64)
+    assert example["input_ids"] == prompt_ids + answer_ids + [tokenizer.eos_token_id]
+    assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + answer_ids + [tokenizer.eos_token_id]
+    assert prompt_ids[0] == tokenizer.bos_token_id
+
+
+def test_text_trains_on_every_token(tokenizer):
+    example = tokenize_text(tokenizer, "the quick brown fox", max_length=64)
+    assert example["labels"] == example["input_ids"] and example["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_chat_loss_covers_assistant_turns_and_their_end_tokens_only(tokenizer):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "add 2 and 3"},
+                {"role": "assistant", "content": "five"}, {"role": "user", "content": "and 4 ?"},
+                {"role": "assistant", "content": "seven"}]
+    example = tokenize_messages(tokenizer, messages, max_length=256)
+    learned = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+    assert learned == "five<|im_end|>\nseven<|im_end|>\n"
+    assert example["input_ids"] == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    for token, label in zip(example["input_ids"], example["labels"]):
+        assert label in (IGNORE_INDEX, token)
+
+
+def test_chat_templates_with_generation_markers_use_the_assistant_mask(tmp_path):
+    marked = CHAT_TEMPLATE.replace("{{ m['content'] }}<|im_end|>\n",
+                                   "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>\n"
+                                   "{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}")
+    tokenizer = build_tiny_tokenizer(tmp_path, chat_template=marked)
+    messages = [{"role": "user", "content": "add 2 and 3"}, {"role": "assistant", "content": "five"}]
+    example = tokenize_messages(tokenizer, messages, max_length=256)
+    learned = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+    assert learned == "five<|im_end|>\n"
+
+
+def test_instruction_uses_the_chat_template_when_there_is_one_else_alpaca(tokenizer, tmp_path):
+    chat = tokenize_instruction(tokenizer, "add", "2 and 3", "five", max_length=256)
+    expected = tokenize_messages(tokenizer, [{"role": "user", "content": "add\n\n2 and 3"},
+                                             {"role": "assistant", "content": "five"}], max_length=256)
+    assert chat == expected
+
+    base = build_tiny_tokenizer(tmp_path, chat_template=None)
+    alpaca = tokenize_instruction(base, "add", "", "five", max_length=256)
+    prompt_length = len(base("### Instruction:\nadd\n\n### Response:\n")["input_ids"])
+    assert alpaca["labels"][:prompt_length] == [IGNORE_INDEX] * prompt_length
+    assert base.decode(alpaca["labels"][prompt_length:]) == "five</s>"
+
+
+def test_classification_encodes_pairs_and_label_ids(tokenizer):
+    example = tokenize_classification(tokenizer, "premise here", "hypothesis", 1, max_length=5)
+    assert example["labels"] == 1 and len(example["input_ids"]) == 5
+
+
+def test_examples_whose_answer_is_truncated_away_are_reported_and_skipped(tokenizer, tmp_path, caplog):
+    long_prompt = "the quick brown fox jumps over the lazy dog " * 10
+    rows = [{"prompt": long_prompt, "completion": "five"}, {"prompt": "add 2 and 3", "completion": "five"}]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    config = make_config(str(tmp_path / "a.jsonl"), task="causal_lm", max_length=16, eval_fraction=0)
+    loaded = load_rows(config)
+    examples = tokenize_rows(loaded.train, "prompt_completion", config, tokenizer, None, "data.train")
+    assert len(examples) == 1
+    assert f"{tmp_path / 'a.jsonl'}:1" in caplog.text and "raise data.max_length" in caplog.text
+    with pytest.raises(UserError, match="no answer tokens left after truncation"):
+        tokenize_rows(loaded.train.subset([0]), "prompt_completion", config, tokenizer, None, "data.train")
+
+
+def test_format_is_detected_from_columns(tmp_path):
+    cases = {"messages": {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+             "prompt_completion": {"prompt": "q", "completion": "a"},
+             "instruction": {"instruction": "q", "input": "", "output": "a"}, "text": {"text": "plain"}}
+    for expected, row in cases.items():
+        write_jsonl(tmp_path / "a.jsonl", [row] * 3)
+        assert load_rows(make_config(str(tmp_path / "a.jsonl"), task="causal_lm", eval_fraction=0)).data_format == expected
+    write_jsonl(tmp_path / "a.jsonl", [{"question": "q"}])
+    with pytest.raises(UserError, match=r"cannot tell the format from columns \['question'\]"):
+        load_rows(make_config(str(tmp_path / "a.jsonl"), task="causal_lm", eval_fraction=0))
+
+
+def test_chat_rows_without_an_assistant_turn_are_rejected(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"messages": [{"role": "user", "content": "q"}]}])
+    with pytest.raises(UserError, match=r"a.jsonl:1: no assistant message to learn from"):
+        load_rows(make_config(str(tmp_path / "a.jsonl"), task="causal_lm", eval_fraction=0))
+
+
+def test_group_by_tokens_respects_the_budget_and_keeps_every_example():
+    lengths = [5, 60, 33, 12, 64, 1, 30, 31, 2, 40]
+    batches = group_by_tokens(lengths, 64)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in batch) <= 64 for batch in batches)
+    assert len(batches) == 5  # 278 tokens need at least 5 batches of 64
