@@ -23,11 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("config", help="YAML config, e.g. configs/sft_v1.yaml")
         command.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
         command.add_argument("--env-file", help=".env file with DATA_PATH, tokens, ... (default: ./.env)")
-        command.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands.choices["train"].add_argument("--overwrite", action="store_true",
                                            help="replace a finished run directory of the same name")
     commands.add_parser("info", help="show versions, GPUs and container provenance").add_argument(
-        "--debug", action="store_true", help=argparse.SUPPRESS)
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

