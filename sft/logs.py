@@ -1,12 +1,22 @@
 """Logging: one timestamped log file per run (appended on restart), echoed to the terminal, secrets masked."""
 import logging
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
 
 from sft.secrets import MaskingFilter
 
+LOGGERS = ("sft", "transformers", "peft", "accelerate")  # transformers/peft warnings belong in the run's record too
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class PlainFormatter(logging.Formatter):
+    """Log files get no terminal colour codes (transformers puts some in its load reports)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return ANSI_ESCAPE.sub("", super().format(record))
 
 
 def setup_terminal(debug: bool = False) -> None:
@@ -25,10 +35,9 @@ def add_run_log(run_dir: Path, resumed: bool) -> Path:
     existing = sorted(run_dir.glob("sft_log_*.log"))
     path = existing[0] if resumed and existing else run_dir / f"sft_log_{datetime.now():%Y%m%d_%H%M%S}.log"
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(PlainFormatter(FORMAT))
     handler.addFilter(MaskingFilter())
-    # transformers/peft warnings belong in the run's record as well.
-    for name in ("sft", "transformers", "peft", "accelerate"):
+    for name in LOGGERS:
         logging.getLogger(name).addHandler(handler)
     if not sys.stderr.isatty():
         # Slurm output files fill up with carriage-return progress bars otherwise (model loading, shard writing).
@@ -43,3 +52,12 @@ def _stderr_console():
 
     # Slurm output files are not terminals: no colours or cursor tricks there, and wide lines.
     return Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def close_run_log() -> None:
+    """Detach run log files, so a second run in the same process (a notebook) does not write into this one's."""
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(handler)
+            handler.close()

@@ -29,6 +29,7 @@ class RunResult:
 
 def run_training(config: Config, overwrite: bool = False) -> RunResult:
     from sft.callbacks import PreemptionCallback
+    from sft.logs import close_run_log
 
     preemption = PreemptionCallback()
     preemption.install()
@@ -36,6 +37,7 @@ def run_training(config: Config, overwrite: bool = False) -> RunResult:
         return _run(config, overwrite, preemption)
     finally:
         preemption.restore()
+        close_run_log()
 
 
 def _run(config: Config, overwrite: bool, preemption) -> RunResult:
