@@ -64,7 +64,8 @@ def _train(args) -> int:
         result = run_training(config, overwrite=args.overwrite)
     except Preempted as stop:
         return stop.exit_code
-    print_summary(result)
+    if result.is_main_process:
+        print_summary(result)
     return 0
 
 

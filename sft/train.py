@@ -25,6 +25,7 @@ class Preempted(Exception):
 class RunResult:
     run_dir: Path
     metrics: dict = field(default_factory=dict)
+    is_main_process: bool = True  # under torchrun only rank 0 reports
 
 
 def run_training(config: Config, overwrite: bool = False) -> RunResult:
@@ -41,13 +42,15 @@ def run_training(config: Config, overwrite: bool = False) -> RunResult:
 
 
 def _run(config: Config, overwrite: bool, preemption) -> RunResult:
+    import torch
     from accelerate import PartialState
 
     from sft import data, manifest as manifests, model as models
     from sft.logs import add_run_log
 
+    # The same process-group settings TrainingArguments will use (CPU runs need cpu=True to be distributed).
     # Rank 0 creates (or finds) the run directory first; the other ranks then find the same one.
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available(), backend=config.training.ddp_backend)
     with state.main_process_first():
         run = rundir.open_run_dir(config, overwrite) if state.is_main_process else _wait_for_run_dir(config)
     is_main = state.is_main_process
@@ -89,7 +92,7 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
         save_final(trainer, config, run.path)
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
     state.wait_for_everyone()
-    return RunResult(run.path, metrics)
+    return RunResult(run.path, metrics, is_main)
 
 
 def _wait_for_run_dir(config: Config) -> rundir.RunDir:
@@ -210,6 +213,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         report_to="none",
         remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty(),
+        use_cpu=not on_gpu,
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
     )
