@@ -36,6 +36,16 @@ def training_dtype(config: Config):
     return torch.float32
 
 
+def weights_dtype(config: Config):
+    """Trained weights stay fp32 under bf16 autocast (AdamW updates on bf16 weights lose precision);
+    LoRA's frozen base weights can live in the compute dtype and halve memory."""
+    import torch
+
+    if config.method.name == "full" and config.model.dtype == "auto":
+        return torch.float32
+    return training_dtype(config)
+
+
 def load_tokenizer(config: Config):
     from transformers import AutoTokenizer
 
@@ -87,13 +97,14 @@ def _wrap_lora(model, config: Config):
 
 def _from_pretrained(auto_class, path: str, config: Config, **options):
     """Load from a folder or the hub, turning 'not found / offline' into one actionable line."""
-    from transformers import AutoConfig
-
     kwargs = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code}
-    if auto_class is not AutoConfig and "Tokenizer" not in auto_class.__name__:
-        kwargs["dtype"] = training_dtype(config)
+    if "Tokenizer" not in auto_class.__name__:
+        kwargs["dtype"] = weights_dtype(config)
     try:
         return auto_class.from_pretrained(path, **kwargs, **options)
+    except ImportError as error:  # e.g. flash_attention_2 without the flash-attn package, or on CPU
+        raise UserError(f"model.attn_implementation: {config.model.attn_implementation}: "
+                        f"{str(error).splitlines()[0]} Use sdpa or flex_attention instead.") from None
     except OSError as error:
         if Path(path).exists():
             raise UserError(f"model.name: {path}: {str(error).splitlines()[0]}") from None

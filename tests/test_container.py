@@ -266,15 +266,17 @@ def build_options() -> dict[str, str]:
 def oci_image(podman_env):
     """`make oci` for real, with this machine's package sources; returns the image tag."""
     tag, options = "localhost/sft:test", build_options()
+    commit = git_commit()  # now, not after the build: others may commit to this tree meanwhile
     sh("make", "oci", f"IMAGE={tag}", f"BASE_IMAGE={options['BASE_IMAGE']}", f"SFT_PIP_ARGS={options['SFT_PIP_ARGS']}",
        f"PIP_CA_BUNDLE={options['PIP_CA_BUNDLE']}", f"OCI_BUILD_FLAGS={options['mounts']}", env=podman_env)
-    return tag
+    return tag, commit
 
 
 @pytest.fixture(scope="session")
 def def_image(podman_env):
     """apptainer.def built by the stand-in with exactly the build args and binds `make build` would pass."""
     tag, options = "localhost/sft-def:test", build_options()
+    commit = git_commit()
     out = sh("make", "-n", "build", "APPTAINER=apptainer", f"BASE_IMAGE={options['BASE_IMAGE']}",
              f"SFT_PIP_ARGS={options['SFT_PIP_ARGS']}", f"PIP_CA_BUNDLE={options['PIP_CA_BUNDLE']}",
              capture_output=True, text=True).stdout
@@ -285,7 +287,7 @@ def def_image(podman_env):
     cmd = [sys.executable, "container/defrun.py", "build", "apptainer.def", "--tag", tag]
     cmd += [f"--build-arg={a}" for a in build_args] + [f"--bind={b}" for b in binds]
     sh(*cmd, env=podman_env)
-    return tag
+    return tag, commit
 
 
 def provenance(tag: str) -> dict:
@@ -336,9 +338,10 @@ def assert_run_recorded(dirs: dict[str, Path], image: dict, before: dict[str, di
 
 @pytest.mark.container
 def test_oci_image_labels_archive_and_size(oci_image):
+    oci_image, commit = oci_image
     image = provenance(oci_image)
     lock = hashlib.sha256((REPO / "requirements.lock").read_bytes()).hexdigest()
-    assert image["git_commit"] == git_commit() and image["lock_sha256"] == lock and image["builder"] == "oci"
+    assert image["git_commit"] == commit and image["lock_sha256"] == lock and image["builder"] == "oci"
     labels = json.loads(sh("podman", "image", "inspect", oci_image, capture_output=True, text=True).stdout)[0]["Labels"]
     assert labels["org.opencontainers.image.revision"] == image["git_commit"]
     assert labels["org.opencontainers.image.version"] == image["version"]
@@ -354,13 +357,14 @@ def test_oci_image_labels_archive_and_size(oci_image):
 
 @pytest.mark.container
 def test_oci_image_runs_the_demo_under_the_bind_contract(oci_image, bound_dirs):
+    oci_image, _ = oci_image
     before = {name: tree(bound_dirs[name]) for name in ("data", "secrets")}
     name = "sft-ctest-run"
     sh("podman", "rm", "--force", "--ignore", name, stdout=subprocess.DEVNULL)
     base = ["podman", "run", "--read-only", *bind_flags(bound_dirs), "--workdir", "/opt/sft"]
     info = sh(*base, "--rm", "--env", "COLUMNS=200", oci_image, "info", capture_output=True, text=True).stdout
     image = provenance(oci_image)
-    assert f"image git_commit" in info and image["git_commit"] in info, info
+    assert "image git_commit" in info and image["git_commit"] in info, info
     sh(*base, "--name", name, oci_image, *TRAIN_ARGS)
     try:
         # The container's root file system is untouched (podman diff lists every added/changed/deleted path).
@@ -372,8 +376,9 @@ def test_oci_image_runs_the_demo_under_the_bind_contract(oci_image, bound_dirs):
 
 @pytest.mark.container
 def test_apptainer_def_builds_tests_and_runs(def_image, bound_dirs):
+    def_image, commit = def_image
     image = provenance(def_image)
-    assert image["git_commit"] == git_commit() and image["builder"] == "apptainer"
+    assert image["git_commit"] == commit and image["builder"] == "apptainer"
     labels = defrun.inspect_labels(def_image)
     assert labels["org.opencontainers.image.revision"] == image["git_commit"]
     assert labels["sft.lock-sha256"] == image["lock_sha256"]

@@ -25,12 +25,13 @@ def run_cli(*args: str, cwd: Path | None = None, **popen) -> subprocess.Complete
                           cwd=cwd, timeout=600, **popen)
 
 
-def test_packed_loss_equals_per_example_loss(tiny_causal_lm):
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex_attention"])
+def test_packed_loss_equals_per_example_loss(tiny_causal_lm, attention):
     """Flattened examples must not attend to each other: the packed batch's loss equals the per-example loss."""
     import torch
     from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm, attn_implementation=attention).eval()
     examples = [{"input_ids": [1, 20, 30, 40, 50, 60], "labels": [-100, -100, 30, 40, 50, 60]},
                 {"input_ids": [1, 70, 80, 90], "labels": [-100, 70, 80, 90]},
                 {"input_ids": [1, 25, 35, 45, 55, 65, 75, 85], "labels": [-100, -100, -100, 45, 55, 65, 75, 85]}]
