@@ -1,0 +1,152 @@
+# Shared by the sbatch scripts in slurm/ (sourced, not run): runtime choice, bind mounts, provenance,
+# signal forwarding and requeue. Settings, all environment variables with defaults:
+#   SFT_RUNTIME     auto | apptainer | singularity | none   auto: apptainer, else singularity.
+#                   none: no container, run the `sft` and `torchrun` found on PATH (a venv; what the tests use).
+#   SFT_IMAGE       container image                                         (default: sft.sif)
+#   SFT_DATA_DIR    project data, bound read-only at the same path          (default: ./data, skipped if absent)
+#   SFT_ENV_FILE    .env with tokens/DATA_PATH, bound read-only, passed as --env-file (default: ./.env, if present)
+#   SFT_OUTPUT_DIR  parent of run directories, bound read-write, passed as output.dir=  (default: ./runs)
+#   HF_HOME         Hugging Face cache, bound read-write                    (default: ./.cache/huggingface)
+#   SFT_BINDS       extra binds, comma-separated, apptainer syntax (src[:dst[:ro]])
+# "./" is the directory sbatch was called from. Paths are bound at the same path inside the container, so a
+# config means the same thing inside and outside.
+
+SFT_RUNTIME="${SFT_RUNTIME:-auto}"
+SFT_IMAGE="${SFT_IMAGE:-sft.sif}"
+sft_submit_dir="${SLURM_SUBMIT_DIR:-$PWD}"
+SFT_DATA_DIR="$(realpath -m "${SFT_DATA_DIR:-$sft_submit_dir/data}")"
+SFT_ENV_FILE="$(realpath -m "${SFT_ENV_FILE:-$sft_submit_dir/.env}")"
+SFT_OUTPUT_DIR="$(realpath -m "${SFT_OUTPUT_DIR:-$sft_submit_dir/runs}")"
+HF_HOME="$(realpath -m "${HF_HOME:-$sft_submit_dir/.cache/huggingface}")"
+export HF_HOME
+# Slurm does not set this; without it torch starts one thread per core of the node, not of the allocation.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+
+sft_started=$SECONDS
+
+# sft_setup: fill SFT_RUN (runs the image's entrypoint, i.e. `sft ARGS`), SFT_EXEC (runs any command in the
+# image; empty without a container), SFT_OPTS (options for `sft train`, which go before the config) and
+# SFT_OVERRIDES (key=value overrides, which go after it).
+sft_setup() {
+  local container=""
+  case "$SFT_RUNTIME" in
+    auto) container="$(command -v apptainer || command -v singularity || true)"
+          if [[ -z "$container" ]]; then
+            echo "sft: error: neither apptainer nor singularity is on PATH; load its module" \
+                 "(e.g. module load apptainer) or set SFT_RUNTIME=none to use an installed sft" >&2
+            exit 2
+          fi ;;
+    apptainer|singularity) container="$(command -v "$SFT_RUNTIME")" || {
+            echo "sft: error: SFT_RUNTIME=$SFT_RUNTIME but $SFT_RUNTIME is not on PATH" >&2; exit 2; } ;;
+    none) ;;
+    *) echo "sft: error: SFT_RUNTIME=$SFT_RUNTIME; use auto, apptainer, singularity or none" >&2; exit 2 ;;
+  esac
+  mkdir -p "$SFT_OUTPUT_DIR" "$HF_HOME"
+  SFT_OVERRIDES=("output.dir=$SFT_OUTPUT_DIR")
+  SFT_OPTS=()
+  if [[ -f "$SFT_ENV_FILE" ]]; then
+    SFT_OPTS+=(--env-file "$SFT_ENV_FILE")
+  fi
+  if [[ -z "$container" ]]; then
+    SFT_RUN=(sft)
+    SFT_EXEC=()
+    return
+  fi
+  if [[ ! -f "$SFT_IMAGE" ]]; then
+    echo "sft: error: image $SFT_IMAGE not found; build it (see README) or set SFT_IMAGE=/path/to/sft.sif" >&2
+    exit 2
+  fi
+  local binds=("--bind" "$SFT_OUTPUT_DIR:$SFT_OUTPUT_DIR:rw" "--bind" "$HF_HOME:$HF_HOME:rw")
+  if [[ -d "$SFT_DATA_DIR" ]]; then binds+=("--bind" "$SFT_DATA_DIR:$SFT_DATA_DIR:ro"); fi
+  if [[ -f "$SFT_ENV_FILE" ]]; then binds+=("--bind" "$SFT_ENV_FILE:$SFT_ENV_FILE:ro"); fi
+  if [[ -n "${SFT_BINDS:-}" ]]; then binds+=("--bind" "$SFT_BINDS"); fi
+  # --nv: the host's NVIDIA driver libraries and GPUs (a harmless warning on CPU nodes).
+  SFT_RUN=("$container" run --nv "${binds[@]}" "$SFT_IMAGE")
+  SFT_EXEC=("$container" exec --nv "${binds[@]}" "$SFT_IMAGE")
+}
+
+# sft_print_provenance: where and with what this job runs, first thing in the log.
+sft_print_provenance() {
+  echo "== $(date '+%F %T') job ${SLURM_JOB_ID:-none} (${SLURM_JOB_NAME:-no name}, restart ${SLURM_RESTART_COUNT:-0})" \
+       "on $(hostname), nodes ${SLURM_JOB_NODELIST:-$(hostname)}"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader || true
+  else
+    echo "GPUs: no nvidia-smi (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset})"
+  fi
+  if [[ ${#SFT_EXEC[@]} -gt 0 ]]; then
+    echo "runtime: $("${SFT_EXEC[0]}" --version); image $(realpath "$SFT_IMAGE")," \
+         "$(du -h "$SFT_IMAGE" | cut -f1), modified $(date -r "$SFT_IMAGE" '+%F %T')"
+  else
+    echo "runtime: none (SFT_RUNTIME=none), sft = $(command -v sft || echo 'not on PATH')"
+  fi
+  # Versions, GPUs as torch sees them, and the image's build record (lock file hash, git commit, date).
+  "${SFT_RUN[@]}" info || echo "warning: sft info failed (exit $?)"
+}
+
+# sft_print_total_time [STATUS]: installed as the EXIT trap, so it is the last line even when the job fails;
+# also called before a requeue, which ends this shell with a signal (no EXIT trap then).
+sft_print_total_time() {
+  local status=$? elapsed=$((SECONDS - sft_started))
+  status="${1:-$status}"
+  printf '== %s total time %dh%02dm%02ds, exit %d\n' "$(date '+%F %T')" \
+         $((elapsed / 3600)) $((elapsed % 3600 / 60)) $((elapsed % 60)) "$status"
+}
+
+# sft_supervise CMD...: run CMD in the background and wait for it, forwarding SIGUSR1/SIGTERM to it; sets
+# SFT_STATUS to its exit status and SFT_SIGNAL to the signal received (if any).
+# Why: with `--signal=B:USR1@120` (and `scancel --batch`) only this shell gets the signal, and bash runs a
+# trap only between foreground commands. So the command runs in the background while `wait`, which a trapped
+# signal does interrupt, and the trap passes the signal on.
+SFT_SIGNAL=""
+sft_supervise() {
+  SFT_CHILD=""
+  trap 'sft_forward USR1' USR1
+  trap 'sft_forward TERM' TERM
+  "$@" &
+  SFT_CHILD=$!
+  if [[ -n "$SFT_SIGNAL" ]]; then  # it arrived before the launch
+    kill -s "$SFT_SIGNAL" "$SFT_CHILD" 2>/dev/null || true
+  fi
+  SFT_STATUS=0
+  wait "$SFT_CHILD" || SFT_STATUS=$?
+  while kill -0 "$SFT_CHILD" 2>/dev/null; do  # `wait` returned early because a signal ran the trap
+    SFT_STATUS=0
+    wait "$SFT_CHILD" || SFT_STATUS=$?
+  done
+  if (( SFT_STATUS > 128 )); then  # the signal came just as the child ended: fetch its real status
+    local again=0
+    wait "$SFT_CHILD" 2>/dev/null || again=$?
+    if (( again != 127 )); then
+      SFT_STATUS=$again
+    fi
+  fi
+  trap - USR1 TERM
+  return 0
+}
+
+sft_forward() {
+  SFT_SIGNAL="$1"
+  echo "== $(date '+%F %T') got SIG$1: asking sft to checkpoint at the end of this step and stop"
+  if [[ -n "${SFT_CHILD:-}" ]]; then
+    kill -s "$1" "$SFT_CHILD" 2>/dev/null || true
+  fi
+}
+
+# sft_requeue_if_preempted: after a preemption signal, requeue the job so that it resumes from the checkpoint
+# sft wrote. sft itself exits 75 then; under torchrun the launcher reports a failed worker instead, so any
+# failure after a forwarded signal counts. The requeued job keeps its id, reruns this script with
+# SLURM_RESTART_COUNT+1, appends to the same log and resumes from the newest complete checkpoint.
+sft_requeue_if_preempted() {
+  if (( SFT_STATUS == 0 )) || { (( SFT_STATUS != 75 )) && [[ -z "$SFT_SIGNAL" ]]; }; then
+    return 0
+  fi
+  if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    echo "== preempted; not under Slurm, so rerun the same command to resume"
+    return 0
+  fi
+  echo "== $(date '+%F %T') preempted (exit $SFT_STATUS after SIG${SFT_SIGNAL:-?}): requeueing job $SLURM_JOB_ID"
+  sft_print_total_time "$SFT_STATUS"
+  # Fails when Slurm already requeues the job itself (PreemptMode=REQUEUE); the job comes back either way.
+  scontrol requeue "$SLURM_JOB_ID" || echo "warning: scontrol requeue failed; resubmit to resume"
+}
