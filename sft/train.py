@@ -44,16 +44,16 @@ def run_training(config: Config, overwrite: bool = False) -> RunResult:
 def _run(config: Config, overwrite: bool, preemption) -> RunResult:
     import torch
     from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
 
     from sft import data, manifest as manifests, model as models
     from sft.logs import add_run_log
 
     # The same process-group settings TrainingArguments will use (CPU runs need cpu=True to be distributed).
-    # Rank 0 creates (or finds) the run directory first; the other ranks then find the same one.
     state = PartialState(cpu=not torch.cuda.is_available(), backend=config.training.ddp_backend)
-    with state.main_process_first():
-        run = rundir.open_run_dir(config, overwrite) if state.is_main_process else _wait_for_run_dir(config)
     is_main = state.is_main_process
+    # Rank 0 alone resolves the name ({time} differs between ranks) and creates the directory; the others get it.
+    run = broadcast_object_list([rundir.open_run_dir(config, overwrite) if is_main else None])[0]
     if is_main:
         add_run_log(run.path, run.resumed)
         _write_config(run.path, config, run.resumed)
@@ -95,11 +95,6 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
     return RunResult(run.path, metrics, is_main)
 
 
-def _wait_for_run_dir(config: Config) -> rundir.RunDir:
-    """Non-zero ranks: the main process has created the directory by now, so opening it finds it unfinished."""
-    return rundir.open_run_dir(config, overwrite=False)
-
-
 def _write_config(run_dir: Path, config: Config, resumed: bool) -> None:
     path, text = run_dir / "config.yaml", resolved_yaml(config)
     if resumed and path.is_file() and path.read_text() != text:
@@ -124,17 +119,13 @@ def _changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
 def _resume_checkpoint(run: rundir.RunDir, is_main: bool) -> Path | None:
     if not run.resumed:
         return None
+    complete = rundir.complete_checkpoints(run.checkpoints)
+    newest = complete[-1] if complete else None
     if is_main:
         for path in rundir.discard_incomplete_checkpoints(run.checkpoints):
             log.warning("removed incomplete checkpoint %s (interrupted while saving)", path.name)
-        _drop_metrics_after(run.path, _newest_step(run))
-    complete = rundir.complete_checkpoints(run.checkpoints)
-    return complete[-1] if complete else None
-
-
-def _newest_step(run: rundir.RunDir) -> int:
-    complete = rundir.complete_checkpoints(run.checkpoints)
-    return rundir.checkpoint_step(complete[-1]) if complete else 0
+        _drop_metrics_after(run.path, rundir.checkpoint_step(newest) if newest else 0)
+    return newest
 
 
 def _drop_metrics_after(run_dir: Path, step: int) -> None:
