@@ -36,11 +36,15 @@ install_deps() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates
+    apt-get clean
     rm -rf /var/lib/apt/lists/*
   fi
   python3 -m venv "$VENV"
   # One pip call for both locks: pip refuses the build if they ever disagree.
   "$VENV/bin/pip" install "${pip_args[@]}" -r "$SRC/requirements.lock" -r "$SRC/container/jupyter.lock"
+  # The image runs as the calling user: fix only what is not world-readable (a blanket chmod -R would copy
+  # every file into a new layer and double the OCI image).
+  find "$VENV" \( ! -perm -o+r -o -type d ! -perm -o+x \) -exec chmod a+rX,go-w {} +
 }
 
 install_app() {
@@ -54,8 +58,8 @@ install_app() {
   # Mount points of the bind contract (Apptainer binds only onto paths that exist in a read-only image).
   mkdir -p /data /outputs /cache /secrets
   chmod 0755 /data /outputs /cache /secrets
-  # The image runs as the calling user: everything readable by anyone, writable by no one.
-  chmod -R a+rX,go-w /opt/sft
+  # The image runs as the calling user: our files readable by anyone, writable by no one.
+  chmod -R a+rX,go-w /opt/sft/src /opt/sft/entrypoint.py /opt/sft/configs /opt/sft/data /opt/sft/provenance.json
 }
 
 write_provenance() {
