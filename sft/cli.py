@@ -5,6 +5,7 @@
     sft info                               versions, GPUs and container provenance
 """
 import argparse
+import os
 import sys
 
 from sft.errors import EXIT_USER_ERROR, UserError
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     if first is not None and first not in COMMANDS:
         argv.insert(argv.index(first), "train")
     args = build_parser().parse_args(argv)
+    # Compute nodes rarely reach the internet, and a hub lookup there hangs until a timeout: offline unless
+    # the user opts in with HF_HUB_OFFLINE=0 (e.g. on a login node).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     from sft.logs import setup_terminal
 

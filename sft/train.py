@@ -56,8 +56,9 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
     run = broadcast_object_list([rundir.open_run_dir(config, overwrite) if is_main else None])[0]
     if is_main:
         add_run_log(run.path, run.resumed)
-        _write_config(run.path, config, run.resumed)
     resume_from = _resume_checkpoint(run, is_main)
+    if is_main:
+        _write_config(run.path, config, must_match=resume_from is not None)
     manifest = manifests.start_manifest(run.path, config, run.resumed, resume_from and rundir.checkpoint_step(resume_from)) \
         if is_main else {}
     log.info("run directory %s (%s)", run.path, f"resuming from {resume_from.name}" if resume_from else "new run")
@@ -95,9 +96,10 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
     return RunResult(run.path, metrics, is_main)
 
 
-def _write_config(run_dir: Path, config: Config, resumed: bool) -> None:
+def _write_config(run_dir: Path, config: Config, must_match: bool) -> None:
+    """config.yaml; a run resumed from a checkpoint must keep its settings (a run that never reached one may change)."""
     path, text = run_dir / "config.yaml", resolved_yaml(config)
-    if resumed and path.is_file() and path.read_text() != text:
+    if must_match and path.is_file() and path.read_text() != text:
         changed = _changed_keys(path.read_text(), text)
         raise UserError(f"output: {run_dir} was started with a different config ({', '.join(changed)} changed); "
                         f"resume with the same settings, or choose a new output.name")

@@ -64,3 +64,18 @@ def test_help_and_check_do_not_import_torch():
             "main(['check', 'configs/demo.yaml']); assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_runs_are_offline_by_default(tmp_path):
+    """A hub model that is not cached fails at once with the fix, instead of hanging on the network."""
+    import os
+
+    write_jsonl(tmp_path / "a.jsonl", ROWS)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"task: classification\nmodel: {{name: some-org/not-cached}}\n"
+                      f"data: {{train: {tmp_path / 'a.jsonl'}}}\noutput: {{dir: {tmp_path / 'runs'}}}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))}
+    result = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "train", str(config)], capture_output=True,
+                            text=True, env={**env, "HF_HOME": str(tmp_path / "hf")}, timeout=120)
+    assert result.returncode == 2
+    assert "cannot load 'some-org/not-cached'" in result.stderr and "runs are offline by default" in result.stderr

@@ -240,8 +240,24 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_exactly(resumable_config, tmp_
     assert manifest["status"] == "preempted"
     assert [p.parent.name for p in (run_dir / "checkpoints").glob("checkpoint-*/.complete")] == ["checkpoint-1"]
 
+    changed = run_cli("train", str(config_path), "training.learning_rate=0.5")
+    assert changed.returncode == EXIT_USER_ERROR
+    assert "was started with a different config (training.learning_rate changed)" in changed.stderr
+
     resumed = run_cli("train", str(config_path))
     assert resumed.returncode == 0, resumed.stderr
     assert train_losses(run_dir) == train_losses(tmp_path / "runs" / "reference")
     expected, actual = final_weights(tmp_path / "runs" / "reference"), final_weights(run_dir)
     assert all((expected[name] == actual[name]).all() for name in expected)
+
+
+def test_a_run_that_failed_before_any_checkpoint_restarts_with_a_corrected_config(tiny_causal_lm, tiny_chat_data,
+                                                                                  tmp_path, write_config):
+    config = tiny_lm_config(tmp_path / "no-such-model", tiny_chat_data, tmp_path / "runs", max_steps=2)
+    failed = run_cli("train", str(write_config(config)))
+    assert failed.returncode == EXIT_USER_ERROR and "model.name" in failed.stderr
+
+    config["model"]["name"] = str(tiny_causal_lm)
+    fixed = run_cli("train", str(write_config(config)))
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["status"] == "finished"
