@@ -168,10 +168,14 @@ def wait_for_file(path: Path, process: subprocess.Popen) -> None:
         time.sleep(0.005)
 
 
-def final_weights(run_dir: Path) -> dict:
+def assert_identical_runs(run_dir: Path, reference_dir: Path) -> None:
+    """Same per-step losses and bit-identical final weights."""
     from safetensors.torch import load_file
 
-    return load_file(run_dir / "final" / "model.safetensors")
+    assert train_losses(run_dir) == train_losses(reference_dir)
+    expected, actual = (load_file(d / "final" / "model.safetensors") for d in (reference_dir, run_dir))
+    assert expected.keys() == actual.keys()
+    assert all((expected[name] == actual[name]).all() for name in expected)
 
 
 @pytest.fixture
@@ -217,9 +221,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(resumable_config, tmp_pa
     resumed = run_cli("train", str(interrupted_config))
     assert resumed.returncode == 0, resumed.stderr
 
-    assert train_losses(run_dir) == train_losses(tmp_path / "runs" / "reference")
-    expected, actual = final_weights(tmp_path / "runs" / "reference"), final_weights(run_dir)
-    assert all((expected[name] == actual[name]).all() for name in expected)
+    assert_identical_runs(run_dir, tmp_path / "runs" / "reference")
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["restarts"][0]["resumed_from_step"] == newest
 
@@ -246,9 +248,7 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_exactly(resumable_config, tmp_
 
     resumed = run_cli("train", str(config_path))
     assert resumed.returncode == 0, resumed.stderr
-    assert train_losses(run_dir) == train_losses(tmp_path / "runs" / "reference")
-    expected, actual = final_weights(tmp_path / "runs" / "reference"), final_weights(run_dir)
-    assert all((expected[name] == actual[name]).all() for name in expected)
+    assert_identical_runs(run_dir, tmp_path / "runs" / "reference")
 
 
 def test_a_run_that_failed_before_any_checkpoint_restarts_with_a_corrected_config(tiny_causal_lm, tiny_chat_data,
