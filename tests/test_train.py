@@ -261,3 +261,11 @@ def test_a_run_that_failed_before_any_checkpoint_restarts_with_a_corrected_confi
     fixed = run_cli("train", str(write_config(config)))
     assert fixed.returncode == 0, fixed.stderr
     assert json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_python_api_takes_dotted_or_nested_overrides(tiny_causal_lm, tiny_chat_data, tmp_path, write_config):
+    import sft
+
+    config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs"))
+    result = sft.train(str(config_path), **{"training.max_steps": 2}, output={"name": "from-notebook"})
+    assert result.run_dir == tmp_path / "runs" / "from-notebook" and result.metrics["steps"] == 2
