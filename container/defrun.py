@@ -143,7 +143,9 @@ def build(def_path: Path, tag: str, build_args: dict[str, str], binds: list[str]
             "COPY meta/ /.singularity.d/",
             "",
         ]))
-        command = ["build", "--tag", tag, "--file", str(stage / "Containerfile")]
+        # No layer cache: Apptainer has none either, and each commit (GIT_COMMIT is in %post) would otherwise
+        # leave a multi-GB intermediate image behind.
+        command = ["build", "--layers=false", "--tag", tag, "--file", str(stage / "Containerfile")]
         for bind in binds:
             command += ["--volume", bind]
         podman(*command, str(stage))

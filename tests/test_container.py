@@ -228,12 +228,7 @@ def podman_env():
     env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
     os.environ["CONTAINERS_CONF"] = str(CONTAINERS_CONF)  # defrun and podman calls below inherit it
     sh("container/base-image.sh", env=env)
-    yield env
-    # Every new commit rebuilds the images; drop the replaced ones (untagged, no children) so that repeated
-    # runs do not fill the disk. Layers of the current images stay cached. Each pass frees one more level.
-    for _ in range(8):
-        if not sh("podman", "image", "prune", "--force", capture_output=True, text=True).stdout.strip():
-            break
+    return env
 
 
 def host_pip_sources() -> tuple[list[str], list[str]]:
@@ -290,6 +285,9 @@ def def_image(podman_env):
     build_args = [words[i + 1] for i, w in enumerate(words) if w == "--build-arg"]
     binds = [words[i + 1] for i, w in enumerate(words) if w == "--bind"]
     binds += [m.split(" ", 1)[1].strip() for m in re.findall(r"--volume \S+", options["mounts"])]
+    # The stand-in keeps no layer cache (GIT_COMMIT is in %post, so every commit rebuilds it anyway); dropping
+    # the previous image first keeps repeated runs from piling up multi-GB images.
+    sh("podman", "rmi", "--ignore", tag, stdout=subprocess.DEVNULL)
     cmd = [sys.executable, "container/defrun.py", "build", "apptainer.def", "--tag", tag]
     cmd += [f"--build-arg={a}" for a in build_args] + [f"--bind={b}" for b in binds]
     sh(*cmd, env=podman_env)
