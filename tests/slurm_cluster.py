@@ -2,7 +2,7 @@
 
 Used by the `slurm_cluster` fixture in tests/test_slurm.py; also runnable by hand for debugging:
 
-    python tests/slurm_cluster.py /tmp/slurm     # starts a cluster, prints `export SLURM_CONF=...`, Ctrl-C stops it
+    python tests/slurm_cluster.py /tmp/slurm     # starts a cluster, prints `export SLURM_CONF=...`; Ctrl-C stops it
 
 Facts about Debian 12's slurm-wlm 22.05 on a machine without systemd, which the config below relies on:
 - munged must be started by hand as the munge user, after creating /run/munge; the key exists after install.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -153,9 +154,9 @@ class SlurmCluster:
             raise AssertionError(f"job {job_id} ended {_summary(records)}, expected {states}\n" + self.logs_tail())
         return records
 
-    def signal_batch(self, job_id: str, signal: str = "USR1") -> None:
+    def signal_batch(self, job_id: str, name: str = "USR1") -> None:
         """What `#SBATCH --signal=B:USR1@120` does before the time limit: signal the batch shell only."""
-        _run("scancel", f"--signal={signal}", "--batch", job_id, env=self.env)
+        _run("scancel", f"--signal={name}", "--batch", job_id, env=self.env)
 
     def logs_tail(self, lines: int = 30) -> str:
         parts = []
@@ -269,9 +270,11 @@ def _summary(records: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    # SIGTERM too, as a background `&` process ignores Ctrl-C's SIGINT.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/sft-slurm")
     with SlurmCluster(root) as cluster:
-        print(f"export SLURM_CONF={cluster.conf}   # Ctrl-C stops the cluster", flush=True)
+        print(f"export SLURM_CONF={cluster.conf}   # Ctrl-C or SIGTERM stops the cluster", flush=True)
         try:
             while True:
                 time.sleep(3600)
