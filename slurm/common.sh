@@ -2,14 +2,14 @@
 # signal forwarding and requeue. Settings, all environment variables with defaults:
 #   SFT_RUNTIME     auto | apptainer | singularity | none   auto: apptainer, else singularity.
 #                   none: no container, run the `sft` and `torchrun` found on PATH (a venv; what the tests use).
-#   SFT_IMAGE       container image                                         (default: sft.sif)
-#   SFT_DATA_DIR    project data, bound read-only at the same path          (default: ./data, skipped if absent)
-#   SFT_ENV_FILE    .env with tokens/DATA_PATH, bound read-only, passed as --env-file (default: ./.env, if present)
-#   SFT_OUTPUT_DIR  parent of run directories, bound read-write, passed as output.dir=  (default: ./runs)
-#   HF_HOME         Hugging Face cache, bound read-write                    (default: ./.cache/huggingface)
-#   SFT_BINDS       extra binds, comma-separated, apptainer syntax (src[:dst[:ro]])
-# "./" is the directory sbatch was called from. Paths are bound at the same path inside the container, so a
-# config means the same thing inside and outside.
+#   SFT_IMAGE       container image                                                 (default: sft.sif)
+#   SFT_DATA_DIR    project data, read-only at /data and at its own path            (default: ./data, if present)
+#   SFT_ENV_FILE    .env (DATA_PATH, tokens), read-only at /secrets/.env, --env-file (default: ./.env, if present)
+#   SFT_OUTPUT_DIR  where run directories go, read-write at /outputs, output.dir=   (default: ./runs)
+#   SFT_CACHE_DIR   caches, read-write at /cache; HF_HOME is its huggingface/       (default: ./.cache)
+#   SFT_BINDS       more binds, comma-separated, apptainer syntax (src[:dst[:ro]]), e.g. a config outside ./
+# "./" is the directory sbatch was called from. The container paths are the image's bind contract
+# (docs/container.md); apptainer also binds $HOME and ./ itself, which is how configs/ is found.
 
 SFT_RUNTIME="${SFT_RUNTIME:-auto}"
 SFT_IMAGE="${SFT_IMAGE:-sft.sif}"
@@ -17,8 +17,7 @@ sft_submit_dir="${SLURM_SUBMIT_DIR:-$PWD}"
 SFT_DATA_DIR="$(realpath -m "${SFT_DATA_DIR:-$sft_submit_dir/data}")"
 SFT_ENV_FILE="$(realpath -m "${SFT_ENV_FILE:-$sft_submit_dir/.env}")"
 SFT_OUTPUT_DIR="$(realpath -m "${SFT_OUTPUT_DIR:-$sft_submit_dir/runs}")"
-HF_HOME="$(realpath -m "${HF_HOME:-$sft_submit_dir/.cache/huggingface}")"
-export HF_HOME
+SFT_CACHE_DIR="$(realpath -m "${SFT_CACHE_DIR:-$sft_submit_dir/.cache}")"
 # Slurm does not set this; without it torch starts one thread per core of the node, not of the allocation.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 
@@ -41,25 +40,31 @@ sft_setup() {
     none) ;;
     *) echo "sft: error: SFT_RUNTIME=$SFT_RUNTIME; use auto, apptainer, singularity or none" >&2; exit 2 ;;
   esac
-  mkdir -p "$SFT_OUTPUT_DIR" "$HF_HOME"
-  SFT_OVERRIDES=("output.dir=$SFT_OUTPUT_DIR")
+  mkdir -p "$SFT_OUTPUT_DIR" "$SFT_CACHE_DIR/huggingface"
   SFT_OPTS=()
-  if [[ -f "$SFT_ENV_FILE" ]]; then
-    SFT_OPTS+=(--env-file "$SFT_ENV_FILE")
-  fi
   if [[ -z "$container" ]]; then
+    export HF_HOME="${HF_HOME:-$SFT_CACHE_DIR/huggingface}"
+    SFT_OVERRIDES=("output.dir=$SFT_OUTPUT_DIR")
+    if [[ -f "$SFT_ENV_FILE" ]]; then SFT_OPTS+=(--env-file "$SFT_ENV_FILE"); fi
     SFT_RUN=(sft)
     SFT_EXEC=()
     return
   fi
   if [[ ! -f "$SFT_IMAGE" ]]; then
-    echo "sft: error: image $SFT_IMAGE not found; build it (see README) or set SFT_IMAGE=/path/to/sft.sif" >&2
+    echo "sft: error: image $SFT_IMAGE not found; build it (make build, see docs/container.md)" \
+         "or set SFT_IMAGE=/path/to/sft.sif" >&2
     exit 2
   fi
-  local binds=("--bind" "$SFT_OUTPUT_DIR:$SFT_OUTPUT_DIR:rw" "--bind" "$HF_HOME:$HF_HOME:rw")
-  if [[ -d "$SFT_DATA_DIR" ]]; then binds+=("--bind" "$SFT_DATA_DIR:$SFT_DATA_DIR:ro"); fi
-  if [[ -f "$SFT_ENV_FILE" ]]; then binds+=("--bind" "$SFT_ENV_FILE:$SFT_ENV_FILE:ro"); fi
-  if [[ -n "${SFT_BINDS:-}" ]]; then binds+=("--bind" "$SFT_BINDS"); fi
+  local binds=(--bind "$SFT_OUTPUT_DIR:/outputs" --bind "$SFT_CACHE_DIR:/cache")
+  SFT_OVERRIDES=("output.dir=/outputs")
+  if [[ -d "$SFT_DATA_DIR" ]]; then
+    binds+=(--bind "$SFT_DATA_DIR:/data:ro" --bind "$SFT_DATA_DIR:$SFT_DATA_DIR:ro")
+  fi
+  if [[ -f "$SFT_ENV_FILE" ]]; then
+    binds+=(--bind "$SFT_ENV_FILE:/secrets/.env:ro")
+    SFT_OPTS+=(--env-file /secrets/.env)
+  fi
+  if [[ -n "${SFT_BINDS:-}" ]]; then binds+=(--bind "$SFT_BINDS"); fi
   # --nv: the host's NVIDIA driver libraries and GPUs (a harmless warning on CPU nodes).
   SFT_RUN=("$container" run --nv "${binds[@]}" "$SFT_IMAGE")
   SFT_EXEC=("$container" exec --nv "${binds[@]}" "$SFT_IMAGE")
@@ -99,6 +104,7 @@ sft_print_total_time() {
 # trap only between foreground commands. So the command runs in the background while `wait`, which a trapped
 # signal does interrupt, and the trap passes the signal on.
 SFT_SIGNAL=""
+SFT_ON_SIGNAL="${SFT_ON_SIGNAL:-sft checkpoints at the end of the current step, then stops}"
 sft_supervise() {
   SFT_CHILD=""
   trap 'sft_forward USR1' USR1
@@ -127,7 +133,7 @@ sft_supervise() {
 
 sft_forward() {
   SFT_SIGNAL="$1"
-  echo "== $(date '+%F %T') got SIG$1: asking sft to checkpoint at the end of this step and stop"
+  echo "== $(date '+%F %T') got SIG$1, passing it on: $SFT_ON_SIGNAL"
   if [[ -n "${SFT_CHILD:-}" ]]; then
     kill -s "$1" "$SFT_CHILD" 2>/dev/null || true
   fi

@@ -8,7 +8,9 @@ survives USR1 + requeue. Slurm starts once for this module (~2 s; installing slu
 """
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -177,6 +179,35 @@ def test_multi_node_script_survives_usr1_and_requeue(slurm_cluster, workdir, job
     assert manifest["status"] == "finished"
     assert [(r["slurm_restart_count"], r["resumed_from_step"] < steps) for r in manifest["restarts"]] == [("1", True)]
     assert [r["step"] for r in _loss_records(run_dir)] == list(range(1, steps + 1))
+
+
+def test_jupyter_sbatch_serves_lab_behind_a_token_and_prints_the_tunnel(slurm_cluster, workdir, job_env):
+    import urllib.error
+    import urllib.request
+
+    if not shutil.which("jupyter", path=job_env["PATH"]):
+        pytest.skip("jupyter is not installed in this environment (the image has it)")
+    extra = ["--allow-root"] if os.geteuid() == 0 else []  # Jupyter refuses root; the tests here run as root
+    job = slurm_cluster.sbatch(*SMALL, str(SLURM_DIR / "jupyter.sbatch"), *extra, env=job_env, cwd=workdir)
+    log_path = workdir / "logs" / f"sft-jupyter-{job}.out"
+    _wait_for(lambda: log_path.is_file() and "then open:" in log_path.read_text(), f"job {job} URL", slurm_cluster)
+    log = log_path.read_text()
+    assert re.search(r"ssh -N -L (\d+):[\w.-]+:\1 \S+@\S+", log)
+    url = re.search(r"then open: +(http://localhost:\d+/lab\?token=\w+)", log)[1]
+    api = url.replace("/lab?", "/api/status?")
+
+    def answers() -> bool:
+        try:
+            return urllib.request.urlopen(api, timeout=2).status == 200
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    _wait_for(answers, "JupyterLab answering", slurm_cluster, timeout=90)
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        urllib.request.urlopen(api.split("?")[0], timeout=2)  # no token, no access
+    subprocess.run(["scancel", job], env=slurm_cluster.env, check=True)
+    slurm_cluster.wait(job, states=("CANCELLED",))
+    _wait_for(lambda: "total time" in log_path.read_text(), f"job {job} shutting down", slurm_cluster, timeout=30)
 
 
 def _loss_records(run_dir: Path) -> list[dict]:
