@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Proves a built image works: imports, `sft info` with provenance, and a 2-step CPU fine-tune of the demo.
+# Proves a built image works: imports, JupyterLab, `sft info` with provenance, a 2-step CPU fine-tune of the demo.
 #   apptainer test sft.sif                       (apptainer.def's %test runs this; also at the end of `make build`)
 #   podman run --rm --entrypoint bash sft /opt/sft/src/container/selftest.sh
 # Writes only under a fresh temporary directory, which it removes.
@@ -13,6 +13,9 @@ sft=(/opt/sft/venv/bin/python /opt/sft/entrypoint.py)
 
 echo "== imports"
 /opt/sft/venv/bin/python -c 'import accelerate, datasets, jupyterlab, peft, sft, torch, transformers'
+
+echo "== jupyter lab (for slurm/jupyter.sbatch)"
+/opt/sft/venv/bin/jupyter lab --version
 
 echo "== sft info"
 COLUMNS=200 "${sft[@]}" info | tee "$work/info.txt"
