@@ -3,8 +3,9 @@
 What they check: a tiny run completes under train.sbatch; USR1 mid-run → checkpoint → requeue → the resumed
 run ends with exactly the per-step losses and weights of an uninterrupted run (and ignores a checkpoint
 that was never completed); a sweep array gives one run directory per task; train_multi.sbatch runs 2-process
-gloo DDP through srun + torchrun (two agents meeting by c10d rendezvous) and writes outputs once, and also
-survives USR1 + requeue. Slurm starts once for this module (~2 s; installing slurm-wlm first adds ~10 s).
+gloo DDP through srun + torchrun (two agents meeting by c10d rendezvous), writes outputs once, and survives
+USR1 + requeue exactly too; jupyter.sbatch serves JupyterLab behind a token (when jupyter is installed: the
+image has it, the venv does not). Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s).
 """
 import json
 import os
@@ -25,6 +26,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SLURM_DIR = REPO / "slurm"
 # The tiny model does ~100 steps/s on one core: enough steps that a signal sent after step 10 lands mid-run.
 PREEMPT_STEPS = 600
+DDP_STEPS = 300  # DDP steps are slower (gloo all-reduce between the two processes)
 # The test machine has no GPUs and 2 cores: shrink the scripts' GPU-node requests, keep everything else.
 SMALL = ("--cpus-per-task=1",)
 # train_multi.sbatch on this one node: two srun tasks, each a torchrun agent with one process, meeting by
@@ -150,35 +152,47 @@ def test_sweep_array_gives_each_task_its_own_run_dir(slurm_cluster, workdir, job
     assert losses[0] != losses[1]  # different seeds really reached the runs
 
 
-def test_multi_node_script_runs_two_process_ddp_and_writes_once(slurm_cluster, workdir, job_env, lm_config):
-    job = slurm_cluster.sbatch(*SMALL, *ONE_NODE_TWO_TASKS, str(SLURM_DIR / "train_multi.sbatch"),
-                               str(lm_config), "training.ddp_backend=gloo", "output.name=ddp",
+@pytest.fixture(scope="module")
+def ddp_uninterrupted(slurm_cluster, workdir, job_env, lm_config) -> tuple[str, Path]:
+    """train_multi.sbatch: 2 processes, gloo, DDP_STEPS steps, not interrupted: (job id, run dir)."""
+    job = slurm_cluster.sbatch(*SMALL, *ONE_NODE_TWO_TASKS, str(SLURM_DIR / "train_multi.sbatch"), str(lm_config),
+                               "training.ddp_backend=gloo", f"training.max_steps={DDP_STEPS}", "output.name=ddp",
                                env=job_env, cwd=workdir)
     slurm_cluster.wait(job)
+    return job, workdir / "runs" / "ddp"
+
+
+def test_multi_node_script_runs_two_process_ddp_and_writes_once(ddp_uninterrupted, workdir):
+    job, run_dir = ddp_uninterrupted
     log = (workdir / "logs" / f"sft-multi-{job}.out").read_text()
     assert "2 torchrun agents x 1 processes" in log
-    run_dir = workdir / "runs" / "ddp"
-    # 24 examples, batch 4 per process, 2 processes: 3 steps per epoch (one process alone would take 6).
-    assert [r["step"] for r in _loss_records(run_dir)] == [1, 2, 3]
+    records = _loss_records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, DDP_STEPS + 1))  # each step logged once, not per rank
+    # 24 examples, batch 4 per process: one epoch is 3 steps with 2 processes (a single process needs 6).
+    assert records[2]["epoch"] == 1.0
     assert len(list(run_dir.glob("sft_log_*.log"))) == 1
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["slurm_job"] == job
     assert sorted(p.name for p in (workdir / "runs").iterdir() if p.name.startswith("ddp")) == ["ddp"]
 
 
-def test_multi_node_script_survives_usr1_and_requeue(slurm_cluster, workdir, job_env, lm_config):
+def test_multi_node_script_survives_usr1_and_resumes_exactly(slurm_cluster, workdir, job_env, lm_config,
+                                                             ddp_uninterrupted):
     run_dir = workdir / "runs" / "ddp-preempted"
-    steps = 300
-    job = slurm_cluster.sbatch(*SMALL, *ONE_NODE_TWO_TASKS, str(SLURM_DIR / "train_multi.sbatch"),
-                               str(lm_config), "training.ddp_backend=gloo", f"training.max_steps={steps}",
+    job = slurm_cluster.sbatch(*SMALL, *ONE_NODE_TWO_TASKS, str(SLURM_DIR / "train_multi.sbatch"), str(lm_config),
+                               "training.ddp_backend=gloo", f"training.max_steps={DDP_STEPS}",
                                "output.name=ddp-preempted", env=job_env, cwd=workdir)
     _wait_for(lambda: len(_loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster)
-    slurm_cluster.signal_batch(job, "USR1")
+    slurm_cluster.signal_batch(job, "USR1")  # reaches both workers through srun; torchrun ignores it
     slurm_cluster.wait(job)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "finished"
-    assert [(r["slurm_restart_count"], r["resumed_from_step"] < steps) for r in manifest["restarts"]] == [("1", True)]
-    assert [r["step"] for r in _loss_records(run_dir)] == list(range(1, steps + 1))
+    assert [(r["slurm_restart_count"], 10 <= r["resumed_from_step"] < DDP_STEPS) for r in manifest["restarts"]] \
+        == [("1", True)]
+    _, baseline = ddp_uninterrupted
+    assert [(r["step"], r["loss"]) for r in _loss_records(run_dir)] \
+        == [(r["step"], r["loss"]) for r in _loss_records(baseline)]
+    _assert_same_weights(run_dir / "final", baseline / "final")
 
 
 def test_jupyter_sbatch_serves_lab_behind_a_token_and_prints_the_tunnel(slurm_cluster, workdir, job_env):
