@@ -99,11 +99,12 @@ sft_print_total_time() {
 }
 
 # sft_supervise CMD...: run CMD in the background and wait for it, forwarding SIGUSR1/SIGTERM to it; sets
-# SFT_STATUS to its exit status and SFT_SIGNAL to the signal received (if any).
+# SFT_STATUS to its exit status, SFT_SIGNAL to the last signal received and SFT_GOT_USR1=1 after a USR1.
 # Why: with `--signal=B:USR1@120` (and `scancel --batch`) only this shell gets the signal, and bash runs a
 # trap only between foreground commands. So the command runs in the background while `wait`, which a trapped
 # signal does interrupt, and the trap passes the signal on.
 SFT_SIGNAL=""
+SFT_GOT_USR1=0
 SFT_ON_SIGNAL="${SFT_ON_SIGNAL:-sft checkpoints at the end of the current step, then stops}"
 sft_supervise() {
   SFT_CHILD=""
@@ -133,26 +134,40 @@ sft_supervise() {
 
 sft_forward() {
   SFT_SIGNAL="$1"
+  if [[ "$1" == USR1 ]]; then
+    SFT_GOT_USR1=1
+  fi
   echo "== $(date '+%F %T') got SIG$1, passing it on: $SFT_ON_SIGNAL"
   if [[ -n "${SFT_CHILD:-}" ]]; then
     kill -s "$1" "$SFT_CHILD" 2>/dev/null || true
   fi
 }
 
-# sft_requeue_if_preempted: after a preemption signal, requeue the job so that it resumes from the checkpoint
-# sft wrote. sft itself exits 75 then; under torchrun the launcher reports a failed worker instead, so any
-# failure after a forwarded signal counts. The requeued job keeps its id, reruns this script with
-# SLURM_RESTART_COUNT+1, appends to the same log and resumes from the newest complete checkpoint.
+# sft_requeue_if_preempted: after USR1 (Slurm's warning before the time limit, --signal=B:USR1@120, or a
+# `scancel --signal=USR1 --batch`), requeue the job so that it resumes from the checkpoint sft wrote. sft
+# exits 75 then; under torchrun the launcher reports a failed worker instead, so any failure after USR1
+# counts. The requeued job keeps its id, reruns this script with SLURM_RESTART_COUNT+1, appends to the same
+# log and resumes from the newest complete checkpoint.
+# SIGTERM alone never requeues: it is what a plain `scancel` sends (the job must then stay cancelled), and
+# Slurm requeues a job preempted with PreemptMode=REQUEUE by itself. sft checkpoints on it all the same.
 sft_requeue_if_preempted() {
-  if (( SFT_STATUS == 0 )) || { (( SFT_STATUS != 75 )) && [[ -z "$SFT_SIGNAL" ]]; }; then
+  if (( SFT_STATUS == 0 )); then
+    return 0
+  fi
+  if (( ! SFT_GOT_USR1 )); then
+    if (( SFT_STATUS == 75 )); then
+      echo "== stopped by SIG${SFT_SIGNAL:-TERM} after a complete checkpoint; not requeueing (scancel or" \
+           "preemption: Slurm requeues preempted jobs itself). Submit the same command again to resume."
+    fi
     return 0
   fi
   if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     echo "== preempted; not under Slurm, so rerun the same command to resume"
     return 0
   fi
-  echo "== $(date '+%F %T') preempted (exit $SFT_STATUS after SIG${SFT_SIGNAL:-?}): requeueing job $SLURM_JOB_ID"
+  echo "== $(date '+%F %T') preempted (exit $SFT_STATUS after SIGUSR1): requeueing job $SLURM_JOB_ID"
+  # The requeue ends this shell with a signal, which skips the EXIT trap: print the total time now.
   sft_print_total_time "$SFT_STATUS"
-  # Fails when Slurm already requeues the job itself (PreemptMode=REQUEUE); the job comes back either way.
-  scontrol requeue "$SLURM_JOB_ID" || echo "warning: scontrol requeue failed; resubmit to resume"
+  trap - EXIT
+  scontrol requeue "$SLURM_JOB_ID" || echo "warning: scontrol requeue failed; submit the same command again to resume"
 }

@@ -132,6 +132,25 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, workdir, j
     _assert_same_weights(run_dir / "final", baseline / "final")
 
 
+def test_plain_scancel_checkpoints_but_stays_cancelled(slurm_cluster, workdir, job_env, lm_config):
+    run_dir = workdir / "runs" / "cancelled"
+    job = slurm_cluster.sbatch(*SMALL, str(SLURM_DIR / "train.sbatch"), str(lm_config),
+                               f"training.max_steps={PREEMPT_STEPS}", "output.name=cancelled",
+                               env=job_env, cwd=workdir)
+    _wait_for(lambda: len(_loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster)
+    subprocess.run(["scancel", job], env=slurm_cluster.env, check=True)  # SIGTERM to the shell and sft
+    slurm_cluster.wait(job, states=("CANCELLED",))
+    _wait_for(lambda: json.loads((run_dir / "manifest.json").read_text())["status"] == "preempted",
+              "sft's checkpoint on SIGTERM", slurm_cluster, timeout=30)
+    time.sleep(3)  # a requeue would show by now
+    record = slurm_cluster.job(job)
+    assert (record["JobState"], record["Restarts"]) == ("CANCELLED", "0")
+    assert len(list((run_dir / "checkpoints").glob("checkpoint-*/.complete"))) == 1
+    _wait_for(lambda: "total time" in (workdir / "logs" / f"sft-{job}.out").read_text(), "the script's end",
+              slurm_cluster, timeout=30)
+    assert "not requeueing" in (workdir / "logs" / f"sft-{job}.out").read_text()
+
+
 def test_sweep_array_gives_each_task_its_own_run_dir(slurm_cluster, workdir, job_env, lm_config):
     env = {**job_env, "SFT_SWEEP_SEEDS": "1 2", "SFT_SWEEP_LRS": "5e-4"}
     job = slurm_cluster.sbatch(*SMALL, "--array=0-1", str(SLURM_DIR / "sweep.sbatch"), str(lm_config),
