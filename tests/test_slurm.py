@@ -171,6 +171,33 @@ def test_sweep_array_gives_each_task_its_own_run_dir(slurm_cluster, workdir, job
     assert losses[0] != losses[1]  # different seeds really reached the runs
 
 
+def test_sweep_task_outside_the_grid_fails_with_the_range_to_use(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("")
+    env = {**_outside_slurm(), "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "6", "SFT_RUNTIME": "none"}
+    result = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), str(config)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "array task 6 but the grid has 3 seeds x 2 rates; use --array=0-5" in result.stderr
+
+
+def test_sweep_file_gives_each_task_its_line_of_overrides(tmp_path, tiny_causal_lm, tiny_chat_data):
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "ignored")))
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# one line per array task\ntraining.seed=5\n\ntraining.seed=6 training.learning_rate=2e-3\n")
+    env = {**_outside_slurm(), "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "1", "SFT_RUNTIME": "none",
+           "SFT_SWEEP_FILE": str(sweep), "SFT_OUTPUT_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), str(config), "training.max_steps=1"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = yaml.safe_load((tmp_path / "runs" / "tiny-sweep7-1" / "config.yaml").read_text())
+    assert (saved["training"]["seed"], saved["training"]["learning_rate"]) == (6, 2e-3)
+
+
 @pytest.fixture(scope="module")
 def ddp_uninterrupted(slurm_cluster, workdir, job_env, lm_config) -> tuple[str, Path]:
     """train_multi.sbatch: 2 processes, gloo, DDP_STEPS steps, not interrupted: (job id, run dir)."""
@@ -241,6 +268,11 @@ def test_jupyter_sbatch_serves_lab_behind_a_token_and_prints_the_tunnel(slurm_cl
     subprocess.run(["scancel", job], env=slurm_cluster.env, check=True)
     slurm_cluster.wait(job, states=("CANCELLED",))
     _wait_for(lambda: "total time" in log_path.read_text(), f"job {job} shutting down", slurm_cluster, timeout=30)
+
+
+def _outside_slurm() -> dict[str, str]:
+    """This environment without any SLURM_* variables, as if on a login node (tests may run inside a job)."""
+    return {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
 
 
 def _loss_records(run_dir: Path) -> list[dict]:
