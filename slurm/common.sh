@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034  # the scripts that source this file use the arrays it sets
 # Shared by the sbatch scripts in slurm/ (sourced, not run): runtime choice, bind mounts, provenance,
 # signal forwarding and requeue. Settings, all environment variables with defaults:
 #   SFT_RUNTIME     auto | apptainer | singularity | none   auto: apptainer, else singularity.
@@ -92,6 +93,7 @@ sft_print_provenance() {
 # sft_print_total_time [STATUS]: installed as the EXIT trap, so it is the last line even when the job fails;
 # also called before a requeue, which ends this shell with a signal (no EXIT trap then).
 sft_print_total_time() {
+  # shellcheck disable=SC2320  # $? here is the status the shell exits with (or the caller's last command)
   local status=$? elapsed=$((SECONDS - sft_started))
   status="${1:-$status}"
   printf '== %s total time %dh%02dm%02ds, exit %d\n' "$(date '+%F %T')" \

@@ -171,6 +171,15 @@ def test_sweep_array_gives_each_task_its_own_run_dir(slurm_cluster, workdir, job
     assert losses[0] != losses[1]  # different seeds really reached the runs
 
 
+def test_scripts_pass_shellcheck():
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed")
+    scripts = sorted(SLURM_DIR.glob("*.sbatch")) + [SLURM_DIR / "common.sh"]
+    result = subprocess.run(["shellcheck", "--external-sources", f"--source-path={SLURM_DIR}", *map(str, scripts)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
 def test_sweep_task_outside_the_grid_fails_with_the_range_to_use(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text("")
