@@ -250,6 +250,23 @@ def test_multi_node_script_survives_usr1_and_resumes_exactly(slurm_cluster, work
     _assert_same_weights(run_dir / "final", baseline / "final")
 
 
+def test_multi_node_script_trains_with_fsdp_from_the_config(slurm_cluster, workdir, job_env, lm_config):
+    job = slurm_cluster.sbatch(*SMALL, *ONE_NODE_TWO_TASKS, str(SLURM_DIR / "train_multi.sbatch"), str(lm_config),
+                               "training.ddp_backend=gloo", "training.fsdp='full_shard auto_wrap'",
+                               "training.max_steps=6", "training.save_steps=6", "output.name=fsdp",
+                               env=job_env, cwd=workdir)
+    slurm_cluster.wait(job)
+    run_dir = workdir / "runs" / "fsdp"
+    assert [r["step"] for r in _loss_records(run_dir)] == list(range(1, 7))
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "finished"
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    import torch
+
+    # The arguments Trainer actually ran with (saved in the checkpoint): FSDP on, from the config.
+    args = torch.load(run_dir / "checkpoints" / "checkpoint-6" / "training_args.bin", weights_only=False)
+    assert args.fsdp
+
+
 def test_jupyter_sbatch_serves_lab_behind_a_token_and_prints_the_tunnel(slurm_cluster, workdir, job_env):
     import urllib.error
     import urllib.request
