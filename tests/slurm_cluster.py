@@ -13,6 +13,7 @@ Facts about Debian 12's slurm-wlm 22.05 on a machine without systemd, which the 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -94,7 +95,8 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel every job, then end the daemons this object started (and munged, if it started that)."""
         if self._daemons:
-            subprocess.run(["scancel", "--full", "--user", "root"], env=self.env, capture_output=True)
+            user = pwd.getpwuid(os.geteuid()).pw_name
+            subprocess.run(["scancel", "--full", "--user", user], env=self.env, capture_output=True)
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and self._squeue_ids():
                 time.sleep(0.5)

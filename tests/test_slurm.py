@@ -2,10 +2,11 @@
 
 What they check: a tiny run completes under train.sbatch; USR1 mid-run → checkpoint → requeue → the resumed
 run ends with exactly the per-step losses and weights of an uninterrupted run (and ignores a checkpoint
-that was never completed); a sweep array gives one run directory per task; train_multi.sbatch runs 2-process
-gloo DDP through srun + torchrun (two agents meeting by c10d rendezvous), writes outputs once, and survives
-USR1 + requeue exactly too; jupyter.sbatch serves JupyterLab behind a token (when jupyter is installed: the
-image has it, the venv does not). Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s).
+that was never completed); a plain scancel checkpoints but is not requeued; a sweep array gives one run
+directory per task; train_multi.sbatch runs 2-process gloo DDP through srun + torchrun (two agents meeting by
+c10d rendezvous), writes outputs once, survives USR1 + requeue exactly too, and runs FSDP from the config;
+jupyter.sbatch serves JupyterLab behind a token (when jupyter is installed: the image has it, the venv does
+not). Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s); all of it takes ~3 min.
 """
 import json
 import os
@@ -56,7 +57,8 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def job_env(slurm_cluster, workdir) -> dict[str, str]:
     """Environment sbatch exports to the jobs: this venv's sft/torchrun, no container, offline, 1 thread."""
-    return {**slurm_cluster.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    return {**_outside_slurm(), "SLURM_CONF": str(slurm_cluster.conf),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
             "SFT_RUNTIME": "none", "SFT_OUTPUT_DIR": str(workdir / "runs"), "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
