@@ -2,7 +2,7 @@
 marked `container` (root + podman, installed here when missing), both really build and honour the bind contract.
 
     .venv/bin/python -m pytest tests/test_container.py -m "not container"   # recipe checks, about a second
-    .venv/bin/python -m pytest tests/test_container.py                      # + builds: ~6 min cold, ~1 min cached
+    .venv/bin/python -m pytest tests/test_container.py                      # + builds: 4.5 min cold, 3 cached
 
 apptainer.def cannot be built here (no Apptainer package for this OS); container/defrun.py replays its sections
 with podman in Apptainer's order and shells. What that leaves unverified is listed in docs/container.md.
