@@ -7,10 +7,10 @@ __version__ = "0.1.0"
 def train(config_path: str, **overrides: Any) -> "object":
     """Train from a YAML config, for notebooks: `train("configs/x.yaml", **{"training.epochs": 1})`.
 
-    Nested dicts work too (`training={"epochs": 1}`). Returns the finished run's summary (`sft.train.RunResult`).
+    Nested dicts work too (`training={"epochs": 1}`). Returns the finished run's summary (`sft.training.RunResult`).
     """
     from sft.config import load_config
-    from sft.train import run_training
+    from sft.training import run_training
 
     config = load_config(config_path, overrides=_flatten(overrides))
     return run_training(config)

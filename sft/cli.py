@@ -37,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     if first is not None and first not in COMMANDS:
         argv.insert(argv.index(first), "train")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`train c.yaml --env-file F a=1`): argparse leaves those as extras.
+    args, extras = parser.parse_known_args(argv)
+    if extras and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extras)):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if extras:
+        args.overrides += extras
     # Compute nodes rarely reach the internet, and a hub lookup there hangs until a timeout: offline unless
     # the user opts in with HF_HUB_OFFLINE=0 (e.g. on a login node).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     from sft.config import load_config
     from sft.report import print_summary
-    from sft.train import Preempted, run_training
+    from sft.training import Preempted, run_training
 
     config = load_config(args.config, args.overrides, args.env_file)
     try:

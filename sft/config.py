@@ -209,7 +209,17 @@ def _apply_override(raw: dict, override: str) -> None:
         if not isinstance(child, dict):
             raise UserError(f"override '{override}': {part} is not a section")
         node = child
-    node[leaf] = yaml.safe_load(value) if value else ""
+    node[leaf] = _parse_value(value)
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalars and lists (`1`, `3e-5`, `[a, b]`); anything YAML cannot read (`{config}-x`) stays a string."""
+    if not text:
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _load_env_file(env_file: str | None, config_path: Path) -> None:

@@ -47,6 +47,9 @@ def test_bare_config_path_means_train(capsys, monkeypatch):
     monkeypatch.setattr("sft.cli._train", lambda args: calls.append((args.config, args.overrides)) or 0)
     assert main(["configs/demo.yaml", "training.epochs=1"]) == 0
     assert calls == [("configs/demo.yaml", ["training.epochs=1"])]
+    calls.clear()
+    assert main(["train", "configs/demo.yaml", "--overwrite", "training.epochs=1", "output.name={config}-x"]) == 0
+    assert calls == [("configs/demo.yaml", ["training.epochs=1", "output.name={config}-x"])]
 
 
 def test_info_lists_versions_and_container_provenance(tmp_path):

@@ -75,9 +75,11 @@ def test_dotenv_file_from_config_flag_or_working_directory(write_config, tmp_pat
 
 def test_command_line_overrides_parse_yaml_values(write_config):
     config = load_config(write_config(MINIMAL), overrides=["training.epochs=1", "training.learning_rate=3e-5",
-                                                           "method.name=full", "data.label_names=[neg, pos]"])
+                                                           "method.name=full", "data.label_names=[neg, pos]",
+                                                           "output.name={config}-{date}"])
     assert config.training.epochs == 1 and config.training.learning_rate == 3e-5
     assert config.method.name == "full" and config.data.label_names == ["neg", "pos"]
+    assert config.output.name == "{config}-{date}"  # not YAML, so taken as the string it is
     with pytest.raises(UserError, match="training.epohcs: unknown key — did you mean epochs"):
         load_config(write_config(MINIMAL), overrides=["training.epohcs=1"])
     with pytest.raises(UserError, match="expected key.sub=value"):

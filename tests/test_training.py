@@ -58,7 +58,7 @@ def test_tiny_causal_lm_learns_and_writes_a_complete_run_dir(tiny_causal_lm, tin
                                                              write_config, method):
     from transformers import AutoModelForCausalLM
 
-    from sft.train import run_training
+    from sft.training import run_training
 
     config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", epochs=8,
                             learning_rate=3e-3 if method == "full" else 5e-2)
@@ -93,7 +93,7 @@ def test_tiny_causal_lm_learns_and_writes_a_complete_run_dir(tiny_causal_lm, tin
 
 @pytest.mark.slow
 def test_token_budget_batches_train(tiny_causal_lm, tiny_chat_data, tmp_path, write_config):
-    from sft.train import run_training
+    from sft.training import run_training
 
     from transformers import AutoTokenizer
 
@@ -116,7 +116,7 @@ def test_minilm_classifier_with_lora_saves_adapter_and_head(tmp_path, write_conf
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoModelForSequenceClassification
 
-    from sft.train import run_training
+    from sft.training import run_training
 
     config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     config["data"]["train"] = str(REPO / "data" / "demo" / "reviews.jsonl")
@@ -173,6 +173,8 @@ def assert_identical_runs(run_dir: Path, reference_dir: Path) -> None:
     from safetensors.torch import load_file
 
     assert train_losses(run_dir) == train_losses(reference_dir)
+    summaries = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "train_runtime" in line]
+    assert len(summaries) == 1
     expected, actual = (load_file(d / "final" / "model.safetensors") for d in (reference_dir, run_dir))
     assert expected.keys() == actual.keys()
     assert all((expected[name] == actual[name]).all() for name in expected)

@@ -52,6 +52,8 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
     # The same process-group settings TrainingArguments will use (CPU runs need cpu=True to be distributed).
     state = PartialState(cpu=not torch.cuda.is_available(), backend=config.training.ddp_backend)
     is_main = state.is_main_process
+    if not is_main:
+        log.setLevel(logging.WARNING)  # one copy of each progress line in the job log, from rank 0
     # Rank 0 alone resolves the name ({time} differs between ranks) and creates the directory; the others get it.
     run = broadcast_object_list([rundir.open_run_dir(config, overwrite) if is_main else None])[0]
     if is_main:
@@ -85,6 +87,9 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
             manifests.finish_manifest(run.path, manifest, "preempted")
         log.warning("stopped by %s at step %d after saving a complete checkpoint; rerun (or requeue) to resume",
                     preemption.stopped_by, trainer.state.global_step)
+        # Every rank exits only after rank 0 has marked the checkpoint and written the manifest: torchrun
+        # SIGTERMs the remaining workers as soon as one exits.
+        state.wait_for_everyone()
         raise Preempted()
 
     # Save the final model
@@ -131,11 +136,13 @@ def _resume_checkpoint(run: rundir.RunDir, is_main: bool) -> Path | None:
 
 
 def _drop_metrics_after(run_dir: Path, step: int) -> None:
-    """Lines logged after the checkpoint we resume from are recomputed (identically), so drop the old copies."""
+    """Lines logged after the checkpoint we resume from are recomputed (identically), so drop the old copies,
+    and the interrupted session's closing summary (train_runtime), which the resumed session writes anew."""
     path = run_dir / "metrics.jsonl"
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        kept = [r for r in records if r.get("step", 0) <= step and "train_runtime" not in r]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _save_prepared(prepared, run_dir: Path) -> None:
@@ -202,6 +209,8 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         fp16=on_gpu and dtype == torch.float16,
         activation_checkpointing=t.gradient_checkpointing,
         ddp_backend=t.ddp_backend,
+        # Every trainable parameter takes part in each forward pass; searching for unused ones costs a graph walk.
+        ddp_find_unused_parameters=False,
         fsdp=t.fsdp,
         report_to="none",
         remove_unused_columns=False,
@@ -231,7 +240,7 @@ def make_collator(config: Config, tokenizer):
     if config.task == "classification":
         return DataCollatorWithPadding(tokenizer)
     # Padding-free: examples are concatenated and position_ids restart at each one, so attention stays
-    # within an example (tests/test_train.py checks packed loss == per-example loss).
+    # within an example (tests/test_training.py checks packed loss == per-example loss).
     flatten = DataCollatorWithFlattening(return_position_ids=True)
     if config.training.max_tokens_per_batch:
         return TokenBudgetCollator(flatten)
