@@ -82,7 +82,8 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
     model = models.load_model(config, prepared.label_names)
     trainer = build_trainer(config, run, model, tokenizer, prepared, preemption)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if preemption.stopped_by:
+    # A signal during the very last step leaves nothing to resume: finish normally instead.
+    if preemption.stopped_by and trainer.state.global_step < trainer.state.max_steps:
         if is_main:
             manifests.finish_manifest(run.path, manifest, "preempted")
         log.warning("stopped by %s at step %d after saving a complete checkpoint; rerun (or requeue) to resume",

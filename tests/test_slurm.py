@@ -106,8 +106,9 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, workdir, j
 
     # The requeued job waits ~11 s (BeginTime); meanwhile plant a newer checkpoint that never got its
     # .complete marker, as if a kill had hit mid-write. The resumed run must not use it.
-    _wait_for(lambda: slurm_cluster.job(job)["Restarts"] == "1", f"job {job} requeued", slurm_cluster)
-    assert slurm_cluster.job(job)["JobState"] == "PENDING"
+    # Restarts turns 1 while the first run may still be COMPLETING; PENDING means it is gone and not yet back.
+    _wait_for(lambda: (record := slurm_cluster.job(job))["Restarts"] == "1" and record["JobState"] == "PENDING",
+              f"job {job} requeued and pending", slurm_cluster)
     checkpoints = sorted((run_dir / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and (checkpoints[0] / ".complete").is_file()
     step = int(checkpoints[0].name.split("-")[1])
