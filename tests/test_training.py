@@ -180,35 +180,39 @@ def assert_identical_runs(run_dir: Path, reference_dir: Path) -> None:
     assert all((expected[name] == actual[name]).all() for name in expected)
 
 
-@pytest.fixture
-def resumable_config(tiny_causal_lm, tiny_chat_data, tmp_path, write_config):
-    """24 steps with dropout (so RNG state matters), a checkpoint every 3 steps."""
+@pytest.fixture(scope="module")
+def resumable(tiny_causal_lm, tiny_chat_data, tmp_path_factory):
+    """Configs of 24 steps with dropout (so RNG state matters) and a checkpoint every 3 steps, sharing one
+    folder of runs, plus an uninterrupted reference run of them: (make_config, runs folder)."""
     import shutil
 
     from transformers import AutoConfig
 
-    model = tmp_path / "model"
+    folder = tmp_path_factory.mktemp("resumable")
+    model = folder / "model"
     shutil.copytree(tiny_causal_lm, model)
     model_config = AutoConfig.from_pretrained(model)
     model_config.attention_dropout = 0.1
     model_config.save_pretrained(model)
 
     def make(name: str) -> Path:
-        config = tiny_lm_config(model, tiny_chat_data, tmp_path / "runs", epochs=4, batch_size=4, save_steps=3,
+        config = tiny_lm_config(model, tiny_chat_data, folder / "runs", epochs=4, batch_size=4, save_steps=3,
                                 save_total_limit=10)
         config["output"]["name"] = name
-        return write_config(config, f"{name}.yaml")
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
 
-    return make
+    reference = run_cli("train", str(make("reference")))
+    assert reference.returncode == 0, reference.stderr
+    return make, folder / "runs"
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_matches_uninterrupted_run(resumable_config, tmp_path):
-    reference = run_cli("train", str(resumable_config("reference")))
-    assert reference.returncode == 0, reference.stderr
-
-    interrupted_config = resumable_config("interrupted")
-    run_dir = tmp_path / "runs" / "interrupted"
+def test_resume_after_sigkill_matches_uninterrupted_run(resumable, tmp_path):
+    make_config, runs = resumable
+    interrupted_config = make_config("interrupted")
+    run_dir = runs / "interrupted"
     process = start_training(interrupted_config, tmp_path)
     wait_for_file(run_dir / "checkpoints" / "checkpoint-3" / ".complete", process)
     process.send_signal(signal.SIGKILL)
@@ -223,18 +227,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(resumable_config, tmp_pa
     resumed = run_cli("train", str(interrupted_config))
     assert resumed.returncode == 0, resumed.stderr
 
-    assert_identical_runs(run_dir, tmp_path / "runs" / "reference")
+    assert_identical_runs(run_dir, runs / "reference")
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["restarts"][0]["resumed_from_step"] == newest
 
 
 @pytest.mark.slow
-def test_sigusr1_checkpoints_exits_75_and_resumes_exactly(resumable_config, tmp_path):
-    reference = run_cli("train", str(resumable_config("reference")))
-    assert reference.returncode == 0, reference.stderr
-
-    config_path = resumable_config("preempted")
-    run_dir = tmp_path / "runs" / "preempted"
+def test_sigusr1_checkpoints_exits_75_and_resumes_exactly(resumable, tmp_path):
+    make_config, runs = resumable
+    config_path = make_config("preempted")
+    run_dir = runs / "preempted"
     process = start_training(config_path, tmp_path)
     # Sent while the model is still loading: the handler is already in place, training stops after step 1.
     wait_for_file(run_dir / "manifest.json", process)
@@ -250,7 +252,7 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_exactly(resumable_config, tmp_
 
     resumed = run_cli("train", str(config_path))
     assert resumed.returncode == 0, resumed.stderr
-    assert_identical_runs(run_dir, tmp_path / "runs" / "reference")
+    assert_identical_runs(run_dir, runs / "reference")
 
 
 def test_a_run_that_failed_before_any_checkpoint_restarts_with_a_corrected_config(tiny_causal_lm, tiny_chat_data,
