@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,14 +52,13 @@ def parse(text: str) -> dict:
     return {"header": header, "sections": sections}
 
 
+def entries(section: str) -> list[str]:
+    """A section's stripped lines, without blanks and comments (%arguments, %files and %labels read alike)."""
+    return [line.strip() for line in section.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
 def arguments(section: str) -> dict[str, str]:
-    values = {}
-    for line in section.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            name, _, value = line.partition("=")
-            values[name.strip()] = value.strip()
-    return values
+    return {name.strip(): value.strip() for name, _, value in (line.partition("=") for line in entries(section))}
 
 
 def render(text: str, build_args: dict[str, str]) -> str:
@@ -80,22 +78,14 @@ def render(text: str, build_args: dict[str, str]) -> str:
 
 def files(section: str) -> list[tuple[str, str]]:
     pairs = []
-    for line in section.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            src, *dst = line.split()
-            pairs.append((src, dst[0] if dst else src))
+    for line in entries(section):
+        src, *dst = line.split()
+        pairs.append((src, dst[0] if dst else src))
     return pairs
 
 
 def labels(section: str) -> dict[str, str]:
-    result = {}
-    for line in section.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition(" ")
-            result[key] = value.strip()
-    return result
+    return {key: value.strip() for key, _, value in (line.partition(" ") for line in entries(section))}
 
 
 def podman(*args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@ checkpoint, and leave a finished run directory (config, manifest, log, metrics, 
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -87,7 +87,7 @@ def test_train_sbatch_completes_a_run_with_provenance_and_total_time(uninterrupt
     job, run_dir = uninterrupted
     log = (workdir / "logs" / f"sft-{job}.out").read_text()
     lines = log.strip().splitlines()
-    assert lines[0].startswith(f"== ") and f"job {job} (sft, restart 0) on " in lines[0]
+    assert lines[0].startswith("== ") and f"job {job} (sft, restart 0) on " in lines[0]
     assert "runtime: none (SFT_RUNTIME=none)" in log and "sft info" in log and "torch" in log
     assert "total time" in lines[-1] and lines[-1].endswith("exit 0")
     manifest = json.loads((run_dir / "manifest.json").read_text())

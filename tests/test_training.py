@@ -1,6 +1,5 @@
 """Train stage: packed batches are exact, tiny end-to-end runs learn, the run directory is complete, resume is exact."""
 import json
-import os
 import signal
 import subprocess
 import sys
