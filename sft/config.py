@@ -120,7 +120,12 @@ class TrainingConfig(Section):
     save_steps: int | None = Field(None, ge=1, description="Setting it switches save_strategy to steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept; the newest complete one is resumed from.")
     logging_steps: int = Field(10, ge=1)
-    seed: int = 42
+    seed: int = Field(42, description="Seeds python, numpy and torch before the model is built: the same config, "
+                                      "data and seed give the same run on the same hardware and image.")
+    deterministic: bool = Field(False, description="GPUs: deterministic kernels (torch deterministic algorithms, "
+                                                   "cuDNN deterministic, fixed cuBLAS workspace) so reruns and resumes "
+                                                   "match bit for bit; costs speed (docs/slurm.md). CPU runs are "
+                                                   "deterministic without it.")
     gradient_checkpointing: bool = False
     ddp_backend: Literal["nccl", "gloo"] | None = Field(None, description="Defaults to nccl on GPUs, gloo on CPU.")
     fsdp: str = Field("", description="Trainer's fsdp option, e.g. 'full_shard auto_wrap', for models beyond one GPU.")
@@ -156,6 +161,11 @@ class Config(Section):
         budget = self.training.max_tokens_per_batch
         if budget is not None and self.task != "causal_lm":
             raise ValueError("training.max_tokens_per_batch: only for task causal_lm; use training.batch_size")
+        if self.model.attn_implementation == "flex_attention" and self.task != "causal_lm":
+            # Flex is exact on packed causal batches; on a lone unmasked sequence some CPU builds gave logits off by
+            # 0.14 or NaN, and padded classification batches gain nothing from it.
+            raise ValueError("model.attn_implementation: flex_attention is for packed causal_lm batches; "
+                             "use sdpa for classification")
         if budget is not None and budget < self.data.max_length:
             raise ValueError(f"training.max_tokens_per_batch: {budget} is below data.max_length "
                              f"{self.data.max_length}; a long example would not fit in any batch")

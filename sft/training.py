@@ -46,11 +46,14 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
     from accelerate.utils import broadcast_object_list
 
     from sft import data, manifest as manifests, model as models
+    from sft.determinism import seed_everything
     from sft.logs import add_run_log
 
     # The same process-group settings TrainingArguments will use (CPU runs need cpu=True to be distributed).
     state = PartialState(cpu=not torch.cuda.is_available(), backend=config.training.ddp_backend)
     is_main = state.is_main_process
+    # Before any model or data object exists: a new classifier head or LoRA adapter draws from these generators.
+    determinism = seed_everything(config.training.seed, config.training.deterministic)
     if not is_main:
         log.setLevel(logging.WARNING)  # one copy of each progress line in the job log, from rank 0
     # Rank 0 alone resolves the name ({time} differs between ranks) and creates the directory; the others get it.
@@ -62,6 +65,7 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
         _write_config(run.path, config, must_match=resume_from is not None)
     manifest = manifests.start_manifest(run.path, config, run.resumed, resume_from and rundir.checkpoint_step(resume_from)) \
         if is_main else {}
+    manifest["determinism"] = determinism
     log.info("run directory %s (%s)", run.path, f"resuming from {resume_from.name}" if resume_from else "new run")
 
     # Load data (rank 0 tokenizes; under torchrun the others load its result instead of racing it)

@@ -45,6 +45,9 @@ def test_cross_section_rules(write_config):
           "training": {"max_tokens_per_batch": 512}}
     with pytest.raises(UserError, match="max_tokens_per_batch: 512 is below data.max_length 1024"):
         load_config(write_config(lm))
+    flex_classifier = {**MINIMAL, "model": {"name": "m", "attn_implementation": "flex_attention"}}
+    with pytest.raises(UserError, match="flex_attention is for packed causal_lm batches; use sdpa for classification"):
+        load_config(write_config(flex_classifier))
 
 
 def test_environment_interpolation_with_defaults_and_missing_names(write_config, monkeypatch):
