@@ -26,7 +26,9 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel. flex_attention masks packed documents exactly (fastest measured on H100).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Training precision. auto: bf16 on GPUs that support it, fp32 otherwise (always fp32 on CPU).")
+        "auto", description="Compute precision (autocast); trained weights stay fp32, LoRA's frozen base is stored in "
+                            "it. auto: bf16 on GPUs that support it, else fp32. float16 needs a GPU; bfloat16 on "
+                            "CPU works (slow without bf16 instructions).")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off because it runs arbitrary code.")
 
 

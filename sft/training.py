@@ -209,8 +209,9 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         logging_steps=t.logging_steps,
         seed=t.seed,
         data_seed=t.seed,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
+        # Autocast to the compute dtype over fp32 trained weights (model.weights_dtype); on CPU too when asked for.
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         activation_checkpointing=t.gradient_checkpointing,
         ddp_backend=t.ddp_backend,
         # Every trainable parameter takes part in each forward pass; searching for unused ones costs a graph walk.

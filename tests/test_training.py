@@ -1,5 +1,6 @@
 """Train stage: packed batches are exact, tiny end-to-end runs learn, the run directory is complete, resume is exact."""
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -337,3 +338,29 @@ def test_python_api_takes_dotted_or_nested_overrides(tiny_causal_lm, tiny_chat_d
     config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs"))
     result = sft.train(str(config_path), **{"training.max_steps": 2}, output={"name": "from-notebook"})
     assert result.run_dir == tmp_path / "runs" / "from-notebook" and result.metrics["steps"] == 2
+
+
+@pytest.mark.slow
+def test_bfloat16_on_cpu_autocasts_over_fp32_weights(tiny_causal_lm, tiny_chat_data, tmp_path, write_config,
+                                                     monkeypatch):
+    import torch
+
+    from sft import model as models
+    from sft.training import run_training
+
+    seen = {}
+    load_model = models.load_model
+
+    def load_and_watch(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        projection = model.model.layers[0].self_attn.q_proj
+        projection.register_forward_hook(lambda module, inputs, output: seen.update(dtype=output.dtype))
+        return model
+
+    monkeypatch.setattr(models, "load_model", load_and_watch)
+    config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=2)
+    config["model"]["dtype"] = "bfloat16"
+    result = run_training(load_config(write_config(config)))
+    assert seen["dtype"] == torch.bfloat16  # the matmuls ran under bf16 autocast
+    assert {tensor.dtype for tensor in final_weights(result.run_dir).values()} == {torch.float32}
+    assert all(math.isfinite(loss) for _, loss in train_losses(result.run_dir))
