@@ -204,7 +204,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         eval_steps=t.eval_steps,
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # CompleteCheckpointCallback rotates, after the new checkpoint is complete
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         seed=t.seed,
@@ -232,7 +232,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         processing_class=tokenizer,
         data_collator=make_collator(config, tokenizer),
         compute_metrics=classification_metrics if config.task == "classification" else None,
-        callbacks=[MetricsFileCallback(run.path), CompleteCheckpointCallback(), preemption],
+        callbacks=[MetricsFileCallback(run.path), CompleteCheckpointCallback(t.save_total_limit), preemption],
     )
     # Without a progress bar Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
     trainer.remove_callback(PrinterCallback)

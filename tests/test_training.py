@@ -364,3 +364,35 @@ def test_bfloat16_on_cpu_autocasts_over_fp32_weights(tiny_causal_lm, tiny_chat_d
     assert seen["dtype"] == torch.bfloat16  # the matmuls ran under bf16 autocast
     assert {tensor.dtype for tensor in final_weights(result.run_dir).values()} == {torch.float32}
     assert all(math.isfinite(loss) for _, loss in train_losses(result.run_dir))
+
+
+@pytest.mark.slow
+def test_old_checkpoint_survives_until_its_successor_is_complete(tiny_causal_lm, tiny_chat_data, tmp_path,
+                                                                 write_config, monkeypatch):
+    """save_total_limit 1 with a kill just before checkpoint-2 is marked complete: checkpoint-1 must still be there
+    to resume from (Trainer's own rotation deletes it before the marker is written)."""
+    from sft import rundir
+    from sft.training import run_training
+
+    class Killed(Exception):
+        pass
+
+    mark_complete = rundir.mark_complete
+
+    def killed_at_step_2(checkpoint: Path) -> None:
+        if checkpoint.name == "checkpoint-2":
+            raise Killed
+        mark_complete(checkpoint)
+
+    config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=4,
+                                              save_steps=1, save_total_limit=1))
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    monkeypatch.setattr(rundir, "mark_complete", killed_at_step_2)
+    with pytest.raises(Killed):
+        run_training(load_config(config_path))
+    assert [p.name for p in rundir.complete_checkpoints(checkpoints)] == ["checkpoint-1"]
+
+    monkeypatch.setattr(rundir, "mark_complete", mark_complete)
+    result = run_training(load_config(config_path))
+    assert result.metrics["steps"] == 4
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-4"]
