@@ -1,6 +1,7 @@
 # sft — set-up and everyday commands.
 #   make demo   create .venv if needed, then fine-tune MiniLM on the bundled dataset (CPU, ~3 min)
-#   make test   create .venv if needed, then run the test suite
+#   make test   create .venv if needed, then run the test suite (GPU tests too where CUDA is visible)
+#   make gpu-check  only the GPU tests; fails when no GPU is visible (run it on a GPU node)
 #   make lock   re-resolve requirements.in into requirements.lock
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -9,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lock
+.PHONY: venv demo test gpu-check lock
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock requirements-dev.txt pyproject.toml
@@ -24,6 +25,10 @@ demo: venv
 
 test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+gpu-check: venv
+	@$(BIN)/python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "make gpu-check: no CUDA GPU visible; run it on a GPU node (e.g. srun --gres=gpu:1 make gpu-check)")'
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
 lock: venv
 	$(BIN)/python -m pip install --quiet -r requirements.in

@@ -25,29 +25,31 @@ def run_cli(*args: str, cwd: Path | None = None, **popen) -> subprocess.Complete
                           cwd=cwd, timeout=600, **popen)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("attention", ["sdpa", "eager", "flex_attention"])
-def test_packed_loss_equals_per_example_loss(tiny_causal_lm, attention):
+def test_packed_loss_equals_per_example_loss(tiny_causal_lm, attention, device):
     """Flattened examples must not attend to each other: the packed batch's logits and loss under each kernel equal
     those of each example run alone through eager attention (the independent reference). The reference is never
     flex_attention on a lone unmasked sequence: on some CPU builds that path gave logits off by 0.14, or NaN."""
     import torch
     from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm, attn_implementation=attention).eval()
-    reference = AutoModelForCausalLM.from_pretrained(tiny_causal_lm, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm, attn_implementation=attention).eval().to(device)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_causal_lm, attn_implementation="eager").eval().to(device)
     examples = [{"input_ids": [1, 20, 30, 40, 50, 60], "labels": [-100, -100, 30, 40, 50, 60]},
                 {"input_ids": [1, 70, 80, 90], "labels": [-100, 70, 80, 90]},
                 {"input_ids": [1, 25, 35, 45, 55, 65, 75, 85], "labels": [-100, -100, -100, 45, 55, 65, 75, 85]}]
-    packed = DataCollatorWithFlattening(return_position_ids=True)(examples)
+    packed = {k: v.to(device) for k, v in DataCollatorWithFlattening(return_position_ids=True)(examples).items()}
     with torch.no_grad():
         packed_output = model(**packed, use_cache=False)
-        separate = [reference(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]]),
-                              use_cache=False) for e in examples]
+        separate = [reference(input_ids=torch.tensor([e["input_ids"]], device=device),
+                              labels=torch.tensor([e["labels"]], device=device), use_cache=False) for e in examples]
     answer_tokens = [sum(label != -100 for label in e["labels"][1:]) for e in examples]
     per_example_loss = sum(out.loss * n for out, n in zip(separate, answer_tokens)) / sum(answer_tokens)
+    tolerance = 1e-5 if device == "cpu" else 1e-4  # different GPU kernels sum in different orders
     torch.testing.assert_close(packed_output.logits[0], torch.cat([out.logits[0] for out in separate]),
-                               atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(packed_output.loss, per_example_loss, atol=1e-6, rtol=1e-5)
+                               atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(packed_output.loss, per_example_loss, atol=tolerance / 10, rtol=tolerance)
 
 
 @pytest.mark.slow
@@ -183,14 +185,13 @@ def test_minilm_classifier_with_lora_saves_adapter_and_head(tmp_path, write_conf
 
     from sft.training import run_training
 
-    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    config["data"]["train"] = str(REPO / "data" / "demo" / "reviews.jsonl")
+    config = minilm_config(tmp_path / "runs", max_steps=20, logging_steps=5, eval_strategy="steps", eval_steps=20,
+                           learning_rate=5e-3)
     config["method"] = {"name": "lora", "lora": {"r": 8, "alpha": 16}, "merge": True}
-    config["training"].update(max_steps=6, logging_steps=2, eval_strategy="steps", eval_steps=6, learning_rate=1e-3)
-    config["output"] = {"dir": str(tmp_path / "runs"), "name": "minilm"}
     result = run_training(load_config(write_config(config)))
 
-    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
+    # It learned: 80 held-out reviews, two balanced classes (chance 0.5).
+    assert result.metrics["eval_accuracy"] >= 0.8, result.metrics
     final = result.run_dir / "final"
     # The adapter holds LoRA weights and the fully trained classifier head; labels come from the manifest.
     label_names = json.loads((result.run_dir / "manifest.json").read_text())["data"]["label_names"]
@@ -341,8 +342,13 @@ def test_python_api_takes_dotted_or_nested_overrides(tiny_causal_lm, tiny_chat_d
 
 
 @pytest.mark.slow
-def test_bfloat16_on_cpu_autocasts_over_fp32_weights(tiny_causal_lm, tiny_chat_data, tmp_path, write_config,
-                                                     monkeypatch):
+@pytest.mark.parametrize("dtype,method", [("bfloat16", "full"),
+                                          pytest.param("bfloat16", "lora", marks=pytest.mark.gpu),
+                                          pytest.param("float16", "full", marks=pytest.mark.gpu)])
+def test_mixed_precision_autocasts_over_fp32_weights(tiny_causal_lm, tiny_chat_data, tmp_path, write_config,
+                                                     monkeypatch, dtype, method):
+    """bf16 runs on CPU here (and on the GPU where there is one); fp16 needs the loss scaler, which refuses fp16
+    gradients: trained weights must be fp32 for it to work."""
     import torch
 
     from sft import model as models
@@ -353,15 +359,17 @@ def test_bfloat16_on_cpu_autocasts_over_fp32_weights(tiny_causal_lm, tiny_chat_d
 
     def load_and_watch(*args, **kwargs):
         model = load_model(*args, **kwargs)
-        projection = model.model.layers[0].self_attn.q_proj
-        projection.register_forward_hook(lambda module, inputs, output: seen.update(dtype=output.dtype))
+        projection = next(module for name, module in model.named_modules() if name.endswith("0.self_attn.q_proj"))
+        projection.register_forward_hook(lambda module, inputs, output: seen.update(dtype=output.dtype,
+                                                                                     device=output.device.type))
         return model
 
     monkeypatch.setattr(models, "load_model", load_and_watch)
     config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=2)
-    config["model"]["dtype"] = "bfloat16"
+    config["model"]["dtype"] = dtype
+    config["method"] = {"name": method}
     result = run_training(load_config(write_config(config)))
-    assert seen["dtype"] == torch.bfloat16  # the matmuls ran under bf16 autocast
+    assert seen == {"dtype": getattr(torch, dtype), "device": "cuda" if torch.cuda.is_available() else "cpu"}
     assert {tensor.dtype for tensor in final_weights(result.run_dir).values()} == {torch.float32}
     assert all(math.isfinite(loss) for _, loss in train_losses(result.run_dir))
 
@@ -396,3 +404,26 @@ def test_old_checkpoint_survives_until_its_successor_is_complete(tiny_causal_lm,
     result = run_training(load_config(config_path))
     assert result.metrics["steps"] == 4
     assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-4"]
+
+
+@pytest.mark.slow
+def test_preempted_classifier_resumes_exactly(tmp_path, write_config):
+    """The demo's classifier (dropout on, so the RNG state matters) preempted with SIGUSR1 mid-epoch, then resumed,
+    equals an uninterrupted run."""
+    config = minilm_config(tmp_path / "runs", max_steps=6, batch_size=4, logging_steps=1, eval_strategy="no",
+                           save_steps=2, save_total_limit=10)
+    reference = run_cli("train", str(write_config(config, "reference.yaml")))
+    assert reference.returncode == 0, reference.stderr
+
+    config["output"]["name"] = "preempted"
+    config_path = write_config(config, "preempted.yaml")
+    run_dir = tmp_path / "runs" / "preempted"
+    process = start_training(config_path, tmp_path)
+    wait_for_file(run_dir / "checkpoints" / "checkpoint-2" / ".complete", process)
+    process.send_signal(signal.SIGUSR1)
+    assert process.wait(timeout=120) == EXIT_PREEMPTED
+    assert not (run_dir / "final").exists()
+    resumed = run_cli("train", str(config_path))
+    assert resumed.returncode == 0, resumed.stderr
+    assert 2 <= json.loads((run_dir / "manifest.json").read_text())["restarts"][0]["resumed_from_step"] < 6
+    assert_identical_runs(run_dir, tmp_path / "runs" / "minilm")
