@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if args.debug:
             raise
-        print(f"sft: error: {error}", file=sys.stderr)
+        from sft.secrets import mask
+
+        print(f"sft: error: {mask(str(error))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("sft: interrupted; rerun the same command to resume from the newest complete checkpoint",

@@ -238,6 +238,7 @@ def _load_env_file(env_file: str | None, config_path: Path) -> None:
     """Load .env into the process environment (tokens must reach huggingface_hub too); real env vars win."""
     from dotenv import dotenv_values
 
+    secrets.register_secrets_from(dict(os.environ))
     if env_file:
         env_path = Path(os.path.expandvars(env_file))
         if not env_path.is_file():
@@ -246,7 +247,9 @@ def _load_env_file(env_file: str | None, config_path: Path) -> None:
         env_path = Path(".env")
         if not env_path.is_file():
             return
-    for name, value in dotenv_values(env_path).items():
+    values = dotenv_values(env_path)
+    secrets.register_secrets_from(values)
+    for name, value in values.items():
         if value is not None:
             os.environ.setdefault(name, value)
 

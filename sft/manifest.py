@@ -99,8 +99,19 @@ def record_data(manifest: dict, prepared) -> None:
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:
-    # Through mask(): database URLs and tokens must not land in a file that gets shared with the model.
-    write_json_atomic(run_dir / MANIFEST, json.loads(mask(json.dumps(manifest, default=str))))
+    # Every string through mask(): database URLs and tokens must not land in a file that gets shared with the
+    # model. Masked before JSON encoding, which would escape a secret's quotes or non-ASCII letters past mask().
+    write_json_atomic(run_dir / MANIFEST, _masked(json.loads(json.dumps(manifest, default=str))))
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    return value
 
 
 def finish_manifest(run_dir: Path, manifest: dict, status: str, results: dict | None = None) -> None:
