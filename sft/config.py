@@ -7,15 +7,25 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      model_validator)
 
 from sft import secrets
 from sft.errors import UserError
 
 
 class Section(BaseModel):
-    # Unknown keys fail loudly (a typo must never silently fall back to a default).
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Unknown keys fail loudly (a typo must never silently fall back to a default). Unquoted numbers where a string
+    # belongs (`name: 2024`, `revision: 1234abc` is fine, `revision: 1234` is a number to YAML) are taken as text.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True)
+
+
+def _no_from_yaml_false(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted `no` (or `off`) as false: for a strategy, that can only mean "no"."""
+    return "no" if value is False else value
+
+
+Strategy = Annotated[Literal["epoch", "steps", "no"], BeforeValidator(_no_from_yaml_false)]
 
 
 class ModelConfig(Section):
@@ -116,9 +126,9 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     lr_scheduler: str = Field("linear", description="Any transformers scheduler name (linear, cosine, constant, ...).")
     max_grad_norm: float = 1.0
-    eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    eval_strategy: Strategy = "epoch"
     eval_steps: int | None = Field(None, ge=1)
-    save_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    save_strategy: Strategy = "epoch"
     save_steps: int | None = Field(None, ge=1, description="Setting it switches save_strategy to steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept; the newest complete one is resumed from.")
     logging_steps: int = Field(10, ge=1)
@@ -296,6 +306,9 @@ def _describe(error: dict) -> str:
         return error["msg"].removeprefix("Value error, ")
     value = error.get("input")
     shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
+    if isinstance(value, bool) and kind in ("string_type", "literal_error"):
+        shown = (f" (got {value}: YAML reads unquoted yes/no/on/off/true/false as a boolean; quote the value, "
+                 f"e.g. \"no\")")
     return f"{where}: {error['msg'].lower()}{shown}"
 
 

@@ -115,3 +115,18 @@ def test_every_shipped_config_loads_and_documents_its_command(config_file: Path,
     assert text.startswith("#") and ("sft " in text.split("\n\n")[0] or "make demo" in text.split("\n\n")[0])
     config = load_config(config_file)
     assert yaml.safe_load(resolved_yaml(config))["task"] == config.task
+
+
+def test_yaml_as_people_write_it(write_config, tmp_path):
+    """Unquoted `no`/`off` (YAML 1.1 booleans) and numbers where the schema wants text."""
+    path = tmp_path / "c.yaml"
+    path.write_text("task: classification\nmodel: {name: m, revision: 2024}\ndata: {train: a.jsonl}\n"
+                    "training: {eval_strategy: no, save_strategy: off}\noutput: {name: 7}\n")
+    config = load_config(path)
+    assert (config.training.eval_strategy, config.training.save_strategy) == ("no", "no")
+    assert (config.model.revision, config.output.name) == ("2024", "7")
+    path.write_text("task: classification\nmodel: {name: m, revision: yes}\ndata: {train: a.jsonl}\n")
+    with pytest.raises(UserError, match='model.revision: .*got True: YAML reads unquoted yes/no/on/off/true/false as '
+                                        'a boolean; quote the value'):
+        load_config(path)
+    assert load_config(write_config(MINIMAL), overrides=["training.eval_strategy=no"]).training.eval_strategy == "no"
