@@ -265,16 +265,17 @@ class TokenBudgetCollator:
 
 
 def classification_metrics(prediction) -> dict:
+    """Accuracy and macro/weighted F1 over every declared class (the logits' width), so a class that the eval set
+    lacks but the model predicts still counts, as in scikit-learn with `labels=` given."""
     import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score
 
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     predicted, labels = np.argmax(logits, axis=-1), prediction.label_ids
-    f1s = []
-    for label in np.unique(labels):
-        tp = np.sum((predicted == label) & (labels == label))
-        precision_denominator, recall_denominator = np.sum(predicted == label), np.sum(labels == label)
-        f1s.append(2 * tp / (precision_denominator + recall_denominator) if tp else 0.0)
-    return {"accuracy": float(np.mean(predicted == labels)), "macro_f1": float(np.mean(f1s))}
+    classes = list(range(logits.shape[-1]))
+    return {"accuracy": float(accuracy_score(labels, predicted)),
+            "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
+            "weighted_f1": float(f1_score(labels, predicted, labels=classes, average="weighted", zero_division=0))}
 
 
 def final_metrics(log_history: list[dict]) -> dict:
