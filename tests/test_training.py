@@ -61,8 +61,8 @@ def test_tiny_causal_lm_learns_and_writes_a_complete_run_dir(tiny_causal_lm, tin
     from sft.training import run_training
 
     config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", epochs=8,
-                            learning_rate=3e-3 if method == "full" else 5e-2)
-    config["method"] = {"name": method, "lora": {"r": 8, "alpha": 16}, "merge": method == "lora"}
+                            learning_rate=3e-3 if method == "full" else 2e-2)
+    config["method"] = {"name": method, "lora": {"r": 16, "alpha": 64}, "merge": method == "lora"}
     config["data"]["eval_fraction"] = 0.25
     config["training"]["eval_strategy"] = "epoch"
     result = run_training(load_config(write_config(config)))
