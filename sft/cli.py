@@ -78,6 +78,9 @@ def _train(args) -> int:
     try:
         result = run_training(config, overwrite=args.overwrite, overrides=args.overrides, env_file=args.env_file)
     except Preempted as stop:
+        if stop.resume_command:  # printed, not logged: the log wraps long lines, and this one gets copied
+            print(f"sft: preempted; a requeued job resumes by itself, or resume with: {stop.resume_command}",
+                  file=sys.stderr)
         return stop.exit_code
     if result.is_main_process:
         print_summary(result)

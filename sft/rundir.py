@@ -100,7 +100,8 @@ def resume_command(config: Config, run_name: str, overrides: list[str], env_file
     if env_file:
         words += ["--env-file", env_file]
     words += [o for o in overrides if o.partition("=")[0].strip() != "output.name"]
-    return shlex.join([*words, f"output.name={run_name}"])
+    pinned = run_name.replace("{", "{{").replace("}", "}}")  # a literal name, not a template
+    return shlex.join([*words, f"output.name={pinned}"])
 
 
 def _find_by_job(output_dir: Path, job: str, template: str) -> str | None:
@@ -171,7 +172,7 @@ def _try_flock(lock: IO) -> bool | None:
 def _fresh_lock(lock_path: Path) -> IO:
     temporary = lock_path.with_name(f".{LOCK}.{os.getpid()}")
     lock = temporary.open("a+")
-    _try_flock(lock)
+    _try_flock(lock)  # a new file nobody else has opened: the flock is ours (or the filesystem has none)
     os.replace(temporary, lock_path)
     return lock
 

@@ -16,8 +16,13 @@ log = logging.getLogger("sft")
 
 
 class Preempted(Exception):
-    """Training stopped on SIGUSR1/SIGTERM after writing a complete checkpoint; the job should be requeued."""
+    """Training stopped on SIGUSR1/SIGTERM after writing a complete checkpoint; the job should be requeued.
+    On rank 0 it carries the command that resumes the run."""
     exit_code = EXIT_PREEMPTED
+
+    def __init__(self, resume_command: str | None = None):
+        super().__init__(resume_command)
+        self.resume_command = resume_command
 
 
 class Interrupted(KeyboardInterrupt):
@@ -120,12 +125,12 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     if preemption.stopped_by and trainer.state.global_step < trainer.state.max_steps:
         if is_main:
             manifests.finish_manifest(run.path, manifest, "preempted")
-        log.warning("stopped by %s at step %d after saving a complete checkpoint; a requeued job resumes by itself, "
-                    "or resume with: %s", preemption.stopped_by, trainer.state.global_step, resume)
+        log.warning("stopped by %s at step %d after saving a complete checkpoint", preemption.stopped_by,
+                    trainer.state.global_step)
         # Every rank exits only after rank 0 has marked the checkpoint and written the manifest: torchrun
         # SIGTERMs the remaining workers as soon as one exits.
         state.wait_for_everyone()
-        raise Preempted()
+        raise Preempted(resume if is_main else None)
 
     # Save the final model
     metrics = final_metrics(trainer.state.log_history)

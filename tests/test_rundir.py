@@ -133,6 +133,9 @@ def test_resume_command_pins_the_resolved_name_and_quotes_for_the_shell(tmp_path
     assert shlex.split(command) == ["sft", "train", str(tmp_path / "my configs" / "sft_v1.yaml"), "--env-file",
                                     "my .env", "training.learning_rate=1e-4", "data.train=it's here.jsonl",
                                     "output.name=sft_v1-120000"]
+    # A name with braces (from a template's escaped {{ }}) is pinned as a literal name.
+    pinned = shlex.split(resume_command(config, "run-{1}", [], None))[-1].removeprefix("output.name=")
+    assert resolve_name(pinned, config, NOON) == "run-{1}"
 
 
 # Ownership, with real processes: OWNER opens the run directory (as rank 0 of a live run does) and keeps it.

@@ -327,7 +327,8 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_exactly(resumable, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert_identical_runs(run_dir, runs / "reference")
     # What a user who cancelled the job reads: the exact command (the name pinned) that resumes this run.
-    assert f"or resume with: sft train {config_path} output.name=preempted" in (tmp_path / "stdout.log").read_text()
+    assert (f"sft: preempted; a requeued job resumes by itself, or resume with: sft train {config_path} "
+            f"output.name=preempted\n") in (tmp_path / "stdout.log").read_text()
 
 
 def test_a_run_that_failed_before_any_checkpoint_restarts_with_a_corrected_config(tiny_causal_lm, tiny_chat_data,
@@ -369,7 +370,6 @@ def test_a_second_job_is_refused_while_the_first_runs_and_its_requeue_resumes(ti
                                                                               tmp_path, write_config):
     config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=30))
     run_dir = tmp_path / "runs" / "tiny"
-    in_job = lambda job: {**os.environ, "SLURM_JOB_ID": job}  # noqa: E731
     with (tmp_path / "first.log").open("w") as log:
         first = subprocess.Popen([sys.executable, str(REPO / "entrypoint.py"), "train", str(config_path)],
                                  stdout=log, stderr=subprocess.STDOUT, env=in_job("1001"))
@@ -390,6 +390,10 @@ def test_a_second_job_is_refused_while_the_first_runs_and_its_requeue_resumes(ti
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["slurm_job"] == "1001"
     assert [restart["slurm_job"] for restart in manifest["restarts"]] == ["1001"]
+
+
+def in_job(job: str) -> dict:
+    return {**os.environ, "SLURM_JOB_ID": job}
 
 
 def _status(run_dir: Path) -> str | None:
