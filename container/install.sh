@@ -52,8 +52,8 @@ install_deps() {
 import sys, torch
 variant = "cuda" if torch.version.cuda else "cpu"
 if variant != sys.argv[1]:
-    sys.exit(f"install.sh: asked for TORCH_VARIANT={sys.argv[1]} but pip installed torch {torch.__version__} ({variant}); "
-             "check SFT_PIP_ARGS / WHEELHOUSE: plain PyPI serves the CUDA build")
+    sys.exit(f"install.sh: asked for TORCH_VARIANT={sys.argv[1]} but pip installed torch {torch.__version__} "
+             f"({variant}); check SFT_PIP_ARGS / WHEELHOUSE: plain PyPI serves the CUDA build")
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")
 PY
   # The image runs as the calling user: fix only what is not world-readable (a blanket chmod -R would copy
@@ -70,7 +70,8 @@ install_system_packages() {
   local packages=(python3 python3-venv python3-dev ca-certificates gcc g++ libc6-dev libibverbs1 ibverbs-providers)
   # A base that has them all already (an offline build) needs no apt.
   local installed
-  installed="$(dpkg-query --show --showformat='${db:Status-Status}\n' "${packages[@]}" 2>/dev/null | grep -cx installed || true)"
+  installed="$(dpkg-query --show --showformat='${db:Status-Status}\n' "${packages[@]}" 2>/dev/null \
+    | grep -cx installed || true)"
   if [ "$installed" != "${#packages[@]}" ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q

@@ -49,7 +49,8 @@ resolve --isolated --cert "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" \
   -r requirements.lock -r container/jupyter.lock
 "$PY" - "$report" requirements.lock <<'PY'
 import json, sys
-torch = next(i["metadata"]["version"] for i in json.load(open(sys.argv[1]))["install"] if i["metadata"]["name"] == "torch")
+resolved = {i["metadata"]["name"]: i["metadata"]["version"] for i in json.load(open(sys.argv[1]))["install"]}
+torch = resolved["torch"]
 locked = next(l.strip().split("==")[1] for l in open(sys.argv[2]) if l.startswith("torch=="))
 if torch != locked:
     sys.exit(f"container/lock.sh: PyPI gave torch {torch}, requirements.lock pins {locked}; is PyPI reachable?")

@@ -35,8 +35,10 @@ if [ -d /opt/sft/venv/lib/python3.11/site-packages/triton ]; then
   /opt/sft/venv/bin/python - <<'PY'
 import os, pathlib
 from triton.runtime.build import compile_module_from_src
-source = ('#include <Python.h>\nstatic struct PyModuleDef probe = {PyModuleDef_HEAD_INIT, "sft_probe", NULL, -1, NULL};\n'
-          'PyMODINIT_FUNC PyInit_sft_probe(void) { return PyModule_Create(&probe); }\n')
+source = """#include <Python.h>
+static struct PyModuleDef probe = {PyModuleDef_HEAD_INIT, "sft_probe", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit_sft_probe(void) { return PyModule_Create(&probe); }
+"""
 assert compile_module_from_src(source, "sft_probe").__name__ == "sft_probe"
 assert list(pathlib.Path(os.environ["TRITON_CACHE_DIR"]).rglob("sft_probe*.so")), "nothing in TRITON_CACHE_DIR"
 print("triton: C module compiled, cached and loaded")

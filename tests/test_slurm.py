@@ -346,7 +346,9 @@ def _listening_addresses(port: int) -> set[str]:
             if fields[3] == "0A" and int(local_port, 16) == port:  # 0A: LISTEN
                 raw = bytes.fromhex(address)
                 # The kernel prints each 32-bit word of the address in host byte order (little-endian on x86/arm).
-                words = [raw[i:i + 4][::-1] if sys.byteorder == "little" else raw[i:i + 4] for i in range(0, len(raw), 4)]
+                words = [raw[i:i + 4] for i in range(0, len(raw), 4)]
+                if sys.byteorder == "little":
+                    words = [word[::-1] for word in words]
                 found.add(socket.inet_ntop(family, b"".join(words)))
     return found
 
