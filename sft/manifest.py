@@ -12,7 +12,7 @@ from typing import Any
 
 import sft
 from sft.files import read_json, write_json_atomic
-from sft.secrets import mask
+from sft.secrets import mask_values
 
 MANIFEST = "manifest.json"
 
@@ -152,17 +152,7 @@ def _counts(split: str, dataset) -> dict[str, int]:
 def write_manifest(run_dir: Path, manifest: dict) -> None:
     # Every string through mask(): database URLs and tokens must not land in a file that gets shared with the
     # model. Masked before JSON encoding, which would escape a secret's quotes or non-ASCII letters past mask().
-    write_json_atomic(run_dir / MANIFEST, _masked(json.loads(json.dumps(manifest, default=str))))
-
-
-def _masked(value: Any) -> Any:
-    if isinstance(value, str):
-        return mask(value)
-    if isinstance(value, dict):
-        return {key: _masked(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_masked(item) for item in value]
-    return value
+    write_json_atomic(run_dir / MANIFEST, mask_values(json.loads(json.dumps(manifest, default=str))))
 
 
 def finish_manifest(run_dir: Path, manifest: dict, status: str, results: dict | None = None) -> None:
