@@ -93,9 +93,11 @@ def start_manifest(run_dir: Path, config, resumed: bool, resume_step: int | None
 
 
 def record_data(manifest: dict, prepared) -> None:
+    """Format, labels, content hashes of every source (SQL: of the rows read), the data summary and cache key."""
     manifest["data"] = {"format": prepared.data_format, "label_names": prepared.label_names,
                         "train_examples": len(prepared.train), "eval_examples": len(prepared.eval or []),
-                        "files": [asdict(f) for f in prepared.files]}
+                        "files": [asdict(f) for f in prepared.files], "summary": prepared.summary,
+                        "cache_key": prepared.cache_key}
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:

@@ -1,6 +1,4 @@
-"""Terminal reports: the end-of-run summary, `sft check` and `sft info`."""
-from collections import Counter
-
+"""Terminal reports: the end-of-run summary, `sft check` / `sft prepare` and `sft info`."""
 from rich.console import Console
 from rich.table import Table
 
@@ -17,20 +15,18 @@ def print_summary(result) -> None:
     console.print(table)
 
 
-def print_check(config: Config, loaded) -> None:
-    table = Table(title=f"sft check: {config.config_path}", show_header=False)
-    table.add_row("task / format", f"{config.task} / {loaded.data_format}")
-    table.add_row("training examples", str(len(loaded.train.records)))
-    table.add_row("eval examples", str(len(loaded.eval.records)) if loaded.eval else "none (evaluation off)")
-    for file in loaded.train.files + (loaded.eval.files if loaded.eval else []):
-        table.add_row("data", f"{file.source} ({file.rows} rows, sha256 {file.sha256[:12]})")
-    if loaded.label_names:
-        label = config.data.fields.label
-        counts = Counter(r[label] if isinstance(r[label], str) else loaded.label_names[r[label]]
-                         for r in loaded.train.records)
-        table.add_row("labels (train)", ", ".join(f"{name}: {counts.get(name, 0)}" for name in loaded.label_names))
+def print_check(config: Config, prepared, title: str = "sft check") -> None:
+    """The data summary of a prepared (validated and tokenized) config."""
+    from sft.data import summary_rows
+
+    table = Table(title=f"{title}: {config.config_path}", show_header=False)
+    table.add_row("task / format", f"{config.task} / {prepared.data_format}")
+    for name, value in summary_rows(prepared.summary, prepared.files):
+        table.add_row(name, value)
+    table.add_row("cache", f"{prepared.cache_key} ({prepared.cache_folder})")
     console.print(table)
-    console.print("[green]OK[/green]: config and every data row are valid")
+    built = f"built in {prepared.build_seconds:.1f} s" if prepared.build_seconds is not None else "already cached"
+    console.print(f"[green]OK[/green]: config and every data row are valid; tokenized data {built}")
 
 
 def print_info() -> None:
