@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_terminal(args.debug)
     try:
-        return {"train": _train, "check": _check, "prepare": _check, "info": _info}[args.command](args)
+        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
@@ -83,15 +83,28 @@ def _train(args) -> int:
 
 
 def _check(args) -> int:
-    """check and prepare do the same work (the summary needs the tokens, and they are cached on the way), so a
-    later `sft train` of the same data starts from the cache."""
+    import tempfile
+    from pathlib import Path
+
     from sft.config import load_config
-    from sft.data import prepare
-    from sft.model import load_tokenizer
+    from sft.data import load_rows
     from sft.report import print_check
 
     config = load_config(args.config, args.overrides, args.env_file)
-    print_check(config, prepare(config, load_tokenizer(config)), title=f"sft {args.command}")
+    with tempfile.TemporaryDirectory(prefix="sft-check-") as work_dir:
+        print_check(config, load_rows(config, Path(work_dir)))
+    return 0
+
+
+def _prepare(args) -> int:
+    """Tokenize into the cache with the tokenizer only (no weights, no GPU), e.g. on a CPU node before the GPU job."""
+    from sft.config import load_config
+    from sft.data import prepare
+    from sft.model import load_tokenizer
+    from sft.report import print_prepare
+
+    config = load_config(args.config, args.overrides, args.env_file)
+    print_prepare(config, prepare(config, load_tokenizer(config)))
     return 0
 
 

@@ -15,18 +15,32 @@ def print_summary(result) -> None:
     console.print(table)
 
 
-def print_check(config: Config, prepared, title: str = "sft check") -> None:
-    """The data summary of a prepared (validated and tokenized) config."""
-    from sft.data import summary_rows
+def print_check(config: Config, loaded) -> None:
+    """`sft check`: the data summary without tokens (no tokenizer, no torch: it answers in seconds)."""
+    from sft.data.summary import rows_summary, summary_rows
 
-    table = Table(title=f"{title}: {config.config_path}", show_header=False)
+    table = Table(title=f"sft check: {config.config_path}", show_header=False)
+    table.add_row("task / format", f"{config.task} / {loaded.data_format}")
+    files = loaded.train.files + (loaded.eval.files if loaded.eval else [])
+    for name, value in summary_rows(rows_summary(loaded, config.data.fields.label), files):
+        table.add_row(name, value)
+    console.print(table)
+    console.print("[green]OK[/green]: config and every data row are valid; `sft prepare` adds token statistics")
+
+
+def print_prepare(config: Config, prepared) -> None:
+    """`sft prepare`: the full data summary and where the tokenized data is cached."""
+    from sft.data.summary import summary_rows
+
+    table = Table(title=f"sft prepare: {config.config_path}", show_header=False)
     table.add_row("task / format", f"{config.task} / {prepared.data_format}")
     for name, value in summary_rows(prepared.summary, prepared.files):
         table.add_row(name, value)
-    table.add_row("cache", f"{prepared.cache_key} ({prepared.cache_folder})")
+    table.add_row("cache key", prepared.cache_key)
+    table.add_row("cache folder", str(prepared.cache_folder))
     console.print(table)
-    built = f"built in {prepared.build_seconds:.1f} s" if prepared.build_seconds is not None else "already cached"
-    console.print(f"[green]OK[/green]: config and every data row are valid; tokenized data {built}")
+    done = f"built in {prepared.build_seconds:.1f} s" if prepared.build_seconds is not None else "already in the cache"
+    console.print(f"[green]OK[/green]: tokenized data {done}; `sft train` with the same data settings reuses it")
 
 
 def print_info() -> None:

@@ -22,7 +22,7 @@ from sft.data.batching import TokenBudgetBatches, TokenBudgetCollator, group_by_
 from sft.data.formats import (FULL_LENGTH, IGNORE_INDEX, TRAINABLE, tokenize_batch, tokenize_classification,
                               tokenize_instruction, tokenize_messages, tokenize_prompt_completion, tokenize_text)
 from sft.data.sources import DataFile, Rows, concatenate, file_fingerprint, read_file, read_sql, source_items
-from sft.data.summary import summarize, summary_rows
+from sft.data.summary import rows_summary, summarize, summary_rows
 from sft.data.validation import (detect_format, duplicate_free, format_columns, resolve_labels, split_eval,
                                  validate_rows)
 from sft.errors import UserError

@@ -3,6 +3,7 @@ row came from (file:line), so later stages can point at a bad row without keepin
 import csv
 import hashlib
 import json
+import logging
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -155,6 +156,9 @@ def _load_file(path: Path, kind: str, work_dir: Path):
             header = next(csv.reader(f), [])
         options = {"features": Features({name: Value("string") for name in header}), "na_filter": False}
     builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}[kind]
+    # datasets logs its own error before raising; ours (below) says where in the file and how to fix it.
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(logging.CRITICAL)
     try:
         return load_dataset(builder, data_files=str(path), split="train", cache_dir=str(work_dir / "sources"),
                             **options)
@@ -165,6 +169,8 @@ def _load_file(path: Path, kind: str, work_dir: Path):
         cause = error.__cause__ or error
         raise UserError(f"{path}: cannot read as {kind} ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
                         f"fix the file or convert it") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def iter_file_records(path: Path, kind: str) -> Iterator[tuple[str, dict]]:

@@ -30,6 +30,23 @@ def summarize(tokenized, max_length: int, dropped: dict[str, int], label_names: 
     return summary
 
 
+def rows_summary(loaded, label_field: str) -> dict[str, Any]:
+    """The part of the summary that needs no tokenizer (for `sft check`, which stays fast and torch-free)."""
+    from collections import Counter
+
+    from sft.data.validation import iter_records
+
+    summary: dict[str, Any] = {"train_examples": len(loaded.train),
+                               "eval_examples": len(loaded.eval) if loaded.eval is not None else 0,
+                               "dropped": {reason: count for reason, count in loaded.dropped.items() if count}}
+    if loaded.label_names:
+        names = loaded.label_names
+        counts = Counter(value if isinstance(value, str) else names[value]
+                         for _, record in iter_records(loaded.train, [label_field]) for value in [record[label_field]])
+        summary["labels"] = {name: counts.get(name, 0) for name in names}
+    return summary
+
+
 def summary_rows(summary: dict[str, Any], files: list) -> list[tuple[str, str]]:
     """(name, value) lines for a table or a log."""
     rows = [("data", f"{f.source} ({f.rows} rows, sha256 {f.sha256[:12]})") for f in files]
@@ -39,8 +56,9 @@ def summary_rows(summary: dict[str, Any], files: list) -> list[tuple[str, str]]:
         rows.append(("dropped", f"{count} ({reason})"))
     lengths = summary.get("token_lengths")
     if lengths:
-        rows.append(("tokens per example", ", ".join(f"{k} {v}" for k, v in lengths.items()) + " (before truncation)"))
-    rows.append(("truncated", f"{summary['truncated']} to data.max_length={summary['max_length']}"))
+        rows.append(("example lengths", ", ".join(f"{k} {v}" for k, v in lengths.items()) + " tokens, before truncation"))
+    if "truncated" in summary:
+        rows.append(("truncated", f"{summary['truncated']} to data.max_length={summary['max_length']}"))
     if "trainable_token_share" in summary:
         rows.append(("trainable tokens", f"{summary['trainable_token_share']:.1%} of tokens carry loss"))
     if "labels" in summary:
