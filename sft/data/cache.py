@@ -55,7 +55,8 @@ def cache_key(config: Config, sources: dict[str, list[DataFile]], tokenizer) -> 
 def _item_settings(item) -> dict:
     if isinstance(item, str):
         return {}
-    return {k: v for k, v in item.items() if k not in ("path", "database")}  # the query stays: it is in the hash too
+    # Where the data is and how long a query may take do not change tokens (the query text is in the content hash).
+    return {k: v for k, v in item.items() if k not in ("path", "database", "timeout") and v is not None}
 
 
 def tokenizer_digest(tokenizer) -> str:
