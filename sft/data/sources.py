@@ -267,7 +267,7 @@ def read_sql(source: SQLSource, config_key: str, work_dir: Path) -> Rows:
     url, label = _database_url(source, config_key)
     digest = hashlib.sha256(source.query.encode())
     arrow_file = Path(tempfile.mkstemp(dir=work_dir, prefix="query-", suffix=".arrow")[1])
-    writer, count = None, 0
+    writer, schema, count = None, None, 0
     engine = create_engine(url, **_engine_options(url, source.timeout))
     stage = "connect"
     try:
@@ -280,8 +280,9 @@ def read_sql(source: SQLSource, config_key: str, work_dir: Path) -> Rows:
             for chunk in result.partitions(SQL_CHUNK_ROWS):
                 records = [dict(zip(columns, row)) for row in chunk]
                 digest.update(json.dumps(records, default=str, sort_keys=True).encode())
-                batch = _record_batch(records, writer.schema if writer else None, count, config_key)
-                writer = writer or pa.ipc.new_stream(str(arrow_file), batch.schema)
+                batch = _record_batch(records, schema, count, config_key)
+                schema = batch.schema
+                writer = writer or pa.ipc.new_stream(str(arrow_file), schema)
                 writer.write_batch(batch)
                 count += len(records)
             if writer is None:  # no rows: an empty file with the query's columns, so validation says "no examples"
