@@ -1,5 +1,6 @@
 """Formats and masking: one pure function per format returning token ids and labels (loss only where labels are
 not IGNORE_INDEX), and the batched `Dataset.map` body that applies them."""
+from bisect import bisect_left
 from collections import defaultdict
 
 from sft.config import Fields
@@ -38,39 +39,59 @@ def tokenize_instruction(tokenizer, instruction: str, input_text: str, output: s
 
 def tokenize_messages(tokenizer, messages: list[dict], max_length: int | None) -> dict:
     """Render with the tokenizer's chat template; loss on assistant turns (their end-of-turn tokens included)."""
-    if "{% generation %}" in (tokenizer.chat_template or "") or "{%- generation %}" in (tokenizer.chat_template or ""):
-        encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+    return tokenize_conversations(tokenizer, [messages], max_length)[0]
+
+
+def tokenize_conversations(tokenizer, conversations: list[list[dict]], max_length: int | None) -> list[dict]:
+    """tokenize_messages for many conversations at once: one template call per kind of rendering and one tokenizer
+    call for the batch (per-call overhead, not the work, dominates short chats)."""
+    template = tokenizer.chat_template or ""
+    if "{% generation %}" in template or "{%- generation %}" in template:
+        encoded = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True,
                                                 return_assistant_tokens_mask=True)
-        input_ids, in_answer = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+        pairs = zip(encoded["input_ids"], encoded["assistant_masks"])
     else:
-        input_ids, in_answer = _assistant_mask_by_prefix(tokenizer, messages)
-    labels = [token if answer else IGNORE_INDEX for token, answer in zip(input_ids, in_answer)]
-    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+        pairs = _assistant_masks_by_prefix(tokenizer, conversations)
+    examples = []
+    for input_ids, in_answer in pairs:
+        labels = [token if answer else IGNORE_INDEX for token, answer in zip(input_ids, in_answer)]
+        examples.append({"input_ids": list(input_ids)[:max_length], "labels": labels[:max_length]})
+    return examples
 
 
-def _assistant_mask_by_prefix(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+def _assistant_masks_by_prefix(tokenizer, conversations: list[list[dict]]) -> list[tuple[list[int], list[bool]]]:
     """For templates without {% generation %} markers: an assistant turn is the text between the rendering of the
     conversation up to its generation prompt and the rendering that includes the turn."""
-    def render(turns: list[dict], generation_prompt: bool = False) -> str:
-        if not turns:
-            return ""
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+    def render(turn_lists: list[list[dict]], generation_prompt: bool = False) -> list[str]:
+        filled = [turns for turns in turn_lists if turns]
+        rendered = iter(tokenizer.apply_chat_template(filled, tokenize=False, add_generation_prompt=generation_prompt)
+                        if filled else [])
+        return [next(rendered) if turns else "" for turns in turn_lists]
 
-    text = render(messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        # The conversation through its last turn is `text` itself: one rendering fewer for the common case.
-        start, through = render(messages[:i], generation_prompt=True), \
-            text if i == len(messages) - 1 else render(messages[: i + 1])
-        if not (through.startswith(start) and text.startswith(through)):
+    texts = render(conversations)
+    turns = [(c, i) for c, messages in enumerate(conversations) for i, m in enumerate(messages)
+             if m["role"] == "assistant"]
+    starts = render([conversations[c][:i] for c, i in turns], generation_prompt=True)
+    # The conversation through its last turn is its full text: one rendering fewer for the common case.
+    throughs = render([conversations[c][: i + 1] if i < len(conversations[c]) - 1 else [] for c, i in turns])
+    spans: list[list[tuple[int, int]]] = [[] for _ in conversations]
+    for (c, i), start, through in zip(turns, starts, throughs):
+        through = through if i < len(conversations[c]) - 1 else texts[c]
+        if not (through.startswith(start) and texts[c].startswith(through)):
             raise UserError("the tokenizer's chat template renders earlier turns differently once later turns exist; "
                             "add {% generation %} markers to the template (tokenizer.chat_template) to mark answers")
-        spans.append((len(start), len(through)))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    in_answer = [any(s <= char_start < e for s, e in spans) for char_start, _ in encoded["offset_mapping"]]
-    return list(encoded["input_ids"]), in_answer
+        spans[c].append((len(start), len(through)))
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    results = []
+    for input_ids, offsets, answer_spans in zip(encoded["input_ids"], encoded["offset_mapping"], spans):
+        # A token belongs to an answer when its first character does; token starts ascend, so bisect finds the range.
+        token_starts = [char_start for char_start, _ in offsets]
+        in_answer = [False] * len(token_starts)
+        for span_start, span_end in answer_spans:
+            first, end = bisect_left(token_starts, span_start), bisect_left(token_starts, span_end)
+            in_answer[first:end] = [True] * (end - first)
+        results.append((list(input_ids), in_answer))
+    return results
 
 
 def tokenize_classification(tokenizer, text: str, text_pair: str | None, label: int, max_length: int | None) -> dict:
@@ -104,22 +125,29 @@ def tokenize_record(record: dict, data_format: str, fields: Fields, tokenizer, l
                                        record[fields.output], None)
     else:
         example = tokenize_text(tokenizer, record[fields.text], None)
-    # Every format truncates by cutting the end off both lists: the same slice the functions apply themselves.
-    full_length = len(example["input_ids"])
-    return {"input_ids": example["input_ids"][:max_length], "labels": example["labels"][:max_length]}, full_length
+    return _truncated(example, max_length), len(example["input_ids"])
 
 
 def tokenize_batch(batch: dict[str, list], data_format: str, fields: Fields, tokenizer,
                    label_names: list[str] | None, max_length: int) -> dict[str, list]:
     """`Dataset.map(batched=True)` body: examples plus their full length and (causal LM) trainable-token count."""
-    columns: dict[str, list] = defaultdict(list)
     names = list(batch)
-    for values in zip(*(batch[name] for name in names)):
-        example, full_length = tokenize_record(dict(zip(names, values)), data_format, fields, tokenizer, label_names,
-                                               max_length)
+    if data_format == "messages":  # the whole batch in one go (see tokenize_conversations)
+        full = tokenize_conversations(tokenizer, batch[fields.messages], None)
+        results = [(_truncated(example, max_length), len(example["input_ids"])) for example in full]
+    else:
+        results = [tokenize_record(dict(zip(names, values)), data_format, fields, tokenizer, label_names, max_length)
+                   for values in zip(*(batch[name] for name in names))]
+    columns: dict[str, list] = defaultdict(list)
+    for example, full_length in results:
         for name, value in example.items():
             columns[name].append(value)
         columns[FULL_LENGTH].append(full_length)
         if data_format != "classification":
             columns[TRAINABLE].append(sum(label != IGNORE_INDEX for label in example["labels"]))
     return dict(columns)
+
+
+def _truncated(example: dict, max_length: int) -> dict:
+    """Every causal-LM format truncates by cutting the end off both lists (the slice the functions apply)."""
+    return {"input_ids": example["input_ids"][:max_length], "labels": example["labels"][:max_length]}
