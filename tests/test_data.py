@@ -227,3 +227,53 @@ def test_group_by_tokens_respects_the_budget_and_keeps_every_example():
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in batch) <= 64 for batch in batches)
     assert len(batches) == 5  # 278 tokens need at least 5 batches of 64
+
+
+# Several sources in one run
+
+def test_mixed_sources_map_fields_pick_rows_and_keep_their_locations(tmp_path):
+    from datasets import Dataset
+
+    write_jsonl(tmp_path / "a.jsonl", [{"q": f"jsonl {i}", "a": f"answer {i}"} for i in range(20)])
+    db = tmp_path / "pairs.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE pairs (prompt TEXT, completion TEXT)")
+        connection.executemany("INSERT INTO pairs VALUES (?, ?)", [(f"sql {i}", "" if i == 7 else f"ok {i}")
+                                                                   for i in range(10)])
+    Dataset.from_list([{"prompt": f"saved {i}", "completion": "x", "extra": i} for i in range(8)]).save_to_disk(
+        str(tmp_path / "saved"))
+    train = [{"path": str(tmp_path / "a.jsonl"), "fields": {"prompt": "q", "completion": "a"}, "max_rows": 5},
+             {"database": f"sqlite:///{db}", "query": "SELECT * FROM pairs WHERE completion != '' ORDER BY rowid",
+              "fraction": 0.5},
+             str(tmp_path / "saved")]
+    config = make_config(train, task="causal_lm", eval_fraction=0)
+    loaded = load_rows(config, tmp_path)
+    prompts = loaded.train.dataset["prompt"]
+    assert len(loaded.train) == 5 + 4 + 8 and loaded.data_format == "prompt_completion"
+    assert loaded.train.dataset.column_names == ["prompt", "completion"]
+    assert sum(p.startswith("jsonl") for p in prompts) == 5 and sum(p.startswith("sql") for p in prompts) == 4
+    assert loaded.dropped["not picked (max_rows/fraction)"] == 15 + 5
+    # A picked row still points at its own line / query row.
+    first_jsonl = int(prompts[0].split()[1])
+    assert loaded.train.where(0) == f"{tmp_path / 'a.jsonl'}:{first_jsonl + 1}"
+    assert loaded.train.where(16) == f"{tmp_path / 'saved'}: row 8"
+    assert load_rows(config, tmp_path).train.dataset["prompt"] == prompts  # the pick is seeded
+    other_seed = Config.model_validate({**config.model_dump(), "training": {"seed": 1}})
+    assert load_rows(other_seed, tmp_path).train.dataset["prompt"] != prompts
+
+    train[1]["query"] = "SELECT * FROM pairs ORDER BY rowid"
+    train[1].pop("fraction")
+    with pytest.raises(UserError, match=rf"data.train: 1 bad example\(s\): {db}: query row 8: missing field 'completion'"):
+        load_rows(make_config(train, task="causal_lm", eval_fraction=0), tmp_path)
+    train[0]["fields"] = {"prompt": "question", "completion": "a"}
+    with pytest.raises(UserError, match=r"data.train.fields.prompt: no column 'question' in .*a.jsonl \(columns: q, a\)"):
+        load_rows(make_config(train, task="causal_lm", eval_fraction=0), tmp_path)
+
+
+def test_dedupe_removes_exact_duplicates_before_the_eval_split(tmp_path):
+    rows = ROWS + ROWS[:10] + [{"text": "review 0", "label": "pos"}]  # the last differs in its label: kept
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    loaded = load_rows(make_config(str(tmp_path / "a.jsonl"), dedupe=True, eval_fraction=0.2), tmp_path)
+    assert loaded.dropped["exact duplicates"] == 10 and len(loaded.train) + len(loaded.eval) == 31
+    kept = loaded.train.dataset.to_list() + loaded.eval.dataset.to_list()
+    assert len({(r["text"], r["label"]) for r in kept}) == 31
