@@ -137,3 +137,16 @@ def test_torchrun_with_two_processes_builds_the_cache_once(tiny_causal_lm, tiny_
     assert log.count("tokenized data built in") == 1 and f"into cache {folders[0]}" in log
     assert "tokenized data from cache" not in log  # rank 1 memory-mapped rank 0's build; it logs warnings only
     assert "tokenized" not in {p.name for p in (tmp_path / "runs" / "tiny").iterdir()}
+
+
+def test_tokenizer_processes_follow_the_slurm_allocation(tmp_path, monkeypatch):
+    import os
+
+    from sft.data import num_proc
+
+    config = config_for(tmp_path, "a.jsonl")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert num_proc(config, 1_000_000) == 6 and num_proc(config, 12_000) == 2 and num_proc(config, 100) == 1
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert num_proc(config, 1_000_000) == len(os.sched_getaffinity(0))
+    assert num_proc(config_for(tmp_path, "a.jsonl", num_proc=3), 10) == 3

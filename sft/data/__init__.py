@@ -22,7 +22,7 @@ from sft.data.batching import TokenBudgetBatches, TokenBudgetCollator, group_by_
 from sft.data.formats import (FULL_LENGTH, IGNORE_INDEX, TRAINABLE, tokenize_batch, tokenize_classification,
                               tokenize_instruction, tokenize_messages, tokenize_prompt_completion, tokenize_text)
 from sft.data.sources import DataFile, Rows, concatenate, file_fingerprint, read_file, read_sql, source_items
-from sft.data.summary import rows_summary, summarize, summary_rows
+from sft.data.summary import summarize, summary_rows
 from sft.data.validation import (detect_format, duplicate_free, format_columns, resolve_labels, split_eval,
                                  validate_rows)
 from sft.errors import UserError
@@ -149,8 +149,6 @@ def load_rows(config: Config, work_dir: Path, opened: dict[str, list[Opened]] | 
             rows, not_picked = _pick(rows, one.item, config.training.seed)
             dropped["not picked (max_rows/fraction)"] += not_picked
             parts[config_key].append(rows)
-    if not len(parts["data.train"][0]) and len(parts["data.train"]) == 1:
-        raise UserError("data.train: no examples found; check the file or query")
     data_format = detect_format(config, parts["data.train"][0])
     columns = format_columns(data_format, config.data.fields)
     train = concatenate([_only_columns(p, columns) for p in parts["data.train"]])

@@ -311,7 +311,7 @@ def _database_url(source: SQLSource, config_key: str) -> tuple[str, str]:
         # Read-only URI: the tool never writes into the user's data (and works on read-only binds).
         return f"sqlite:///file:{db_path.resolve()}?mode=ro&uri=true", str(db_path)
     if url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
-        scheme, rest = url.split("://", 1)
+        rest = url.split("://", 1)[1]
         return f"postgresql+psycopg://{rest}", mask(url)
     raise UserError(f"{config_key}.database: {mask(url)}: unsupported database; use sqlite:///path/to.db or "
                     f"postgresql://user:${{PGPASSWORD}}@host/dbname")
