@@ -219,7 +219,11 @@ def prepare(config: Config, tokenizer) -> PreparedData:
     from filelock import Timeout
 
     root = cache.cache_root(config)
-    (root / "tokenized").mkdir(parents=True, exist_ok=True)
+    try:
+        (root / "tokenized").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"data.cache_dir: cannot create {root / 'tokenized'} ({error.strerror}); set data.cache_dir "
+                        f"or HF_HOME to a writable folder (in the container: bind one at /cache)") from None
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=root, prefix=".work-") as work:
         opened = open_sources(config, Path(work))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -94,10 +95,15 @@ def save(folder: Path, train, eval_set, info: dict) -> None:
             eval_set.save_to_disk(str(building / "eval"))
         info = {**info, "built_by": {"host": os.uname().nodename, "pid": os.getpid(), "rank": os.environ.get("RANK")}}
         write_text_atomic(building / INFO, json.dumps(info, indent=2, default=str))
-        os.rename(building, folder)
+        try:
+            os.rename(building, folder)
+        except OSError:
+            # Another node built the same key at the same time (file locks do not reach across every shared
+            # filesystem): the content is the same, so keep theirs.
+            if not is_complete(folder):
+                raise
+            shutil.rmtree(building, ignore_errors=True)
     except BaseException:
-        import shutil
-
         shutil.rmtree(building, ignore_errors=True)
         raise
 
