@@ -290,8 +290,9 @@ def read_sql(source: SQLSource, config_key: str, work_dir: Path) -> Rows:
     except DBAPIError as error:
         raise UserError(_sql_error(error, source, config_key, label, stage)) from None
     except SQLAlchemyError as error:
-        raise UserError(mask(f"{config_key}.{stage}: {str(error).splitlines()[0]}; check the database URL and query")) \
-            from None
+        setting = "database" if stage == "connect" else "query"
+        raise UserError(mask(f"{config_key}.{setting}: {str(error).splitlines()[0]}; check the database URL and "
+                             f"query")) from None
     finally:
         if writer is not None:
             writer.close()
