@@ -1,7 +1,9 @@
 """Tokenized-data cache: a miss for every setting that changes tokens, a hit for everything else, token ids and
 masks identical to the pure per-format functions (through the parallel map), one build under torchrun."""
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -137,6 +139,9 @@ def test_torchrun_with_two_processes_builds_the_cache_once(tiny_causal_lm, tiny_
     assert log.count("tokenized data built in") == 1 and f"into cache {folders[0]}" in log
     assert "tokenized data from cache" not in log  # rank 1 memory-mapped rank 0's build; it logs warnings only
     assert "tokenized" not in {p.name for p in (tmp_path / "runs" / "tiny").iterdir()}
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
+    assert manifest["data"]["cache_key"] == folders[0] and manifest["data"]["summary"]["train_examples"] == 24
+    assert "data: example lengths: p50" in log
 
 
 def test_tokenizer_processes_follow_the_slurm_allocation(tmp_path, monkeypatch):
@@ -150,3 +155,19 @@ def test_tokenizer_processes_follow_the_slurm_allocation(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
     assert num_proc(config, 1_000_000) == len(os.sched_getaffinity(0))
     assert num_proc(config_for(tmp_path, "a.jsonl", num_proc=3), 10) == 3
+
+
+def test_sft_prepare_needs_only_the_tokenizer_and_the_second_run_hits_the_cache(tiny_chat_data, tmp_path, write_config):
+    tokenizer_only = tmp_path / "tokenizer-only"  # no config.json, no weights: a model could not load from here
+    build_tiny_tokenizer(tokenizer_only)
+    path = write_config({"task": "causal_lm", "model": {"name": str(tokenizer_only)},
+                         "data": {"train": str(tiny_chat_data), "cache_dir": str(tmp_path / "cache")}})
+    command = [sys.executable, str(REPO / "entrypoint.py"), "prepare", str(path)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert first.returncode == 0, first.stderr
+    key = cached_folders(tmp_path)[0]
+    assert f"cache key         │ {key}" in first.stdout and "tokenized data built in" in first.stdout
+    assert "training examples │ 22" in first.stdout and "trainable tokens" in first.stdout
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert second.returncode == 0 and "tokenized data already in the cache" in second.stdout
+    assert f"tokenized data from cache {key}" in second.stderr + second.stdout and cached_folders(tmp_path) == [key]
