@@ -49,19 +49,16 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict]], max_lengt
     if "{% generation %}" in template or "{%- generation %}" in template:
         encoded = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True,
                                                 return_assistant_tokens_mask=True)
-        pairs = zip(encoded["input_ids"], encoded["assistant_masks"])
+        pairs = [(list(ids), [token if answer else IGNORE_INDEX for token, answer in zip(ids, mask)])
+                 for ids, mask in zip(encoded["input_ids"], encoded["assistant_masks"])]
     else:
-        pairs = _assistant_masks_by_prefix(tokenizer, conversations)
-    examples = []
-    for input_ids, in_answer in pairs:
-        labels = [token if answer else IGNORE_INDEX for token, answer in zip(input_ids, in_answer)]
-        examples.append({"input_ids": list(input_ids)[:max_length], "labels": labels[:max_length]})
-    return examples
+        pairs = _answer_labels_by_prefix(tokenizer, conversations)
+    return [{"input_ids": input_ids[:max_length], "labels": labels[:max_length]} for input_ids, labels in pairs]
 
 
-def _assistant_masks_by_prefix(tokenizer, conversations: list[list[dict]]) -> list[tuple[list[int], list[bool]]]:
+def _answer_labels_by_prefix(tokenizer, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
     """For templates without {% generation %} markers: an assistant turn is the text between the rendering of the
-    conversation up to its generation prompt and the rendering that includes the turn."""
+    conversation up to its generation prompt and the rendering that includes the turn. Returns (input_ids, labels)."""
     def render(turn_lists: list[list[dict]], generation_prompt: bool = False) -> list[str]:
         filled = [turns for turns in turn_lists if turns]
         rendered = iter(tokenizer.apply_chat_template(filled, tokenize=False, add_generation_prompt=generation_prompt)
@@ -84,13 +81,13 @@ def _assistant_masks_by_prefix(tokenizer, conversations: list[list[dict]]) -> li
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     results = []
     for input_ids, offsets, answer_spans in zip(encoded["input_ids"], encoded["offset_mapping"], spans):
-        # A token belongs to an answer when its first character does; token starts ascend, so bisect finds the range.
-        token_starts = [char_start for char_start, _ in offsets]
-        in_answer = [False] * len(token_starts)
+        # A token belongs to an answer when its first character does. Offsets ascend, so bisect finds the range
+        # ((start,) sorts before every (start, end)), and the labels are copied by slices: no per-token Python.
+        labels = [IGNORE_INDEX] * len(input_ids)
         for span_start, span_end in answer_spans:
-            first, end = bisect_left(token_starts, span_start), bisect_left(token_starts, span_end)
-            in_answer[first:end] = [True] * (end - first)
-        results.append((list(input_ids), in_answer))
+            first, end = bisect_left(offsets, (span_start,)), bisect_left(offsets, (span_end,))
+            labels[first:end] = input_ids[first:end]
+        results.append((input_ids, labels))
     return results
 
 
@@ -144,7 +141,7 @@ def tokenize_batch(batch: dict[str, list], data_format: str, fields: Fields, tok
             columns[name].append(value)
         columns[FULL_LENGTH].append(full_length)
         if data_format != "classification":
-            columns[TRAINABLE].append(sum(label != IGNORE_INDEX for label in example["labels"]))
+            columns[TRAINABLE].append(len(example["labels"]) - example["labels"].count(IGNORE_INDEX))
     return dict(columns)
 
 
