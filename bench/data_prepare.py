@@ -7,12 +7,14 @@ chat-template tokenization of the same rows, measured in the same run.
 It writes ROWS synthetic chat conversations with skewed (log-normal) lengths, trains a byte-level BPE tokenizer
 (vocabulary 8,000, ChatML template without generation markers, like many base models) on a sample, then runs, each
 in its own process: (1) the plain map, (2) `sft prepare` (cold cache), (3) `sft prepare` again (warm cache).
-For each: wall time and the peak resident memory of the process tree (sampled every 0.1 s; pages of memory-mapped
-files shared by the tokenizer workers count once per process, so this overstates a little).
+For each: wall time, the peak resident memory of the whole process tree (sampled every 0.1 s; pages shared by the
+tokenizer workers, e.g. of memory-mapped files and imported libraries, count once per process, so this overstates)
+and the peak of its largest single process (getrusage via wait4).
 Targets (issue 9): sft rows/s >= 0.8x the plain map, peak RSS <= 1.5 GB, warm prepare <= 10% of cold.
 """
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -80,23 +82,27 @@ def build_tokenizer(folder: Path, data: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def measure(command: list[str]) -> tuple[float, float, str]:
-    """(seconds, peak RSS of the process tree in GB, stdout) of one command."""
+def measure(command: list[str]) -> tuple[float, float, float, str]:
+    """(seconds, peak RSS of the whole process tree in GB, peak RSS of its largest process in GB, output)."""
     started = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
-    root, peak = psutil.Process(process.pid), 0
-    while process.poll() is None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    root, tree_peak = psutil.Process(process.pid), 0
+    while True:
+        # wait4 (not poll) so the child's own rusage comes back: ru_maxrss of it and its reaped workers.
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
         try:
             tree = [root] + root.children(recursive=True)
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            tree_peak = max(tree_peak, sum(p.memory_info().rss for p in tree))
         except psutil.Error:
             pass
         time.sleep(0.1)
     output = process.stdout.read()
-    if process.returncode != 0:
+    if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{' '.join(command)} failed:\n{output[-3000:]}")
-    return time.monotonic() - started, peak / 1e9, output
+    return time.monotonic() - started, tree_peak / 1e9, usage.ru_maxrss / 1e6, output
 
 
 def main() -> None:
@@ -114,16 +120,18 @@ def main() -> None:
                                   "data": {"train": str(data), "eval_fraction": 0.01, "max_length": 2048,
                                            "num_proc": 2, "cache_dir": str(args.work / "cache")}}))
     python = sys.executable
-    plain_s, plain_gb, _ = measure([python, "-c", PLAIN_MAP, str(data), str(tokenizer_dir), str(args.work / "hf")])
-    sft_s, sft_gb, sft_out = measure([python, str(REPO / "entrypoint.py"), "prepare", str(config)])
-    warm_s, warm_gb, _ = measure([python, str(REPO / "entrypoint.py"), "prepare", str(config)])
-    results = {
-        "rows": args.rows, "jsonl_mb": round(data.stat().st_size / 1e6, 1),
-        "plain_map": {"seconds": round(plain_s, 1), "rows_per_s": round(args.rows / plain_s), "peak_rss_gb": round(plain_gb, 2)},
-        "sft_prepare_cold": {"seconds": round(sft_s, 1), "rows_per_s": round(args.rows / sft_s), "peak_rss_gb": round(sft_gb, 2)},
-        "sft_prepare_warm": {"seconds": round(warm_s, 1), "peak_rss_gb": round(warm_gb, 2)},
-        "sft_vs_plain_speed": round(plain_s / sft_s, 2), "warm_vs_cold_time": round(warm_s / sft_s, 3),
-    }
+    runs = {"plain_map": [python, "-c", PLAIN_MAP, str(data), str(tokenizer_dir), str(args.work / "hf")],
+            "sft_prepare_cold": [python, str(REPO / "entrypoint.py"), "prepare", str(config)],
+            "sft_prepare_warm": [python, str(REPO / "entrypoint.py"), "prepare", str(config)]}
+    results: dict = {"rows": args.rows, "jsonl_mb": round(data.stat().st_size / 1e6, 1)}
+    for name, command in runs.items():
+        seconds, tree_gb, largest_gb, output = measure(command)
+        results[name] = {"seconds": round(seconds, 1), "rows_per_s": round(args.rows / seconds),
+                         "peak_rss_tree_gb": round(tree_gb, 2), "peak_rss_largest_process_gb": round(largest_gb, 2)}
+        if name == "sft_prepare_cold":
+            sft_out = output
+    results["sft_vs_plain_speed"] = round(results["plain_map"]["seconds"] / results["sft_prepare_cold"]["seconds"], 2)
+    results["warm_vs_cold_time"] = round(results["sft_prepare_warm"]["seconds"] / results["sft_prepare_cold"]["seconds"], 3)
     print(sft_out[-2500:])
     print(json.dumps(results, indent=2))
 
