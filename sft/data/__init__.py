@@ -193,7 +193,8 @@ def tokenize_rows(rows: Rows, data_format: str, config: Config, tokenizer, label
         fn_kwargs={"data_format": data_format, "fields": config.data.fields, "tokenizer": tokenizer,
                    "label_names": label_names, "max_length": max_length},
         cache_file_name=str(work_dir / f"{config_key}.arrow"), load_from_cache_file=False,
-        new_fingerprint=f"{config_key}-{time.time_ns()}")  # fixed: no hashing of the tokenizer; the cache key covers it
+        # A fresh fingerprint: otherwise datasets hashes the function and tokenizer (slow); our cache key covers them.
+        new_fingerprint=f"{config_key}-{time.time_ns()}")
     no_answer = 0
     if data_format != "classification":
         trainable = np.asarray(tokenized.data.column(TRAINABLE).to_numpy())
