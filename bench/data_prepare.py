@@ -82,8 +82,9 @@ def build_tokenizer(folder: Path, data: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def measure(command: list[str]) -> tuple[float, float, float, str]:
-    """(seconds, peak RSS of the whole process tree in GB, peak RSS of its largest process in GB, output)."""
+def measure(command: list[str]) -> tuple[float, float, float, float, str]:
+    """(seconds, CPU seconds, peak RSS of the whole process tree in GB, peak RSS of its largest process in GB,
+    output)."""
     started = time.monotonic()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -102,7 +103,8 @@ def measure(command: list[str]) -> tuple[float, float, float, str]:
     output = process.stdout.read()
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{' '.join(command)} failed:\n{output[-3000:]}")
-    return time.monotonic() - started, tree_peak / 1e9, usage.ru_maxrss / 1e6, output
+    # CPU seconds of the process and its reaped workers: steadier than wall time on a shared machine.
+    return time.monotonic() - started, usage.ru_utime + usage.ru_stime, tree_peak / 1e9, usage.ru_maxrss / 1e6, output
 
 
 def main() -> None:
@@ -125,12 +127,14 @@ def main() -> None:
             "sft_prepare_warm": [python, str(REPO / "entrypoint.py"), "prepare", str(config)]}
     results: dict = {"rows": args.rows, "jsonl_mb": round(data.stat().st_size / 1e6, 1)}
     for name, command in runs.items():
-        seconds, tree_gb, largest_gb, output = measure(command)
+        seconds, cpu_seconds, tree_gb, largest_gb, output = measure(command)
         results[name] = {"seconds": round(seconds, 1), "rows_per_s": round(args.rows / seconds),
+                         "cpu_seconds": round(cpu_seconds, 1),
                          "peak_rss_tree_gb": round(tree_gb, 2), "peak_rss_largest_process_gb": round(largest_gb, 2)}
         if name == "sft_prepare_cold":
             sft_out = output
     results["sft_vs_plain_speed"] = round(results["plain_map"]["seconds"] / results["sft_prepare_cold"]["seconds"], 2)
+    results["sft_vs_plain_cpu"] = round(results["plain_map"]["cpu_seconds"] / results["sft_prepare_cold"]["cpu_seconds"], 2)
     results["warm_vs_cold_time"] = round(results["sft_prepare_warm"]["seconds"] / results["sft_prepare_cold"]["seconds"], 3)
     print(sft_out[-2500:])
     print(json.dumps(results, indent=2))

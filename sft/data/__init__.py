@@ -188,7 +188,7 @@ def tokenize_rows(rows: Rows, data_format: str, config: Config, tokenizer, label
 
     max_length = config.data.max_length
     tokenized = rows.dataset.map(
-        tokenize_batch, batched=True, batch_size=256, num_proc=num_proc(config, len(rows)),
+        tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc(config, len(rows)),
         remove_columns=rows.dataset.column_names,
         fn_kwargs={"data_format": data_format, "fields": config.data.fields, "tokenizer": tokenizer,
                    "label_names": label_names, "max_length": max_length},
