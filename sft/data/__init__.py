@@ -187,9 +187,14 @@ def tokenize_rows(rows: Rows, data_format: str, config: Config, tokenizer, label
     import numpy as np
 
     max_length = config.data.max_length
-    tokenized = rows.dataset.map(
+    dataset = rows.dataset
+    if dataset._indices is not None:
+        # Rows picked by select() (eval split, picks, de-duplication): copy them out once. Mapping through an
+        # indices mapping gathers every batch row by row and measured 2-3x slower than the copy plus the map.
+        dataset = dataset.flatten_indices(cache_file_name=str(work_dir / f"{config_key}-rows.arrow"))
+    tokenized = dataset.map(
         tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc(config, len(rows)),
-        remove_columns=rows.dataset.column_names,
+        remove_columns=dataset.column_names,
         fn_kwargs={"data_format": data_format, "fields": config.data.fields, "tokenizer": tokenizer,
                    "label_names": label_names, "max_length": max_length},
         cache_file_name=str(work_dir / f"{config_key}.arrow"), load_from_cache_file=False,
