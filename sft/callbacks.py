@@ -28,14 +28,21 @@ class MetricsFileCallback(TrainerCallback):
 
 
 class CompleteCheckpointCallback(TrainerCallback):
-    """Marks checkpoint-N complete once every rank has written its part; only marked ones are resumed from."""
+    """Marks checkpoint-N complete once every rank has written its part; only marked ones are resumed from.
+    Then, and only then, removes checkpoints beyond save_total_limit: Trainer's own rotation runs before this
+    marker exists, so a kill in between would leave no complete checkpoint at all."""
+
+    def __init__(self, save_total_limit: int | None):
+        self.save_total_limit = save_total_limit
 
     def on_save(self, args, state, control, **kwargs):
         from accelerate import PartialState
+        from transformers.trainer_utils import rotate_checkpoints
 
         PartialState().wait_for_everyone()
         if state.is_world_process_zero:
             rundir.mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint)
 
 
 class PreemptionCallback(TrainerCallback):

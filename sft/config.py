@@ -7,15 +7,25 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      model_validator)
 
 from sft import secrets
 from sft.errors import UserError
 
 
 class Section(BaseModel):
-    # Unknown keys fail loudly (a typo must never silently fall back to a default).
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Unknown keys fail loudly (a typo must never silently fall back to a default). Unquoted numbers where a string
+    # belongs (`name: 2024`, `revision: 1234abc` is fine, `revision: 1234` is a number to YAML) are taken as text.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), coerce_numbers_to_str=True)
+
+
+def _no_from_yaml_false(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted `no` (or `off`) as false: for a strategy, that can only mean "no"."""
+    return "no" if value is False else value
+
+
+Strategy = Annotated[Literal["epoch", "steps", "no"], BeforeValidator(_no_from_yaml_false)]
 
 
 class ModelConfig(Section):
@@ -26,7 +36,9 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel. flex_attention masks packed documents exactly (fastest measured on H100).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Training precision. auto: bf16 on GPUs that support it, fp32 otherwise (always fp32 on CPU).")
+        "auto", description="Compute precision (autocast); trained weights stay fp32, LoRA's frozen base is stored in "
+                            "it. auto: bf16 on GPUs that support it, else fp32. float16 needs a GPU; bfloat16 on "
+                            "CPU works (slow without bf16 instructions).")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off because it runs arbitrary code.")
 
 
@@ -151,13 +163,18 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     lr_scheduler: str = Field("linear", description="Any transformers scheduler name (linear, cosine, constant, ...).")
     max_grad_norm: float = 1.0
-    eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    eval_strategy: Strategy = "epoch"
     eval_steps: int | None = Field(None, ge=1)
-    save_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    save_strategy: Strategy = "epoch"
     save_steps: int | None = Field(None, ge=1, description="Setting it switches save_strategy to steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept; the newest complete one is resumed from.")
     logging_steps: int = Field(10, ge=1)
-    seed: int = 42
+    seed: int = Field(42, description="Seeds python, numpy and torch before the model is built: the same config, "
+                                      "data and seed give the same run on the same hardware and image.")
+    deterministic: bool = Field(False, description="GPUs: deterministic kernels (torch deterministic algorithms, "
+                                                   "cuDNN deterministic, fixed cuBLAS workspace) so reruns and resumes "
+                                                   "match bit for bit; costs speed (docs/slurm.md). CPU runs are "
+                                                   "deterministic without it.")
     gradient_checkpointing: bool = False
     ddp_backend: Literal["nccl", "gloo"] | None = Field(None, description="Defaults to nccl on GPUs, gloo on CPU.")
     fsdp: str = Field("", description="Trainer's fsdp option, e.g. 'full_shard auto_wrap', for models beyond one GPU.")
@@ -193,6 +210,11 @@ class Config(Section):
         budget = self.training.max_tokens_per_batch
         if budget is not None and self.task != "causal_lm":
             raise ValueError("training.max_tokens_per_batch: only for task causal_lm; use training.batch_size")
+        if self.model.attn_implementation == "flex_attention" and self.task != "causal_lm":
+            # Flex is exact on packed causal batches; on a lone unmasked sequence some CPU builds gave logits off by
+            # 0.14 or NaN, and padded classification batches gain nothing from it.
+            raise ValueError("model.attn_implementation: flex_attention is for packed causal_lm batches; "
+                             "use sdpa for classification")
         if budget is not None and budget < self.data.max_length:
             raise ValueError(f"training.max_tokens_per_batch: {budget} is below data.max_length "
                              f"{self.data.max_length}; a long example would not fit in any batch")
@@ -263,6 +285,7 @@ def _load_env_file(env_file: str | None, config_path: Path) -> None:
     """Load .env into the process environment (tokens must reach huggingface_hub too); real env vars win."""
     from dotenv import dotenv_values
 
+    secrets.register_secrets_from(dict(os.environ))
     if env_file:
         env_path = Path(os.path.expandvars(env_file))
         if not env_path.is_file():
@@ -271,7 +294,9 @@ def _load_env_file(env_file: str | None, config_path: Path) -> None:
         env_path = Path(".env")
         if not env_path.is_file():
             return
-    for name, value in dotenv_values(env_path).items():
+    values = dotenv_values(env_path)
+    secrets.register_secrets_from(values)
+    for name, value in values.items():
         if value is not None:
             os.environ.setdefault(name, value)
 
@@ -319,6 +344,9 @@ def _describe(error: dict) -> str:
         return error["msg"].removeprefix("Value error, ")
     value = error.get("input")
     shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
+    if isinstance(value, bool) and kind in ("string_type", "literal_error"):
+        shown = (f" (got {value}: YAML reads unquoted yes/no/on/off/true/false as a boolean; quote the value, "
+                 f"e.g. \"no\")")
     return f"{where}: {error['msg'].lower()}{shown}"
 
 

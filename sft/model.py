@@ -25,10 +25,13 @@ def resolve_model_path(name: str) -> str:
 
 
 def training_dtype(config: Config):
-    """bf16 where the GPU supports it, fp32 on CPU (CPU bf16 training is slow and less exact)."""
+    """The compute dtype (autocast): bf16 where the GPU supports it, fp32 on CPU unless asked for (CPU bf16
+    autocast works but is slower on CPUs without bf16 instructions). fp16 needs a GPU (a loss scaler on CUDA)."""
     import torch
 
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if config.model.dtype == "float16" and not torch.cuda.is_available():
+        raise UserError("model.dtype: float16 needs a CUDA GPU (no GPU is visible); use bfloat16 or float32 on CPU")
     if config.model.dtype != "auto":
         return names[config.model.dtype]
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -37,13 +40,13 @@ def training_dtype(config: Config):
 
 
 def weights_dtype(config: Config):
-    """Trained weights stay fp32 under bf16 autocast (AdamW updates on bf16 weights lose precision);
-    LoRA's frozen base weights can live in the compute dtype and halve memory."""
+    """Trained weights stay fp32 under bf16/fp16 autocast (AdamW updates on half-precision weights lose precision,
+    and the fp16 loss scaler refuses to unscale fp16 gradients); LoRA's frozen base weights can live in the compute
+    dtype and halve memory."""
     import torch
 
-    if config.method.name == "full" and config.model.dtype == "auto":
-        return torch.float32
-    return training_dtype(config)
+    compute_dtype = training_dtype(config)
+    return torch.float32 if config.method.name == "full" else compute_dtype
 
 
 def load_tokenizer(config: Config):
@@ -90,9 +93,15 @@ def _wrap_lora(model, config: Config):
     peft_config = LoraConfig(task_type=task_type, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=lora.target_modules)
     try:
-        return get_peft_model(model, peft_config)
+        model = get_peft_model(model, peft_config)
     except ValueError as error:
         raise UserError(f"method.lora.target_modules: {error}") from None
+    # peft keeps adapters in fp32, but modules_to_save (the classifier head) are copies in the base's dtype:
+    # every trained parameter gets fp32 master weights, like full fine-tuning.
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return model
 
 
 def _from_pretrained(auto_class, path: str, config: Config, **options):

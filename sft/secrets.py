@@ -2,7 +2,9 @@
 import logging
 import re
 
-SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|PRIVATE_?KEY|CREDENTIAL)", re.IGNORECASE)
+# A name part ending in one of these words: HF_TOKEN, WANDB_API_KEY, WANDB_KEY, DB_PASS, PGPASSWORD, APIKEY,
+# AWS_SECRET_ACCESS_KEY... but not TOKENIZERS_PARALLELISM (masking its "false" would garble every file).
+SECRET_NAME = re.compile(r"(^|_)[A-Z0-9]*(TOKEN|SECRET|PASSWORD|PASSWD|PASS|KEY|CREDENTIALS?)(_|$)", re.IGNORECASE)
 # user:password@host in database URLs
 URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]+:)(?P<password>[^@\s]+)(?P<tail>@)", re.IGNORECASE)
 MASK = "***"
@@ -18,6 +20,14 @@ def register_secret(value: str) -> None:
 
 def is_secret_name(name: str) -> bool:
     return bool(SECRET_NAME.search(name))
+
+
+def register_secrets_from(variables: dict[str, str | None]) -> None:
+    """Every secret-named variable, whether or not the config refers to it: a library (huggingface_hub reads
+    HF_TOKEN, a database driver reads PGPASSWORD) may put it into an error message or a log line."""
+    for name, value in variables.items():
+        if value and is_secret_name(name):
+            register_secret(value)
 
 
 def mask(text: str) -> str:

@@ -16,8 +16,21 @@ log = logging.getLogger("sft")
 
 
 class Preempted(Exception):
-    """Training stopped on SIGUSR1/SIGTERM after writing a complete checkpoint; the job should be requeued."""
+    """Training stopped on SIGUSR1/SIGTERM after writing a complete checkpoint; the job should be requeued.
+    On rank 0 it carries the command that resumes the run."""
     exit_code = EXIT_PREEMPTED
+
+    def __init__(self, resume_command: str | None = None):
+        super().__init__(resume_command)
+        self.resume_command = resume_command
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, after the manifest recorded it: carries the command that resumes the run."""
+
+    def __init__(self, resume_command: str):
+        super().__init__(resume_command)
+        self.resume_command = resume_command
 
 
 @dataclass
@@ -27,52 +40,80 @@ class RunResult:
     is_main_process: bool = True  # under torchrun only rank 0 reports
 
 
-def run_training(config: Config, overwrite: bool = False) -> RunResult:
+def run_training(config: Config, overwrite: bool = False, overrides: list[str] = (),
+                 env_file: str | None = None) -> RunResult:
+    """Train; `overrides` and `env_file` as given on the command line, for the command that resumes the run."""
     from sft.callbacks import PreemptionCallback
     from sft.logs import close_run_log
 
     preemption = PreemptionCallback()
     preemption.install()
     try:
-        return _run(config, overwrite, preemption)
+        return _run(config, overwrite, preemption, list(overrides), env_file)
     finally:
         preemption.restore()
         close_run_log()
 
 
-def _run(config: Config, overwrite: bool, preemption) -> RunResult:
+def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_file: str | None) -> RunResult:
     import torch
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    from sft import data, manifest as manifests, model as models
+    from sft import manifest as manifests
+    from sft.determinism import seed_everything
     from sft.logs import add_run_log
 
     # The same process-group settings TrainingArguments will use (CPU runs need cpu=True to be distributed).
     state = PartialState(cpu=not torch.cuda.is_available(), backend=config.training.ddp_backend)
     is_main = state.is_main_process
+    # Before any model or data object exists: a new classifier head or LoRA adapter draws from these generators.
+    determinism = seed_everything(config.training.seed, config.training.deterministic)
     if not is_main:
         log.setLevel(logging.WARNING)  # one copy of each progress line in the job log, from rank 0
-    # Rank 0 alone resolves the name ({time} differs between ranks) and creates the directory; the others get it.
+    # Rank 0 alone resolves the name ({time} differs between ranks), creates the directory and owns it until the
+    # run ends; the others get the path.
     run = broadcast_object_list([rundir.open_run_dir(config, overwrite) if is_main else None])[0]
-    if is_main:
-        add_run_log(run.path, run.resumed)
-    resume_from = _resume_checkpoint(run, is_main)
-    if is_main:
-        _write_config(run.path, config, must_match=resume_from is not None)
-    manifest = manifests.start_manifest(run.path, config, run.resumed, resume_from and rundir.checkpoint_step(resume_from)) \
-        if is_main else {}
-    log.info("run directory %s (%s)", run.path, f"resuming from {resume_from.name}" if resume_from else "new run")
+    try:
+        if is_main:
+            add_run_log(run.path, run.resumed)
+        resume_from = _resume_checkpoint(run, is_main)
+        if is_main:
+            _write_config(run.path, config, must_match=resume_from is not None)
+        manifest = manifests.start_manifest(run.path, config, resume_from and rundir.checkpoint_step(resume_from)) \
+            if is_main else {}
+        manifest["determinism"] = determinism
+        log.info("run directory %s (%s)", run.path, f"resuming from {resume_from.name}" if resume_from else "new run")
+        resume = rundir.resume_command(config, run.path.name, overrides, env_file)
+        try:
+            return _train(config, state, run, resume_from, manifest, preemption, resume)
+        except Preempted:
+            raise
+        except BaseException as error:
+            if is_main:
+                manifests.record_failure(run.path, manifest, error)
+            if isinstance(error, KeyboardInterrupt):
+                raise Interrupted(resume) from error
+            raise
+    finally:
+        run.release()
 
+
+def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, manifest: dict, preemption,
+           resume: str) -> RunResult:
+    from sft import data, manifest as manifests, model as models
+
+    is_main = state.is_main_process
     # Load data (tokenized once into the cache; under torchrun the other processes memory-map the result)
     tokenizer = models.load_tokenizer(config)
     prepared = data.prepare_for_run(config, tokenizer, run.path, state)
+    if config.training.max_tokens_per_batch:  # each item becomes a whole batch, read from the cached examples
+        prepared = data.in_token_budget_batches(prepared, config.training.max_tokens_per_batch)
     if is_main:
         manifests.record_data(manifest, prepared)
         manifests.write_manifest(run.path, manifest)
     log.info("data: %s format, %d training %s, %d eval", prepared.data_format, len(prepared.train),
-             "examples (token-budget batches)" if config.training.max_tokens_per_batch else "examples",
-             len(prepared.eval or []))
+             "token-budget batches" if config.training.max_tokens_per_batch else "examples", len(prepared.eval or []))
     for name, value in data.summary_rows(prepared.summary, prepared.files):
         log.info("data: %s: %s", name, value)
 
@@ -84,12 +125,12 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
     if preemption.stopped_by and trainer.state.global_step < trainer.state.max_steps:
         if is_main:
             manifests.finish_manifest(run.path, manifest, "preempted")
-        log.warning("stopped by %s at step %d after saving a complete checkpoint; rerun (or requeue) to resume",
-                    preemption.stopped_by, trainer.state.global_step)
+        log.warning("stopped by %s at step %d after saving a complete checkpoint", preemption.stopped_by,
+                    trainer.state.global_step)
         # Every rank exits only after rank 0 has marked the checkpoint and written the manifest: torchrun
         # SIGTERMs the remaining workers as soon as one exits.
         state.wait_for_everyone()
-        raise Preempted()
+        raise Preempted(resume if is_main else None)
 
     # Save the final model
     metrics = final_metrics(trainer.state.log_history)
@@ -104,7 +145,10 @@ def _write_config(run_dir: Path, config: Config, must_match: bool) -> None:
     """config.yaml; a run resumed from a checkpoint must keep its settings (a run that never reached one may change)."""
     path, text = run_dir / "config.yaml", resolved_yaml(config)
     if must_match and path.is_file() and path.read_text() != text:
-        changed = _changed_keys(path.read_text(), text)
+        # output.name may differ: the printed resume command pins a template ({time}) to the name it resolved to.
+        changed = [key for key in _changed_keys(path.read_text(), text) if key != "output.name"]
+        if not changed:
+            return
         raise UserError(f"output: {run_dir} was started with a different config ({', '.join(changed)} changed); "
                         f"resume with the same settings, or choose a new output.name")
     write_text_atomic(path, text)
@@ -151,16 +195,11 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from sft.callbacks import CompleteCheckpointCallback, MetricsFileCallback
-    from sft.data import TokenBudgetBatches
     from sft.model import training_dtype
 
     t = config.training
     has_eval = prepared.eval is not None
     by_tokens = bool(t.max_tokens_per_batch) and config.task == "causal_lm"
-    train_set, eval_set = prepared.train, prepared.eval
-    if by_tokens:  # each item is a whole batch of examples read from the cached data
-        train_set = TokenBudgetBatches(train_set, t.max_tokens_per_batch)
-        eval_set = TokenBudgetBatches(eval_set, t.max_tokens_per_batch) if has_eval else None
     dtype = training_dtype(config)
     on_gpu = torch.cuda.is_available()
     args = TrainingArguments(
@@ -180,13 +219,14 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         eval_steps=t.eval_steps,
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # CompleteCheckpointCallback rotates, after the new checkpoint is complete
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         seed=t.seed,
         data_seed=t.seed,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
+        # Autocast to the compute dtype over fp32 trained weights (model.weights_dtype); on CPU too when asked for.
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         activation_checkpointing=t.gradient_checkpointing,
         ddp_backend=t.ddp_backend,
         # Every trainable parameter takes part in each forward pass; searching for unused ones costs a graph walk.
@@ -202,12 +242,12 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
         processing_class=tokenizer,
         data_collator=make_collator(config, tokenizer),
         compute_metrics=classification_metrics if config.task == "classification" else None,
-        callbacks=[MetricsFileCallback(run.path), CompleteCheckpointCallback(), preemption],
+        callbacks=[MetricsFileCallback(run.path), CompleteCheckpointCallback(t.save_total_limit), preemption],
     )
     # Without a progress bar Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
     trainer.remove_callback(PrinterCallback)
@@ -230,16 +270,17 @@ def make_collator(config: Config, tokenizer):
 
 
 def classification_metrics(prediction) -> dict:
+    """Accuracy and macro/weighted F1 over every declared class (the logits' width), so a class that the eval set
+    lacks but the model predicts still counts, as in scikit-learn with `labels=` given."""
     import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score
 
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     predicted, labels = np.argmax(logits, axis=-1), prediction.label_ids
-    f1s = []
-    for label in np.unique(labels):
-        tp = np.sum((predicted == label) & (labels == label))
-        precision_denominator, recall_denominator = np.sum(predicted == label), np.sum(labels == label)
-        f1s.append(2 * tp / (precision_denominator + recall_denominator) if tp else 0.0)
-    return {"accuracy": float(np.mean(predicted == labels)), "macro_f1": float(np.mean(f1s))}
+    classes = list(range(logits.shape[-1]))
+    return {"accuracy": float(accuracy_score(labels, predicted)),
+            "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
+            "weighted_f1": float(f1_score(labels, predicted, labels=classes, average="weighted", zero_division=0))}
 
 
 def final_metrics(log_history: list[dict]) -> dict:

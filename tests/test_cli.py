@@ -82,3 +82,43 @@ def test_runs_are_offline_by_default(tmp_path):
                             text=True, env={**env, "HF_HOME": str(tmp_path / "hf")}, timeout=120)
     assert result.returncode == 2
     assert "cannot load 'some-org/not-cached'" in result.stderr and "runs are offline by default" in result.stderr
+
+
+def test_a_full_training_run_needs_no_network(tiny_causal_lm, tiny_chat_data, tmp_path):
+    """With every TCP/IP connection refused in the process (tests/no_network), a run still trains and finishes."""
+    import json
+    import os
+
+    import yaml
+
+    from conftest import tiny_lm_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=2,
+                                                    save_steps=1)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))}
+    env["PYTHONPATH"] = str(REPO / "tests" / "no_network")
+    probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1', 9))"],
+                           capture_output=True, text=True, env=env)
+    assert "network blocked by tests/no_network" in probe.stderr  # the hook is active
+    result = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "train", str(config)], capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_ctrl_c_prints_the_resume_command_once_a_run_exists(capsys, monkeypatch):
+    from sft.training import Interrupted
+
+    def interrupt(error):
+        def train(args):
+            raise error
+        return train
+
+    monkeypatch.setattr("sft.cli._train", interrupt(Interrupted("sft train /c.yaml 'output.name=c-120000'")))
+    assert main(["train", "c.yaml"]) == 130
+    assert capsys.readouterr().err == ("sft: interrupted; resume from the newest complete checkpoint with: "
+                                       "sft train /c.yaml 'output.name=c-120000'\n")
+    monkeypatch.setattr("sft.cli._train", interrupt(KeyboardInterrupt()))  # e.g. while the config loads
+    assert main(["train", "c.yaml"]) == 130
+    assert capsys.readouterr().err == "sft: interrupted before the run started\n"

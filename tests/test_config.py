@@ -45,6 +45,9 @@ def test_cross_section_rules(write_config):
           "training": {"max_tokens_per_batch": 512}}
     with pytest.raises(UserError, match="max_tokens_per_batch: 512 is below data.max_length 1024"):
         load_config(write_config(lm))
+    flex_classifier = {**MINIMAL, "model": {"name": "m", "attn_implementation": "flex_attention"}}
+    with pytest.raises(UserError, match="flex_attention is for packed causal_lm batches; use sdpa for classification"):
+        load_config(write_config(flex_classifier))
 
 
 def test_environment_interpolation_with_defaults_and_missing_names(write_config, monkeypatch):
@@ -128,3 +131,18 @@ def test_a_list_of_sources_mixes_kinds_and_names_errors_by_item(write_config):
         load_config(write_config({**base, "data": {"train": ["a.jsonl", {"database": "sqlite:///x.db", "qery": "S"}]}}))
     with pytest.raises(UserError, match=r"data.train.0.fraction: input should be less than or equal to 1"):
         load_config(write_config({**base, "data": {"train": [{"path": "a.jsonl", "fraction": 2}]}}))
+
+
+def test_yaml_as_people_write_it(write_config, tmp_path):
+    """Unquoted `no`/`off` (YAML 1.1 booleans) and numbers where the schema wants text."""
+    path = tmp_path / "c.yaml"
+    path.write_text("task: classification\nmodel: {name: m, revision: 2024}\ndata: {train: a.jsonl}\n"
+                    "training: {eval_strategy: no, save_strategy: off}\noutput: {name: 7}\n")
+    config = load_config(path)
+    assert (config.training.eval_strategy, config.training.save_strategy) == ("no", "no")
+    assert (config.model.revision, config.output.name) == ("2024", "7")
+    path.write_text("task: classification\nmodel: {name: m, revision: yes}\ndata: {train: a.jsonl}\n")
+    with pytest.raises(UserError, match='model.revision: .*got True: YAML reads unquoted yes/no/on/off/true/false as '
+                                        'a boolean; quote the value'):
+        load_config(path)
+    assert load_config(write_config(MINIMAL), overrides=["training.eval_strategy=no"]).training.eval_strategy == "no"

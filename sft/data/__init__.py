@@ -30,7 +30,7 @@ from sft.errors import UserError
 log = logging.getLogger("sft")
 
 __all__ = ["IGNORE_INDEX", "DataFile", "LoadedRows", "PreparedData", "Rows", "TokenBudgetBatches",
-           "TokenBudgetCollator", "group_by_tokens", "load_rows", "prepare", "prepare_for_run", "read_source",
+           "TokenBudgetCollator", "group_by_tokens", "in_token_budget_batches", "load_rows", "prepare", "prepare_for_run", "read_source",
            "split_eval", "summary_rows", "tokenize_classification", "tokenize_instruction", "tokenize_messages",
            "tokenize_prompt_completion", "tokenize_rows", "tokenize_text"]
 
@@ -275,6 +275,12 @@ def load_prepared(folder: Path) -> PreparedData:
     train, eval_set, info = cache.load(folder)
     return PreparedData(train, eval_set, info["data_format"], info["label_names"], cache.files_from(info),
                         info["summary"], folder.name, folder, None)
+
+
+def in_token_budget_batches(prepared: PreparedData, max_tokens: int) -> PreparedData:
+    """The same data served as token-budget batches (planned from the cached lengths; nothing is copied)."""
+    return replace(prepared, train=TokenBudgetBatches(prepared.train, max_tokens),
+                   eval=TokenBudgetBatches(prepared.eval, max_tokens) if prepared.eval is not None else None)
 
 
 def prepare_for_run(config: Config, tokenizer, run_dir: Path, state) -> PreparedData:
