@@ -100,3 +100,9 @@ push:
 	@test -n "$(SIF_REGISTRY)$(SHARE_DIR)" || { echo "make push: set SIF_REGISTRY=oras://host/project/sft:TAG or SHARE_DIR=/shared/dir"; exit 2; }
 	$(if $(SIF_REGISTRY),$(APPTAINER) push "$(SIF)" "$(SIF_REGISTRY)")
 	$(if $(SHARE_DIR),install -m 0644 "$(SIF)" "$(SHARE_DIR)/" && cd "$(SHARE_DIR)" && sha256sum "$(notdir $(SIF))" > "$(notdir $(SIF)).sha256")
+
+# Data-stage benchmark (bench/data_prepare.py; not a test): `sft prepare` vs a plain datasets.map on 200,000
+# synthetic chat rows; results go in bench/RESULTS.md by hand.
+.PHONY: bench-data
+bench-data: venv
+	$(BIN)/python bench/data_prepare.py

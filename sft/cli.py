@@ -2,6 +2,7 @@
 
     sft train CONFIG [key.sub=value ...]   fine-tune (a bare `sft CONFIG` means the same)
     sft check CONFIG [key.sub=value ...]   validate the config and every data row, no weights loaded
+    sft prepare CONFIG [key.sub=value ...] validate and tokenize into the cache (CPU only, e.g. before the GPU job)
     sft info                               versions, GPUs and container provenance
 """
 import argparse
@@ -10,7 +11,7 @@ import sys
 
 from sft.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = ("train", "check", "info")
+COMMANDS = ("train", "check", "prepare", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("train", "fine-tune a model from a YAML config"),
-                       ("check", "validate a config and every data row without loading weights")):
+                       ("check", "validate a config and every data row without loading weights"),
+                       ("prepare", "validate and tokenize the data into the cache (tokenizer only, no GPU)")):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("config", help="YAML config, e.g. configs/sft_v1.yaml")
         command.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_terminal(args.debug)
     try:
-        return {"train": _train, "check": _check, "info": _info}[args.command](args)
+        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
@@ -88,12 +90,28 @@ def _train(args) -> int:
 
 
 def _check(args) -> int:
+    import tempfile
+    from pathlib import Path
+
     from sft.config import load_config
     from sft.data import load_rows
     from sft.report import print_check
 
     config = load_config(args.config, args.overrides, args.env_file)
-    print_check(config, load_rows(config))
+    with tempfile.TemporaryDirectory(prefix="sft-check-") as work_dir:
+        print_check(config, load_rows(config, Path(work_dir)))
+    return 0
+
+
+def _prepare(args) -> int:
+    """Tokenize into the cache with the tokenizer only (no weights, no GPU), e.g. on a CPU node before the GPU job."""
+    from sft.config import load_config
+    from sft.data import prepare
+    from sft.model import load_tokenizer
+    from sft.report import print_prepare
+
+    config = load_config(args.config, args.overrides, args.env_file)
+    print_prepare(config, prepare(config, load_tokenizer(config)))
     return 0
 
 

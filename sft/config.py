@@ -42,14 +42,40 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off because it runs arbitrary code.")
 
 
-class FileSource(Section):
+class SourceFields(Section):
+    """This source's column names where they differ from data.fields, e.g. {prompt: question, completion: answer}."""
+    text: str | None = None
+    text_pair: str | None = None
+    label: str | None = None
+    messages: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+
+
+class Mixing(Section):
+    """Per-source settings shared by every kind of source."""
+    fields: SourceFields | None = Field(None, description="Column names of this source, mapped onto data.fields.")
+    max_rows: int | None = Field(None, ge=1, description="Use at most this many rows of this source (a seeded random "
+                                                        "pick by training.seed).")
+    fraction: float | None = Field(None, gt=0.0, le=1.0, description="Use this share of the source's rows "
+                                                                    "(seeded random pick), for mixing sources.")
+
+
+class FileSource(Mixing):
     path: str = Field(description="A data file, or a `datasets.save_to_disk` folder.")
     split: str | None = Field(None, description="Split of a saved DatasetDict (e.g. validation).")
 
 
-class SQLSource(Section):
-    database: str = Field(description="Database URL: sqlite:///path/to.db (PostgreSQL support is planned).")
-    query: str = Field(description="SELECT returning one row per example; column names are the field names.")
+class SQLSource(Mixing):
+    database: str = Field(description="Database URL: sqlite:///path/to.db or postgresql://user:${PGPASSWORD}@host/db "
+                                      "(password from .env or the environment; never written anywhere).")
+    query: str = Field(description="SELECT returning one row per example; column names are the field names. Runs in "
+                                   "a read-only transaction; rows are streamed in chunks.")
+    timeout: float = Field(600, gt=0, description="PostgreSQL statement timeout in seconds: a runaway query fails "
+                                                  "with a message instead of holding the job.")
 
 
 def _source_kind(value: Any) -> str | None:
@@ -64,12 +90,15 @@ def _source_kind(value: Any) -> str | None:
     return None
 
 
+SOURCE_ERROR = "expected a path, a list of paths, {path, split} or {database, query}"
+# One source of any kind: a path, {path, ...} or {database, query, ...}.
+SourceItem = Annotated[Annotated[str, Tag("path")] | Annotated[FileSource, Tag("file")] | Annotated[SQLSource, Tag("sql")],
+                       Discriminator(_source_kind, custom_error_type="source", custom_error_message=SOURCE_ERROR)]
 # The shape picks the variant, so an error names what is wrong with that one instead of listing every variant.
-Source = Annotated[Annotated[str, Tag("path")] | Annotated[list[str], Tag("paths")] | Annotated[FileSource, Tag("file")]
-                   | Annotated[SQLSource, Tag("sql")],
-                   Discriminator(_source_kind, custom_error_type="source",
-                                 custom_error_message="expected a path, a list of paths, {path, split} or "
-                                                      "{database, query}")]
+# A list mixes sources of any kind (files, folders, SQL) into one dataset.
+Source = Annotated[Annotated[str, Tag("path")] | Annotated[list[SourceItem], Tag("paths")]
+                   | Annotated[FileSource, Tag("file")] | Annotated[SQLSource, Tag("sql")],
+                   Discriminator(_source_kind, custom_error_type="source", custom_error_message=SOURCE_ERROR)]
 SOURCE_TAGS = {"path", "paths", "file", "sql"}
 
 
@@ -87,7 +116,8 @@ class Fields(Section):
 
 
 class DataConfig(Section):
-    train: Source = Field(description="Training data: file path(s), {path, split}, or {database, query}.")
+    train: Source = Field(description="Training data: file path(s), {path, split}, {database, query}, or a list "
+                                      "mixing them.")
     eval: Source | None = Field(None, description="Evaluation data; when absent, eval_fraction of train is held out.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out share of train (split by training.seed); "
                                                                   "0 with no eval data disables evaluation.")
@@ -97,6 +127,13 @@ class DataConfig(Section):
     label_names: list[str] | None = Field(None, description="classification: class names in id order; inferred "
                                                             "(sorted) from string labels when absent.")
     max_length: int = Field(512, ge=8, description="Tokens per example after truncation (no padding to this length).")
+    dedupe: bool = Field(False, description="Drop exact duplicate examples (same values in the format's fields).")
+    cache_dir: str | None = Field(None, description="Where tokenized data is cached; default $HF_HOME/sft "
+                                                    "(~/.cache/huggingface/sft). Safe to delete.")
+    num_proc: int | None = Field(None, ge=1, description="Tokenizer processes; default: SLURM_CPUS_PER_TASK, else "
+                                                         "the CPUs this process may use (fewer for small data).")
+    wait_minutes: float = Field(120, gt=0, description="How long other processes (torchrun ranks, a second job) wait "
+                                                       "for the one preparing the same data; raise for huge data.")
 
 
 class LoraSettings(Section):
@@ -292,7 +329,8 @@ def _describe(error: dict) -> str:
     """One pydantic error → 'yaml.path: what is wrong — how to fix'."""
     loc = [str(p) for p in error["loc"]]
     # A data source's variant tag shows up as an extra path part (data.train.file.path); keep the YAML path only.
-    loc = [p for i, p in enumerate(loc) if not (p in SOURCE_TAGS and i > 0 and loc[i - 1] in ("train", "eval"))]
+    loc = [p for i, p in enumerate(loc)
+           if not (p in SOURCE_TAGS and i > 0 and (loc[i - 1] in ("train", "eval") or loc[i - 1].isdigit()))]
     where = ".".join(loc) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":
@@ -317,11 +355,13 @@ def _keys_at(path: list[str]) -> list[str]:
     {database, query}."""
     sections: list[type[BaseModel]] = [Config]
     for part in path:
+        if part.isdigit():  # an item of a list of sources
+            continue
         field = sections[0].model_fields.get(part)
         sections = _sections_in(field.annotation) if field else []
         if not sections:
             return []
-    return [key for section in sections for key in section.model_fields if key != "config_path"]
+    return list(dict.fromkeys(key for section in sections for key in section.model_fields if key != "config_path"))
 
 
 def _sections_in(annotation: Any) -> list[type[BaseModel]]:

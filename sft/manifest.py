@@ -129,24 +129,22 @@ def start_manifest(run_dir: Path, config, resume_step: int | None) -> dict:
 
 
 def record_data(manifest: dict, prepared) -> None:
-    """Examples, not dataset rows: with training.max_tokens_per_batch each row is a batch of examples."""
+    """Format, labels, example counts, content hashes of every source (SQL: of the rows read), the data summary
+    and the cache key."""
     manifest["data"] = {"format": prepared.data_format, "label_names": prepared.label_names,
                         **_counts("train", prepared.train), **_counts("eval", prepared.eval),
-                        "files": [asdict(f) for f in prepared.files]}
+                        "files": [asdict(f) for f in prepared.files], "summary": prepared.summary,
+                        "cache_key": prepared.cache_key}
 
 
 def _counts(split: str, dataset) -> dict[str, int]:
+    """Examples, not dataset rows: with training.max_tokens_per_batch each item is a batch of examples."""
     if dataset is None:
         return {f"{split}_examples": 0}
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    input_ids = dataset.with_format("arrow")["input_ids"]
-    if not pa.types.is_list(input_ids.type.value_type):
+    examples = getattr(dataset, "examples", None)  # sft.data.TokenBudgetBatches
+    if examples is None:
         return {f"{split}_examples": len(dataset)}
-    # A token-budget row holds a list of examples: count them from the list lengths (no token is read).
-    return {f"{split}_examples": pc.sum(pc.list_value_length(input_ids)).as_py() or 0,
-            f"{split}_batches": len(dataset)}
+    return {f"{split}_examples": len(examples), f"{split}_batches": len(dataset)}
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:

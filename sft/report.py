@@ -1,6 +1,4 @@
-"""Terminal reports: the end-of-run summary, `sft check` and `sft info`."""
-from collections import Counter
-
+"""Terminal reports: the end-of-run summary, `sft check` / `sft prepare` and `sft info`."""
 from rich.console import Console
 from rich.table import Table
 
@@ -18,19 +16,31 @@ def print_summary(result) -> None:
 
 
 def print_check(config: Config, loaded) -> None:
+    """`sft check`: the data summary without tokens (no tokenizer, no torch: it answers in seconds)."""
+    from sft.data.summary import rows_summary, summary_rows
+
     table = Table(title=f"sft check: {config.config_path}", show_header=False)
     table.add_row("task / format", f"{config.task} / {loaded.data_format}")
-    table.add_row("training examples", str(len(loaded.train.records)))
-    table.add_row("eval examples", str(len(loaded.eval.records)) if loaded.eval else "none (evaluation off)")
-    for file in loaded.train.files + (loaded.eval.files if loaded.eval else []):
-        table.add_row("data", f"{file.source} ({file.rows} rows, sha256 {file.sha256[:12]})")
-    if loaded.label_names:
-        label = config.data.fields.label
-        counts = Counter(r[label] if isinstance(r[label], str) else loaded.label_names[r[label]]
-                         for r in loaded.train.records)
-        table.add_row("labels (train)", ", ".join(f"{name}: {counts.get(name, 0)}" for name in loaded.label_names))
+    files = loaded.train.files + (loaded.eval.files if loaded.eval else [])
+    for name, value in summary_rows(rows_summary(loaded, config.data.fields.label), files):
+        table.add_row(name, value)
     console.print(table)
-    console.print("[green]OK[/green]: config and every data row are valid")
+    console.print("[green]OK[/green]: config and every data row are valid; `sft prepare` adds token statistics")
+
+
+def print_prepare(config: Config, prepared) -> None:
+    """`sft prepare`: the full data summary and where the tokenized data is cached."""
+    from sft.data.summary import summary_rows
+
+    table = Table(title=f"sft prepare: {config.config_path}", show_header=False)
+    table.add_row("task / format", f"{config.task} / {prepared.data_format}")
+    for name, value in summary_rows(prepared.summary, prepared.files):
+        table.add_row(name, value)
+    table.add_row("cache key", prepared.cache_key)
+    table.add_row("cache folder", str(prepared.cache_folder))
+    console.print(table)
+    done = f"built in {prepared.build_seconds:.1f} s" if prepared.build_seconds is not None else "already in the cache"
+    console.print(f"[green]OK[/green]: tokenized data {done}; `sft train` with the same data settings reuses it")
 
 
 def print_info() -> None:

@@ -104,18 +104,18 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     from sft import data, manifest as manifests, model as models
 
     is_main = state.is_main_process
-    # Load data (rank 0 tokenizes; under torchrun the others load its result instead of racing it)
+    # Load data (tokenized once into the cache; under torchrun the other processes memory-map the result)
     tokenizer = models.load_tokenizer(config)
-    with state.main_process_first():
-        prepared = data.prepare(config, tokenizer) if is_main or state.num_processes == 1 \
-            else _load_prepared(run.path)
-        if is_main and state.num_processes > 1:
-            _save_prepared(prepared, run.path)
+    prepared = data.prepare_for_run(config, tokenizer, run.path, state)
+    if config.training.max_tokens_per_batch:  # each item becomes a whole batch, read from the cached examples
+        prepared = data.in_token_budget_batches(prepared, config.training.max_tokens_per_batch)
     if is_main:
         manifests.record_data(manifest, prepared)
         manifests.write_manifest(run.path, manifest)
     log.info("data: %s format, %d training %s, %d eval", prepared.data_format, len(prepared.train),
              "token-budget batches" if config.training.max_tokens_per_batch else "examples", len(prepared.eval or []))
+    for name, value in data.summary_rows(prepared.summary, prepared.files):
+        log.info("data: %s: %s", name, value)
 
     # Load model and train
     model = models.load_model(config, prepared.label_names)
@@ -188,30 +188,6 @@ def _drop_metrics_after(run_dir: Path, step: int) -> None:
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _save_prepared(prepared, run_dir: Path) -> None:
-    from dataclasses import asdict
-
-    folder = run_dir / "tokenized"
-    prepared.train.save_to_disk(str(folder / "train"))
-    if prepared.eval is not None:
-        prepared.eval.save_to_disk(str(folder / "eval"))
-    info = {"data_format": prepared.data_format, "label_names": prepared.label_names,
-            "files": [asdict(f) for f in prepared.files]}
-    write_text_atomic(folder / "info.json", json.dumps(info))
-
-
-def _load_prepared(run_dir: Path):
-    from datasets import load_from_disk
-
-    from sft.data import DataFile, PreparedData
-
-    folder = run_dir / "tokenized"
-    info = json.loads((folder / "info.json").read_text())
-    eval_set = load_from_disk(str(folder / "eval")) if (folder / "eval").is_dir() else None
-    return PreparedData(load_from_disk(str(folder / "train")), eval_set, info["data_format"], info["label_names"],
-                        [DataFile(**f) for f in info["files"]])
-
-
 # Trainer wiring
 
 def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared, preemption):
@@ -281,6 +257,8 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
 def make_collator(config: Config, tokenizer):
     from transformers import DataCollatorWithFlattening, DataCollatorWithPadding
 
+    from sft.data import TokenBudgetCollator
+
     if config.task == "classification":
         return DataCollatorWithPadding(tokenizer)
     # Padding-free: examples are concatenated and position_ids restart at each one, so attention stays
@@ -289,18 +267,6 @@ def make_collator(config: Config, tokenizer):
     if config.training.max_tokens_per_batch:
         return TokenBudgetCollator(flatten)
     return flatten
-
-
-class TokenBudgetCollator:
-    """Unpacks a token-budget batch (one dataset row holding several examples) into a flattened batch."""
-
-    def __init__(self, flatten):
-        self.flatten = flatten
-
-    def __call__(self, rows: list[dict]) -> dict:
-        examples = [{"input_ids": ids, "labels": labels}
-                    for row in rows for ids, labels in zip(row["input_ids"], row["labels"])]
-        return self.flatten(examples)
 
 
 def classification_metrics(prediction) -> dict:

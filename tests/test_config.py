@@ -121,6 +121,22 @@ def test_every_shipped_config_loads_and_documents_its_command(config_file: Path,
     assert yaml.safe_load(resolved_yaml(config))["task"] == config.task
 
 
+def test_a_list_of_sources_mixes_kinds_and_names_errors_by_item(write_config):
+    from sft.config import FileSource, SQLSource
+
+    base = {"task": "causal_lm", "model": {"name": "m"}}
+    config = load_config(write_config({**base, "data": {"train": [
+        "a.jsonl", {"path": "b.parquet", "fraction": 0.5, "fields": {"prompt": "question"}},
+        {"database": "sqlite:///x.db", "query": "SELECT 1", "max_rows": 10}]}}))
+    first, second, third = config.data.train
+    assert first == "a.jsonl" and isinstance(second, FileSource) and second.fields.prompt == "question"
+    assert isinstance(third, SQLSource) and third.max_rows == 10 and third.timeout == 600
+    with pytest.raises(UserError, match=r"data.train.1.qery: unknown key — did you mean query\?"):
+        load_config(write_config({**base, "data": {"train": ["a.jsonl", {"database": "sqlite:///x.db", "qery": "S"}]}}))
+    with pytest.raises(UserError, match=r"data.train.0.fraction: input should be less than or equal to 1"):
+        load_config(write_config({**base, "data": {"train": [{"path": "a.jsonl", "fraction": 2}]}}))
+
+
 def test_yaml_as_people_write_it(write_config, tmp_path):
     """Unquoted `no`/`off` (YAML 1.1 booleans) and numbers where the schema wants text."""
     path = tmp_path / "c.yaml"

@@ -35,16 +35,16 @@ def test_jsonl_csv_json_parquet_and_saved_dataset_read_the_same_rows(tmp_path):
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "a.parquet")
     DatasetDict({"train": Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "saved"))
     for source in ("a.jsonl", "a.json", "a.csv", "a.parquet", "saved"):
-        rows = read_source(str(tmp_path / source), "data.train")
-        assert rows.records == ROWS, source
+        rows = read_source(str(tmp_path / source), "data.train", tmp_path)
+        assert rows.dataset.to_list() == ROWS, source
         assert len(rows.files) == 1 and rows.files[0].rows == 30 and len(rows.files[0].sha256) == 64
 
 
 def test_several_files_concatenate_and_keep_their_line_numbers(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", ROWS[:2])
     write_jsonl(tmp_path / "b.jsonl", ROWS[2:5])
-    rows = read_source([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], "data.train")
-    assert len(rows.records) == 5 and rows.where[2] == f"{tmp_path / 'b.jsonl'}:1"
+    rows = read_source([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], "data.train", tmp_path)
+    assert len(rows) == 5 and rows.where(2) == f"{tmp_path / 'b.jsonl'}:1"
 
 
 def test_sqlite_query_reads_rows_without_writing(tmp_path):
@@ -56,10 +56,10 @@ def test_sqlite_query_reads_rows_without_writing(tmp_path):
         connection.executemany("INSERT INTO reviews VALUES (?, ?)", [(r["text"], r["label"]) for r in ROWS])
     db.chmod(0o444)  # read-only data directory, as bound into the container
     rows = read_source(SQLSource(database=f"sqlite:///{db}",
-                                 query="SELECT body AS text, verdict AS label FROM reviews ORDER BY rowid"), "data.train")
-    assert rows.records == ROWS and rows.files[0].rows == 30
+                                 query="SELECT body AS text, verdict AS label FROM reviews ORDER BY rowid"), "data.train", tmp_path)
+    assert rows.dataset.to_list() == ROWS and rows.files[0].rows == 30
     with pytest.raises(UserError, match=r"data.train.query: no such column: nope"):
-        read_source(SQLSource(database=f"sqlite:///{db}", query="SELECT nope FROM reviews"), "data.train")
+        read_source(SQLSource(database=f"sqlite:///{db}", query="SELECT nope FROM reviews"), "data.train", tmp_path)
 
 
 def test_saved_dataset_dict_needs_an_existing_split(tmp_path):
@@ -68,9 +68,9 @@ def test_saved_dataset_dict_needs_an_existing_split(tmp_path):
     from sft.config import FileSource
 
     DatasetDict({"train": Dataset.from_list(ROWS), "test": Dataset.from_list(ROWS[:3])}).save_to_disk(str(tmp_path / "d"))
-    assert len(read_source(FileSource(path=str(tmp_path / "d"), split="test"), "data.eval").records) == 3
+    assert len(read_source(FileSource(path=str(tmp_path / "d"), split="test"), "data.eval", tmp_path)) == 3
     with pytest.raises(UserError, match=r"data.eval: .* has splits train, test, not 'validation'"):
-        read_source(str(tmp_path / "d"), "data.eval", default_split="validation")
+        read_source(str(tmp_path / "d"), "data.eval", tmp_path, default_split="validation")
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -80,21 +80,21 @@ def test_saved_dataset_dict_needs_an_existing_split(tmp_path):
 def test_malformed_jsonl_names_file_and_line(tmp_path, content, expected):
     (tmp_path / "bad.jsonl").write_text(content)
     with pytest.raises(UserError, match=expected):
-        read_source(str(tmp_path / "bad.jsonl"), "data.train")
+        read_source(str(tmp_path / "bad.jsonl"), "data.train", tmp_path)
 
 
 def test_missing_files_and_unknown_types_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="data.train: .*nope.jsonl does not exist"):
-        read_source(str(tmp_path / "nope.jsonl"), "data.train")
+        read_source(str(tmp_path / "nope.jsonl"), "data.train", tmp_path)
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(UserError, match="unsupported file type"):
-        read_source(str(tmp_path / "x.txt"), "data.train")
+        read_source(str(tmp_path / "x.txt"), "data.train", tmp_path)
 
 
 def test_missing_fields_and_wrong_types_are_listed_with_lines(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "ok", "label": "pos"}, {"text": "no label"}, {"text": 3, "label": "neg"}])
     with pytest.raises(UserError) as error:
-        load_rows(make_config(str(tmp_path / "a.jsonl"), eval_fraction=0))
+        load_rows(make_config(str(tmp_path / "a.jsonl"), eval_fraction=0), tmp_path)
     message = str(error.value)
     assert "2 bad example(s)" in message and "\n" not in message
     assert f"{tmp_path / 'a.jsonl'}:2: missing field 'label'" in message
@@ -105,30 +105,32 @@ def test_missing_fields_and_wrong_types_are_listed_with_lines(tmp_path):
 
 def test_string_labels_are_inferred_sorted_and_checked_against_num_labels(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", ROWS)
-    loaded = load_rows(make_config(str(tmp_path / "a.jsonl")))
+    loaded = load_rows(make_config(str(tmp_path / "a.jsonl")), tmp_path)
     assert loaded.label_names == ["neg", "pos"]
     with pytest.raises(UserError, match=r"model.num_labels: 3, but the labels give 2 classes"):
         load_rows(Config.model_validate({"task": "classification", "model": {"name": "m", "num_labels": 3},
-                                         "data": {"train": str(tmp_path / "a.jsonl")}}))
+                                         "data": {"train": str(tmp_path / "a.jsonl")}}), tmp_path)
 
 
 def test_labels_outside_the_declared_set_list_values_counts_and_first_lines(tmp_path):
     rows = ROWS + [{"text": "meh", "label": "neutral"}, {"text": "so so", "label": "neutral"}]
     write_jsonl(tmp_path / "a.jsonl", rows)
     with pytest.raises(UserError) as error:
-        load_rows(make_config(str(tmp_path / "a.jsonl"), label_names=["neg", "pos"], eval_fraction=0))
+        load_rows(make_config(str(tmp_path / "a.jsonl"), label_names=["neg", "pos"], eval_fraction=0), tmp_path)
     assert f"'neutral' ×2 (first {tmp_path / 'a.jsonl'}:31)" in str(error.value)
 
 
 def test_eval_fraction_split_is_deterministic_by_seed(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", ROWS)
-    rows = read_source(str(tmp_path / "a.jsonl"), "data.train")
+    rows = read_source(str(tmp_path / "a.jsonl"), "data.train", tmp_path)
     first_train, first_eval = split_eval(rows, 0.2, seed=42)
     again_train, again_eval = split_eval(rows, 0.2, seed=42)
     _, other_eval = split_eval(rows, 0.2, seed=7)
-    assert first_eval.records == again_eval.records and len(first_eval.records) == 6
-    assert len(first_train.records) == 24 and other_eval.records != first_eval.records
-    assert not {r["text"] for r in first_eval.records} & {r["text"] for r in first_train.records}
+    texts = {name: rows.dataset["text"] for name, rows in
+             (("first", first_eval), ("again", again_eval), ("other", other_eval), ("train", first_train))}
+    assert texts["first"] == texts["again"] and len(texts["first"]) == 6
+    assert len(texts["train"]) == 24 and texts["other"] != texts["first"]
+    assert not set(texts["first"]) & set(texts["train"])
 
 
 # Token ids and labels, token by token
@@ -193,12 +195,12 @@ def test_examples_whose_answer_is_truncated_away_are_reported_and_skipped(tokeni
     rows = [{"prompt": long_prompt, "completion": "five"}, {"prompt": "add 2 and 3", "completion": "five"}]
     write_jsonl(tmp_path / "a.jsonl", rows)
     config = make_config(str(tmp_path / "a.jsonl"), task="causal_lm", max_length=16, eval_fraction=0)
-    loaded = load_rows(config)
-    examples = tokenize_rows(loaded.train, "prompt_completion", config, tokenizer, None, "data.train")
-    assert len(examples) == 1
+    loaded = load_rows(config, tmp_path)
+    examples, summary = tokenize_rows(loaded.train, "prompt_completion", config, tokenizer, None, "data.train", tmp_path)
+    assert len(examples) == 1 and summary["dropped"] == {"no answer tokens left after truncation": 1}
     assert f"{tmp_path / 'a.jsonl'}:1" in caplog.text and "raise data.max_length" in caplog.text
     with pytest.raises(UserError, match="no answer tokens left after truncation"):
-        tokenize_rows(loaded.train.subset([0]), "prompt_completion", config, tokenizer, None, "data.train")
+        tokenize_rows(loaded.train.select([0]), "prompt_completion", config, tokenizer, None, "data.train", tmp_path)
 
 
 def test_format_is_detected_from_columns(tmp_path):
@@ -207,16 +209,16 @@ def test_format_is_detected_from_columns(tmp_path):
              "instruction": {"instruction": "q", "input": "", "output": "a"}, "text": {"text": "plain"}}
     for expected, row in cases.items():
         write_jsonl(tmp_path / "a.jsonl", [row] * 3)
-        assert load_rows(make_config(str(tmp_path / "a.jsonl"), task="causal_lm", eval_fraction=0)).data_format == expected
+        assert load_rows(make_config(str(tmp_path / "a.jsonl"), task="causal_lm", eval_fraction=0), tmp_path).data_format == expected
     write_jsonl(tmp_path / "a.jsonl", [{"question": "q"}])
     with pytest.raises(UserError, match=r"cannot tell the format from columns \['question'\]"):
-        load_rows(make_config(str(tmp_path / "a.jsonl"), task="causal_lm", eval_fraction=0))
+        load_rows(make_config(str(tmp_path / "a.jsonl"), task="causal_lm", eval_fraction=0), tmp_path)
 
 
 def test_chat_rows_without_an_assistant_turn_are_rejected(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"messages": [{"role": "user", "content": "q"}]}])
     with pytest.raises(UserError, match=r"a.jsonl:1: no assistant message to learn from"):
-        load_rows(make_config(str(tmp_path / "a.jsonl"), task="causal_lm", eval_fraction=0))
+        load_rows(make_config(str(tmp_path / "a.jsonl"), task="causal_lm", eval_fraction=0), tmp_path)
 
 
 def test_group_by_tokens_respects_the_budget_and_keeps_every_example():
@@ -225,3 +227,53 @@ def test_group_by_tokens_respects_the_budget_and_keeps_every_example():
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in batch) <= 64 for batch in batches)
     assert len(batches) == 5  # 278 tokens need at least 5 batches of 64
+
+
+# Several sources in one run
+
+def test_mixed_sources_map_fields_pick_rows_and_keep_their_locations(tmp_path):
+    from datasets import Dataset
+
+    write_jsonl(tmp_path / "a.jsonl", [{"q": f"jsonl {i}", "a": f"answer {i}"} for i in range(20)])
+    db = tmp_path / "pairs.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE pairs (prompt TEXT, completion TEXT)")
+        connection.executemany("INSERT INTO pairs VALUES (?, ?)", [(f"sql {i}", "" if i == 7 else f"ok {i}")
+                                                                   for i in range(10)])
+    Dataset.from_list([{"prompt": f"saved {i}", "completion": "x", "extra": i} for i in range(8)]).save_to_disk(
+        str(tmp_path / "saved"))
+    train = [{"path": str(tmp_path / "a.jsonl"), "fields": {"prompt": "q", "completion": "a"}, "max_rows": 5},
+             {"database": f"sqlite:///{db}", "query": "SELECT * FROM pairs WHERE completion != '' ORDER BY rowid",
+              "fraction": 0.5},
+             str(tmp_path / "saved")]
+    config = make_config(train, task="causal_lm", eval_fraction=0)
+    loaded = load_rows(config, tmp_path)
+    prompts = loaded.train.dataset["prompt"]
+    assert len(loaded.train) == 5 + 4 + 8 and loaded.data_format == "prompt_completion"
+    assert loaded.train.dataset.column_names == ["prompt", "completion"]
+    assert sum(p.startswith("jsonl") for p in prompts) == 5 and sum(p.startswith("sql") for p in prompts) == 4
+    assert loaded.dropped["not picked (max_rows/fraction)"] == 15 + 5
+    # A picked row still points at its own line / query row.
+    first_jsonl = int(prompts[0].split()[1])
+    assert loaded.train.where(0) == f"{tmp_path / 'a.jsonl'}:{first_jsonl + 1}"
+    assert loaded.train.where(16) == f"{tmp_path / 'saved'}: row 8"
+    assert load_rows(config, tmp_path).train.dataset["prompt"] == prompts  # the pick is seeded
+    other_seed = Config.model_validate({**config.model_dump(), "training": {"seed": 1}})
+    assert load_rows(other_seed, tmp_path).train.dataset["prompt"] != prompts
+
+    train[1]["query"] = "SELECT * FROM pairs ORDER BY rowid"
+    train[1].pop("fraction")
+    with pytest.raises(UserError, match=rf"data.train: 1 bad example\(s\): {db}: query row 8: missing field 'completion'"):
+        load_rows(make_config(train, task="causal_lm", eval_fraction=0), tmp_path)
+    train[0]["fields"] = {"prompt": "question", "completion": "a"}
+    with pytest.raises(UserError, match=r"data.train.fields.prompt: no column 'question' in .*a.jsonl \(columns: q, a\)"):
+        load_rows(make_config(train, task="causal_lm", eval_fraction=0), tmp_path)
+
+
+def test_dedupe_removes_exact_duplicates_before_the_eval_split(tmp_path):
+    rows = ROWS + ROWS[:10] + [{"text": "review 0", "label": "pos"}]  # the last differs in its label: kept
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    loaded = load_rows(make_config(str(tmp_path / "a.jsonl"), dedupe=True, eval_fraction=0.2), tmp_path)
+    assert loaded.dropped["exact duplicates"] == 10 and len(loaded.train) + len(loaded.eval) == 31
+    kept = loaded.train.dataset.to_list() + loaded.eval.dataset.to_list()
+    assert len({(r["text"], r["label"]) for r in kept}) == 31

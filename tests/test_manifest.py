@@ -87,13 +87,19 @@ def test_a_failed_run_records_failed_with_its_error_in_one_masked_line(tmp_path)
 def test_token_budget_batches_count_as_examples(tmp_path):
     from datasets import Dataset
 
-    batches = [{"input_ids": [[1, 2], [3]], "labels": [[1, 2], [3]]}, {"input_ids": [[4, 5, 6]], "labels": [[4, 5, 6]]}]
+    from sft.data import in_token_budget_batches
+
+    train = [{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]},
+             {"input_ids": [4, 5, 6], "labels": [4, 5, 6]}]
     examples = [{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}]
     files = [DataFile("a.jsonl", "abc", 4)]
+    prepared = PreparedData(Dataset.from_list(train), Dataset.from_list(examples), "text", None, files, {}, "key",
+                            tmp_path, None)
     manifest = {}
-    record_data(manifest, PreparedData(Dataset.from_list(batches), Dataset.from_list(examples), "text", None, files))
+    record_data(manifest, in_token_budget_batches(prepared, max_tokens=3))  # [4, 5, 6] | [1, 2] + [3]
+    assert manifest["data"]["eval_batches"] == 1
     assert manifest["data"]["train_examples"] == 3 and manifest["data"]["train_batches"] == 2
-    assert manifest["data"]["eval_examples"] == 2 and "eval_batches" not in manifest["data"]
+    assert manifest["data"]["eval_examples"] == 2 and manifest["data"]["cache_key"] == "key"
 
 
 @pytest.mark.parametrize("secret", ["tok_supersecret", 'pässwörd"1\\'])

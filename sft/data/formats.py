@@ -1,0 +1,150 @@
+"""Formats and masking: one pure function per format returning token ids and labels (loss only where labels are
+not IGNORE_INDEX), and the batched `Dataset.map` body that applies them."""
+from bisect import bisect_left
+from collections import defaultdict
+
+from sft.config import Fields
+from sft.errors import UserError
+
+IGNORE_INDEX = -100  # label value the loss skips (torch CrossEntropyLoss ignore_index)
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+# Extra columns the map writes for the data summary; dropped before the data is stored.
+FULL_LENGTH, TRAINABLE = "_full_length", "_trainable"
+
+
+def tokenize_text(tokenizer, text: str, max_length: int | None) -> dict:
+    input_ids = _with_eos(tokenizer, tokenizer(text)["input_ids"])[:max_length]
+    return {"input_ids": input_ids, "labels": list(input_ids)}
+
+
+def tokenize_prompt_completion(tokenizer, prompt: str, completion: str, max_length: int | None) -> dict:
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    answer_ids = _with_eos(tokenizer, tokenizer(completion, add_special_tokens=False)["input_ids"])
+    input_ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]  # loss on the answer only
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize_instruction(tokenizer, instruction: str, input_text: str, output: str, max_length: int | None) -> dict:
+    """Chat-tuned tokenizers get a user/assistant conversation; base models the Alpaca prompt."""
+    if tokenizer.chat_template:
+        user = f"{instruction}\n\n{input_text}" if input_text else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        return tokenize_messages(tokenizer, messages, max_length)
+    template = ALPACA_PROMPT_WITH_INPUT if input_text else ALPACA_PROMPT
+    return tokenize_prompt_completion(tokenizer, template.format(instruction=instruction, input=input_text),
+                                      output, max_length)
+
+
+def tokenize_messages(tokenizer, messages: list[dict], max_length: int | None) -> dict:
+    """Render with the tokenizer's chat template; loss on assistant turns (their end-of-turn tokens included)."""
+    return tokenize_conversations(tokenizer, [messages], max_length)[0]
+
+
+def tokenize_conversations(tokenizer, conversations: list[list[dict]], max_length: int | None) -> list[dict]:
+    """tokenize_messages for many conversations at once: one template call per kind of rendering and one tokenizer
+    call for the batch (per-call overhead, not the work, dominates short chats)."""
+    template = tokenizer.chat_template or ""
+    if "{% generation %}" in template or "{%- generation %}" in template:
+        encoded = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+        pairs = [(list(ids), [token if answer else IGNORE_INDEX for token, answer in zip(ids, mask)])
+                 for ids, mask in zip(encoded["input_ids"], encoded["assistant_masks"])]
+    else:
+        pairs = _answer_labels_by_prefix(tokenizer, conversations)
+    return [{"input_ids": input_ids[:max_length], "labels": labels[:max_length]} for input_ids, labels in pairs]
+
+
+def _answer_labels_by_prefix(tokenizer, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    """For templates without {% generation %} markers: an assistant turn is the text between the rendering of the
+    conversation up to its generation prompt and the rendering that includes the turn. Returns (input_ids, labels)."""
+    def render(turn_lists: list[list[dict]], generation_prompt: bool = False) -> list[str]:
+        filled = [turns for turns in turn_lists if turns]
+        rendered = iter(tokenizer.apply_chat_template(filled, tokenize=False, add_generation_prompt=generation_prompt)
+                        if filled else [])
+        return [next(rendered) if turns else "" for turns in turn_lists]
+
+    texts = render(conversations)
+    turns = [(c, i) for c, messages in enumerate(conversations) for i, m in enumerate(messages)
+             if m["role"] == "assistant"]
+    starts = render([conversations[c][:i] for c, i in turns], generation_prompt=True)
+    # The conversation through its last turn is its full text: one rendering fewer for the common case.
+    throughs = render([conversations[c][: i + 1] if i < len(conversations[c]) - 1 else [] for c, i in turns])
+    spans: list[list[tuple[int, int]]] = [[] for _ in conversations]
+    for (c, i), start, through in zip(turns, starts, throughs):
+        through = through if i < len(conversations[c]) - 1 else texts[c]
+        if not (through.startswith(start) and texts[c].startswith(through)):
+            raise UserError("the tokenizer's chat template renders earlier turns differently once later turns exist; "
+                            "add {% generation %} markers to the template (tokenizer.chat_template) to mark answers")
+        spans[c].append((len(start), len(through)))
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    results = []
+    for input_ids, offsets, answer_spans in zip(encoded["input_ids"], encoded["offset_mapping"], spans):
+        # A token belongs to an answer when its first character does. Offsets ascend, so bisect finds the range
+        # ((start,) sorts before every (start, end)), and the labels are copied by slices: no per-token Python.
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for span_start, span_end in answer_spans:
+            first, end = bisect_left(offsets, (span_start,)), bisect_left(offsets, (span_end,))
+            labels[first:end] = input_ids[first:end]
+        results.append((input_ids, labels))
+    return results
+
+
+def tokenize_classification(tokenizer, text: str, text_pair: str | None, label: int, max_length: int | None) -> dict:
+    encoded = tokenizer(text, text_pair, truncation=max_length is not None, max_length=max_length)
+    return {**encoded, "labels": label}
+
+
+def _with_eos(tokenizer, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def tokenize_record(record: dict, data_format: str, fields: Fields, tokenizer, label_names: list[str] | None,
+                    max_length: int) -> tuple[dict, int]:
+    """One validated row → (example truncated to max_length, its length before truncation)."""
+    if data_format == "classification":
+        label = record[fields.label]
+        label_id = label_names.index(label) if isinstance(label, str) else label
+        pair = record.get(fields.text_pair) if fields.text_pair else None
+        example = tokenize_classification(tokenizer, record[fields.text], pair, label_id, None)
+        full_length = len(example["input_ids"])
+        if full_length > max_length:  # pairs truncate longest-first, not by a slice: let the tokenizer do it
+            example = tokenize_classification(tokenizer, record[fields.text], pair, label_id, max_length)
+        return example, full_length
+    if data_format == "messages":
+        example = tokenize_messages(tokenizer, record[fields.messages], None)
+    elif data_format == "prompt_completion":
+        example = tokenize_prompt_completion(tokenizer, record[fields.prompt], record[fields.completion], None)
+    elif data_format == "instruction":
+        example = tokenize_instruction(tokenizer, record[fields.instruction], record.get(fields.input) or "",
+                                       record[fields.output], None)
+    else:
+        example = tokenize_text(tokenizer, record[fields.text], None)
+    return _truncated(example, max_length), len(example["input_ids"])
+
+
+def tokenize_batch(batch: dict[str, list], data_format: str, fields: Fields, tokenizer,
+                   label_names: list[str] | None, max_length: int) -> dict[str, list]:
+    """`Dataset.map(batched=True)` body: examples plus their full length and (causal LM) trainable-token count."""
+    names = list(batch)
+    if data_format == "messages":  # the whole batch in one go (see tokenize_conversations)
+        full = tokenize_conversations(tokenizer, batch[fields.messages], None)
+        results = [(_truncated(example, max_length), len(example["input_ids"])) for example in full]
+    else:
+        results = [tokenize_record(dict(zip(names, values)), data_format, fields, tokenizer, label_names, max_length)
+                   for values in zip(*(batch[name] for name in names))]
+    columns: dict[str, list] = defaultdict(list)
+    for example, full_length in results:
+        for name, value in example.items():
+            columns[name].append(value)
+        columns[FULL_LENGTH].append(full_length)
+        if data_format != "classification":
+            columns[TRAINABLE].append(len(example["labels"]) - example["labels"].count(IGNORE_INDEX))
+    return dict(columns)
+
+
+def _truncated(example: dict, max_length: int) -> dict:
+    """Every causal-LM format truncates by cutting the end off both lists (the slice the functions apply)."""
+    return {"input_ids": example["input_ids"][:max_length], "labels": example["labels"][:max_length]}

@@ -1,0 +1,353 @@
+"""Read sources (files, save_to_disk folders, SQL queries) into memory-mapped Arrow datasets that remember where each
+row came from (file:line), so later stages can point at a bad row without keeping rows as Python objects."""
+import csv
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+from sft.config import FileSource, Source, SQLSource
+from sft.errors import UserError
+from sft.secrets import mask
+
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SQL_CHUNK_ROWS = 10_000  # rows fetched per round trip and written per Arrow batch: bounded memory, few round trips
+
+
+@dataclass
+class DataFile:
+    """One input as recorded in the manifest."""
+    source: str
+    sha256: str
+    rows: int
+
+
+@dataclass
+class Origin:
+    """Where a stretch of rows came from; turns a row number into the text a user finds the row by."""
+    kind: str  # jsonl, json, csv, parquet, saved, sql
+    label: str  # the file, folder[split] or database
+    picked: Any = None  # numpy array of source row numbers when the source was sampled (max_rows/fraction)
+
+    def where(self, index: int) -> str:
+        row = int(self.picked[index]) if self.picked is not None else index
+        if self.kind == "jsonl":
+            return f"{self.label}:{_jsonl_line(Path(self.label), row)}"
+        if self.kind == "csv":
+            return f"{self.label}:{_csv_line(Path(self.label), row)}"
+        if self.kind == "json":
+            return f"{self.label}: item {row}"
+        if self.kind == "sql":
+            return f"{self.label}: query row {row + 1}"
+        return f"{self.label}: row {row + 1}"
+
+
+@dataclass
+class Rows:
+    """Raw examples as an Arrow dataset, plus where each came from, for error messages."""
+    dataset: Any  # datasets.Dataset
+    origins: list[tuple[int, Origin]] = field(default_factory=list)  # (first row, origin), in row order
+    files: list[DataFile] = field(default_factory=list)
+    positions: Any = None  # numpy array: row -> row number before select(), or None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def where(self, index: int) -> str:
+        row = int(self.positions[index]) if self.positions is not None else index
+        start, origin = next((s, o) for s, o in reversed(self.origins) if s <= row)
+        return origin.where(row - start)
+
+    def select(self, indices) -> "Rows":
+        """The rows at `indices` (a sorted numpy array), keeping their locations."""
+        import numpy as np
+
+        indices = np.asarray(indices, dtype=np.int64)
+        positions = indices if self.positions is None else self.positions[indices]
+        return replace(self, dataset=self.dataset.select(indices), positions=positions)
+
+
+def concatenate(parts: list[Rows]) -> Rows:
+    from datasets import concatenate_datasets
+
+    if len(parts) == 1:
+        return parts[0]
+    origins, files, start = [], [], 0
+    for part in parts:
+        if part.positions is not None:
+            raise AssertionError("concatenate() takes rows before any select()")
+        origins += [(start + s, o) for s, o in part.origins]
+        files += part.files
+        start += len(part)
+    try:
+        dataset = concatenate_datasets([part.dataset for part in parts])
+    except ValueError as error:
+        raise UserError(f"data sources have different columns or types ({str(error).splitlines()[0]}); give each "
+                        f"source a fields mapping onto the same names, or convert them to one schema") from None
+    return Rows(dataset, origins, files)
+
+
+# Fingerprints: content hashes, cheap enough to compute before deciding whether the cache already has the result
+
+def source_items(source: Source | None) -> list[str | FileSource | SQLSource]:
+    if source is None:
+        return []
+    return list(source) if isinstance(source, list) else [source]
+
+
+def file_fingerprint(item: str | FileSource, config_key: str) -> DataFile:
+    path = Path(item if isinstance(item, str) else item.path)
+    if path.is_dir():
+        return DataFile(str(path), _sha256_folder(path), -1)
+    if not path.is_file():
+        raise UserError(f"{config_key}: {path} does not exist; check the path (and DATA_PATH in .env)")
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise UserError(f"{config_key}: {path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)} "
+                        f"or a datasets save_to_disk folder")
+    return DataFile(str(path), _sha256_file(path), -1)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256_folder(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(_sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+# Files
+
+def read_file(item: str | FileSource, config_key: str, default_split: str, work_dir: Path,
+              fingerprint: DataFile | None = None) -> Rows:
+    """One file or save_to_disk folder as Arrow; a file that Arrow cannot read is re-read line by line to say where."""
+    fingerprint = fingerprint or file_fingerprint(item, config_key)
+    path = Path(fingerprint.source)
+    if path.is_dir():
+        split_given = isinstance(item, FileSource) and bool(item.split)
+        split = (item.split if split_given else None) or default_split
+        rows = _read_saved_dataset(path, config_key, split, split_given)
+    else:
+        kind = path.suffix.lower().lstrip(".")
+        rows = Rows(_load_file(path, kind, work_dir), [(0, Origin(kind, str(path)))])
+    rows.files = [replace(fingerprint, rows=len(rows))]
+    return rows
+
+
+def _load_file(path: Path, kind: str, work_dir: Path):
+    import datasets
+    from datasets import Features, Value, load_dataset
+
+    datasets.disable_progress_bars()
+    options: dict[str, Any] = {}
+    if kind == "csv":
+        # Every column as text, empty cells as "" (pandas would guess numbers and NaN): the same values csv gives.
+        with path.open(encoding="utf-8", newline="") as f:
+            header = next(csv.reader(f), [])
+        options = {"features": Features({name: Value("string") for name in header}), "na_filter": False}
+    builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}[kind]
+    # datasets logs its own error before raising; ours (below) says where in the file and how to fix it.
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(logging.CRITICAL)
+    try:
+        return load_dataset(builder, data_files=str(path), split="train", cache_dir=str(work_dir / "sources"),
+                            **options)
+    except Exception as error:  # noqa: BLE001 - any parser failure; the line-by-line reader names the place
+        if kind in ("jsonl", "json", "csv"):
+            for _ in iter_file_records(path, kind):
+                pass
+        cause = error.__cause__ or error
+        raise UserError(f"{path}: cannot read as {kind} ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
+                        f"fix the file or convert it") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def iter_file_records(path: Path, kind: str) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each row, read the slow way: for the exact place of a syntax error."""
+    if kind == "jsonl":
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{path}:{line_no}: invalid JSON ({error.msg} at column {error.colno}); "
+                                    f"each line must be one JSON object") from None
+                _require_object(record, f"{path}:{line_no}")
+                yield f"{path}:{line_no}", record
+    elif kind == "json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); fix the file or convert it to "
+                            f"JSONL") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON array of objects at the top level")
+        for index, record in enumerate(data):
+            _require_object(record, f"{path}: item {index}")
+            yield f"{path}: item {index}", record
+    else:
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            for record in reader:
+                if None in record:
+                    raise UserError(f"{path}:{reader.line_num}: more values than header columns; quote fields "
+                                    f"that contain commas")
+                yield f"{path}:{reader.line_num}", record
+
+
+def _require_object(record: Any, where: str) -> None:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object with named fields, got {type(record).__name__}")
+
+
+def _jsonl_line(path: Path, row: int) -> int:
+    """Line number of the row-th record (blank lines are skipped by the reader, so they are counted here)."""
+    seen = -1
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            seen += bool(line.strip())
+            if seen == row:
+                return line_no
+    return row + 1
+
+
+def _csv_line(path: Path, row: int) -> int:
+    """Line on which the row-th record ends (quoted fields may span lines), as csv.reader counts."""
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        for index, _ in enumerate(reader, -1):  # -1: the header
+            if index == row:
+                return reader.line_num
+    return row + 2
+
+
+def _read_saved_dataset(path: Path, config_key: str, split: str, split_given: bool) -> Rows:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        dataset = load_from_disk(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{config_key}: {path} is a folder but not a datasets save_to_disk folder") from None
+    if isinstance(dataset, DatasetDict):
+        if split not in dataset:
+            raise UserError(f"{config_key}: {path} has splits {', '.join(dataset)}, not '{split}'; "
+                            f"write {config_key}: {{path: {path}, split: NAME}}")
+        dataset = dataset[split]
+        label = f"{path}[{split}]"
+    elif split_given:
+        raise UserError(f"{config_key}: {path} holds a single dataset without splits; remove split")
+    else:
+        label = str(path)
+    return Rows(dataset, [(0, Origin("saved", label))])
+
+
+# SQL (SQLite and PostgreSQL, through SQLAlchemy)
+
+def read_sql(source: SQLSource, config_key: str, work_dir: Path) -> Rows:
+    """Stream the query's rows in chunks into an Arrow file (never all rows in memory) and hash them on the way,
+    so the same query on changed data gets a different fingerprint."""
+    import pyarrow as pa
+    from datasets import Dataset
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    url, label = _database_url(source, config_key)
+    digest = hashlib.sha256(source.query.encode())
+    arrow_file = Path(tempfile.mkstemp(dir=work_dir, prefix="query-", suffix=".arrow")[1])
+    writer, schema, count = None, None, 0
+    engine = create_engine(url, **_engine_options(url, source.timeout))
+    stage = "connect"
+    try:
+        with engine.connect() as connection:
+            stage = "query"
+            # stream_results: a server-side cursor, so the database hands rows over chunk by chunk.
+            result = connection.execution_options(stream_results=True, max_row_buffer=SQL_CHUNK_ROWS).execute(
+                text(source.query))
+            columns = list(result.keys())
+            for chunk in result.partitions(SQL_CHUNK_ROWS):
+                records = [dict(zip(columns, row)) for row in chunk]
+                digest.update(json.dumps(records, default=str, sort_keys=True).encode())
+                batch = _record_batch(records, schema, count, config_key)
+                schema = batch.schema
+                writer = writer or pa.ipc.new_stream(str(arrow_file), schema)
+                writer.write_batch(batch)
+                count += len(records)
+            if writer is None:  # no rows: an empty file with the query's columns, so validation says "no examples"
+                writer = pa.ipc.new_stream(str(arrow_file), pa.schema([(c, pa.string()) for c in columns]))
+    except DBAPIError as error:
+        raise UserError(_sql_error(error, source, config_key, label, stage)) from None
+    except SQLAlchemyError as error:
+        setting = "database" if stage == "connect" else "query"
+        raise UserError(mask(f"{config_key}.{setting}: {str(error).splitlines()[0]}; check the database URL and "
+                             f"query")) from None
+    finally:
+        if writer is not None:
+            writer.close()
+        engine.dispose()
+    rows = Rows(Dataset.from_file(str(arrow_file)), [(0, Origin("sql", label))])
+    rows.files = [DataFile(mask(f"{label} :: {source.query}"), digest.hexdigest(), count)]
+    return rows
+
+
+def _database_url(source: SQLSource, config_key: str) -> tuple[str, str]:
+    """SQLAlchemy URL and the (password-free) label used in messages."""
+    url = source.database
+    if url.startswith("sqlite:///"):
+        db_path = Path(url.removeprefix("sqlite:///"))
+        if not db_path.is_file():
+            raise UserError(f"{config_key}.database: {db_path} does not exist; check the path")
+        # Read-only URI: the tool never writes into the user's data (and works on read-only binds).
+        return f"sqlite:///file:{db_path.resolve()}?mode=ro&uri=true", str(db_path)
+    if url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+        rest = url.split("://", 1)[1]
+        return f"postgresql+psycopg://{rest}", mask(url)
+    raise UserError(f"{config_key}.database: {mask(url)}: unsupported database; use sqlite:///path/to.db or "
+                    f"postgresql://user:${{PGPASSWORD}}@host/dbname")
+
+
+def _engine_options(url: str, timeout: float) -> dict:
+    from sqlalchemy.pool import NullPool
+
+    if not url.startswith("postgresql"):
+        return {}
+    milliseconds = int(timeout * 1000)
+    # A read-only transaction (the tool never writes into the user's data) and a server-side statement timeout,
+    # so a runaway query fails with a message instead of holding the job until Slurm kills it.
+    return {"connect_args": {"connect_timeout": 10, "options": f"-c statement_timeout={milliseconds} "
+                                                               f"-c default_transaction_read_only=on"},
+            "poolclass": NullPool}
+
+
+def _record_batch(records: list[dict], schema, first_row: int, config_key: str):
+    import pyarrow as pa
+
+    try:
+        return pa.RecordBatch.from_pylist(records, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise UserError(f"{config_key}.query: a column changes type after row {first_row} ({error}); CAST it to one "
+                        f"type in the query") from None
+
+
+def _sql_error(error, source: SQLSource, config_key: str, label: str, stage: str) -> str:
+    original = getattr(error, "orig", None) or error
+    detail = (str(original).strip().splitlines() or [type(original).__name__])[0]
+    if "statement timeout" in detail:
+        return mask(f"{config_key}.query: cancelled after {source.timeout:g} s (statement timeout) on {label}; "
+                    f"make the query cheaper or raise {config_key}.timeout")
+    if stage == "connect":
+        return mask(f"{config_key}.database: cannot connect to {label}: {detail}; check host, port, user and "
+                    f"password (PGPASSWORD in .env)")
+    return mask(f"{config_key}.query: {detail}; check the SQL against {label}")

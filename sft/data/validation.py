@@ -1,0 +1,183 @@
+"""Validate rows per format, streaming over the Arrow data: every problem counted, the first few shown with
+file:line, all in one line; then labels, duplicates and the held-out eval split."""
+from collections import Counter
+from typing import Any, Iterator
+
+from sft.config import Config, Fields
+from sft.data.sources import Rows
+from sft.errors import UserError
+
+MAX_PROBLEMS_SHOWN = 3
+BATCH_ROWS = 1000  # rows turned into Python objects at a time: memory stays flat however large the data
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def iter_records(rows: Rows, columns: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(row number, record) over the dataset, one batch of Python objects at a time."""
+    dataset = rows.dataset
+    if columns is not None:
+        dataset = dataset.select_columns([c for c in columns if c in dataset.column_names])
+    index = 0
+    for batch in dataset.iter(batch_size=BATCH_ROWS):
+        names = list(batch)
+        for values in zip(*(batch[name] for name in names)):
+            yield index, dict(zip(names, values))
+            index += 1
+
+
+def detect_format(config: Config, rows: Rows) -> str:
+    if config.data.format != "auto":
+        return config.data.format
+    if config.task == "classification":
+        return "classification"
+    columns = set(rows.dataset.column_names)
+    fields = config.data.fields
+    if fields.messages in columns:
+        return "messages"
+    if {fields.prompt, fields.completion} <= columns:
+        return "prompt_completion"
+    if {fields.instruction, fields.output} <= columns:
+        return "instruction"
+    if fields.text in columns:
+        return "text"
+    first = f" ({rows.where(0)})" if len(rows) else ""
+    raise UserError(f"data.format: cannot tell the format from columns {sorted(columns)}{first}; "
+                    f"expected {fields.messages}, {fields.prompt}+{fields.completion}, {fields.instruction}+"
+                    f"{fields.output} or {fields.text}, or set data.fields / data.format")
+
+
+def format_columns(data_format: str, fields: Fields) -> list[str]:
+    """The columns a format reads (all others are dropped before tokenization)."""
+    return {"classification": [fields.text, fields.label] + ([fields.text_pair] if fields.text_pair else []),
+            "messages": [fields.messages], "prompt_completion": [fields.prompt, fields.completion],
+            "instruction": [fields.instruction, fields.input, fields.output], "text": [fields.text]}[data_format]
+
+
+def _required(data_format: str, fields: Fields) -> list[tuple[str, type | tuple]]:
+    required = {
+        "classification": [(fields.text, str), (fields.label, (str, int))],
+        "messages": [(fields.messages, list)],
+        "prompt_completion": [(fields.prompt, str), (fields.completion, str)],
+        "instruction": [(fields.instruction, str), (fields.output, str)],
+        "text": [(fields.text, str)],
+    }[data_format]
+    if data_format == "classification" and fields.text_pair:
+        required.append((fields.text_pair, str))
+    return required
+
+
+def record_problems(record: dict, data_format: str, fields: Fields) -> list[str]:
+    """What is wrong with one row (empty when it is fine), without the location."""
+    problems = []
+    for name, kind in _required(data_format, fields):
+        value = record.get(name)
+        if value is None or value == "":
+            problems.append(f"missing field '{name}'")
+        elif not isinstance(value, kind) or isinstance(value, bool):
+            problems.append(f"field '{name}' should be {_kind_name(kind)}, got {type(value).__name__}")
+    if data_format == "messages" and isinstance(record.get(fields.messages), list):
+        problems += _message_problems(record[fields.messages])
+    return problems
+
+
+def validate_rows(rows: Rows, data_format: str, config: Config, config_key: str) -> None:
+    fields = config.data.fields
+    if not len(rows):
+        raise UserError(f"{config_key}: no examples found; check the file or query")
+    count, shown = 0, []
+    for index, record in iter_records(rows, format_columns(data_format, fields)):
+        problems = record_problems(record, data_format, fields)
+        count += len(problems)
+        for problem in problems[:MAX_PROBLEMS_SHOWN - len(shown)]:
+            shown.append(f"{rows.where(index)}: {problem}")
+    if count:
+        more = f" (and {count - len(shown)} more)" if count > len(shown) else ""
+        raise UserError(f"{config_key}: {count} bad example(s): {'; '.join(shown)}{more}")
+
+
+def _message_problems(messages: list) -> list[str]:
+    problems = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
+                or message.get("role") not in ROLES:
+            problems.append(f"message {i} needs role (system/user/assistant/tool) and string content")
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        problems.append("no assistant message to learn from")
+    return problems
+
+
+def _kind_name(kind: type | tuple) -> str:
+    names = {str: "a string", int: "an integer", list: "a list"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names[k] for k in kinds)
+
+
+# Labels
+
+def resolve_labels(config: Config, train: Rows, eval_rows: Rows | None) -> list[str]:
+    """Class names in id order: given, or inferred (sorted) from train; every label must map to one."""
+    name = config.data.fields.label
+    values = {record[name] for _, record in iter_records(train, [name])}
+    label_names = config.data.label_names
+    if label_names is None:
+        if all(isinstance(v, int) for v in values):
+            count = config.model.num_labels or max(values) + 1
+            label_names = [str(i) for i in range(count)]
+        elif all(isinstance(v, str) for v in values):
+            label_names = sorted(values)
+        else:
+            raise UserError(f"data.train: field '{name}' mixes integers and strings; use one kind, or set data.label_names")
+    num_labels = config.model.num_labels
+    if num_labels is not None and num_labels != len(label_names):
+        raise UserError(f"model.num_labels: {num_labels}, but the labels give {len(label_names)} classes "
+                        f"({', '.join(label_names)}); fix num_labels or data.label_names")
+    if len(label_names) < 2:
+        raise UserError(f"data.train: only one label value ({label_names[0]}) found; classification needs two or more")
+    for key, rows in (("data.train", train), ("data.eval", eval_rows)):
+        if rows is not None:
+            _check_labels_known(rows, name, label_names, key)
+    return label_names
+
+
+def _check_labels_known(rows: Rows, name: str, label_names: list[str], config_key: str) -> None:
+    unknown: Counter = Counter()
+    first_seen: dict[Any, int] = {}
+    for index, record in iter_records(rows, [name]):
+        value = record[name]
+        known = value in label_names if isinstance(value, str) else 0 <= value < len(label_names)
+        if not known:
+            unknown[value] += 1
+            first_seen.setdefault(value, index)
+    if unknown:
+        listed = ", ".join(f"{v!r} ×{n} (first {rows.where(first_seen[v])})" for v, n in unknown.most_common())
+        raise UserError(f"{config_key}: labels outside {label_names}: {listed}; fix the data or data.label_names")
+
+
+# Duplicates and the eval split
+
+def duplicate_free(rows: Rows, columns: list[str]) -> tuple[Rows, int]:
+    """Keep the first of each set of identical examples (same values in `columns`); return them and the count
+    removed. One 128-bit hash per row in a numpy array: no Python set of the whole dataset."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    hashes = np.empty((len(rows), 2), dtype=np.uint64)
+    for index, record in iter_records(rows, columns):
+        digest = hashlib.blake2b(json.dumps(record, sort_keys=True, default=str).encode(), digest_size=16).digest()
+        hashes[index] = np.frombuffer(digest, dtype=np.uint64)
+    _, first = np.unique(hashes, axis=0, return_index=True)
+    removed = len(rows) - len(first)
+    return (rows.select(np.sort(first)) if removed else rows), removed
+
+
+def split_eval(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
+    """Deterministic held-out split: the same seed and data always give the same eval examples."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_eval = max(1, round(len(rows) * fraction))
+    if n_eval >= len(rows):
+        raise UserError(f"data.eval_fraction: {fraction} of {len(rows)} examples leaves none to train on")
+    return rows.select(np.sort(order[n_eval:])), rows.select(np.sort(order[:n_eval]))
