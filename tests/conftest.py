@@ -1,12 +1,16 @@
 """Shared test assets, all built locally and offline: a tiny BPE tokenizer + Llama model, and small datasets."""
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The tokenized-data cache and hub caches of every test (and of the runs they start) live in one fresh folder:
+# never the user's ~/.cache, and never a cache left by an earlier version of the code.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="sft-tests-hf-")
 REPO = Path(__file__).resolve().parent.parent
 
 # ChatML-style, deliberately without {% generation %} markers: exercises the render-and-diff masking route.
@@ -19,6 +23,12 @@ CORPUS = [
     "add two and three : the answer is five", "translate hello to german : hallo", "slurm jobs get preempted",
     "checkpoints make training resumable", "the model learns to answer questions", "user assistant system",
 ]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(os.environ["HF_HOME"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
