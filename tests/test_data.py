@@ -186,8 +186,17 @@ def test_instruction_uses_the_chat_template_when_there_is_one_else_alpaca(tokeni
 
 
 def test_classification_encodes_pairs_and_label_ids(tokenizer):
-    example = tokenize_classification(tokenizer, "premise here", "hypothesis", 1, max_length=5)
-    assert example["labels"] == 1 and len(example["input_ids"]) == 5
+    """The second text's tokens follow the separator (this tokenizer's pair template: <s> A <s> B), also when
+    truncation has to shorten the pair."""
+    premise, hypothesis = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("premise here",
+                                                                                             "hypothesis"))
+    bos = tokenizer.bos_token_id
+    example = tokenize_classification(tokenizer, "premise here", "hypothesis", 1, max_length=64)
+    assert example["labels"] == 1 and example["input_ids"] == [bos, *premise, bos, *hypothesis]
+    truncated = tokenize_classification(tokenizer, "premise here", "hypothesis", 1, max_length=5)["input_ids"]
+    separator = truncated.index(bos, 1)
+    assert len(truncated) == 5 and truncated[1:separator] == premise[:separator - 1]
+    assert truncated[separator + 1:] == hypothesis[:len(truncated) - separator - 1] and separator < 4
 
 
 def test_examples_whose_answer_is_truncated_away_are_reported_and_skipped(tokenizer, tmp_path, caplog):
