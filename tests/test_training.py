@@ -408,8 +408,9 @@ def test_ctrl_c_prints_the_command_that_resumes_the_same_run(tiny_causal_lm, tin
                                                              write_config):
     sft_on_path = Path(sys.executable).parent / "sft"
     assert sft_on_path.is_file(), "the venv's `sft` script (make venv installs it)"
-    config = tiny_lm_config(tiny_causal_lm, "${CHAT_DATA}", tmp_path / "runs", max_steps=40, save_strategy="steps",
-                            save_steps=3)
+    # Long enough (about 10 s) that the run is still going when Ctrl-C lands, even on a loaded machine.
+    config = tiny_lm_config(tiny_causal_lm, "${CHAT_DATA}", tmp_path / "runs", max_steps=300, save_strategy="steps",
+                            save_steps=3, save_total_limit=2)
     config["output"]["name"] = "{config}-{time}"
     config_path = write_config(config, "chat run.yaml")  # a space, for the quoting
     (tmp_path / "chat.env").write_text(f"CHAT_DATA={tiny_chat_data}\n")
