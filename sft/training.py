@@ -236,6 +236,11 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
     )
     # Without a progress bar Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
     trainer.remove_callback(PrinterCallback)
+    if config.task == "classification":
+        # Sequence-classification forwards take **kwargs, so Trainer assumes their loss divides by the token count
+        # of the whole step (num_items_in_batch) and multiplies it by the number of processes. BERT-style heads take
+        # a plain batch mean instead: without this, losses and gradients come out x world size under DDP.
+        trainer.model_accepts_loss_kwargs = False
     return trainer
 
 
