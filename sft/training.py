@@ -40,17 +40,27 @@ def run_training(config: Config, overwrite: bool = False) -> RunResult:
         close_run_log()
 
 
-def _run(config: Config, overwrite: bool, preemption) -> RunResult:
+def start_processes(config: Config):
+    """This process's place among the torchrun workers (accelerate's PartialState), with the process group set up
+    as TrainingArguments would: CPU runs need cpu=True to be distributed, and the collective timeout must be given
+    here, as TrainingArguments' ddp_timeout is ignored once a process group exists."""
+    from datetime import timedelta
+
     import torch
     from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), backend=config.training.ddp_backend,
+                        timeout=timedelta(seconds=config.training.ddp_timeout))
+
+
+def _run(config: Config, overwrite: bool, preemption) -> RunResult:
     from accelerate.utils import broadcast_object_list
 
     from sft import data, manifest as manifests, model as models
     from sft.determinism import seed_everything
     from sft.logs import add_run_log
 
-    # The same process-group settings TrainingArguments will use (CPU runs need cpu=True to be distributed).
-    state = PartialState(cpu=not torch.cuda.is_available(), backend=config.training.ddp_backend)
+    state = start_processes(config)
     is_main = state.is_main_process
     # Before any model or data object exists: a new classifier head or LoRA adapter draws from these generators.
     determinism = seed_everything(config.training.seed, config.training.deterministic)
@@ -67,6 +77,9 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
         if is_main else {}
     manifest["determinism"] = determinism
     log.info("run directory %s (%s)", run.path, f"resuming from {resume_from.name}" if resume_from else "new run")
+    if state.num_processes > 1:
+        log.info("%d processes (%s), collectives time out after %d s (training.ddp_timeout)", state.num_processes,
+                 state.backend, config.training.ddp_timeout)
 
     # Load data (rank 0 tokenizes; under torchrun the others load its result instead of racing it)
     tokenizer = models.load_tokenizer(config)
@@ -96,12 +109,12 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
         state.wait_for_everyone()
         raise Preempted()
 
-    # Save the final model
+    # Save the final model: every rank takes part (gathering sharded weights is a collective), rank 0 writes.
     metrics = final_metrics(trainer.state.log_history)
+    save_final(trainer, config, run.path)
     if is_main:
-        save_final(trainer, config, run.path)
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
-    state.wait_for_everyone()
+    # No barrier here: the other ranks are done, and waiting for rank 0's writes would count against ddp_timeout.
     return RunResult(run.path, metrics, is_main)
 
 
@@ -214,6 +227,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         fp16=dtype == torch.float16,
         activation_checkpointing=t.gradient_checkpointing,
         ddp_backend=t.ddp_backend,
+        ddp_timeout=t.ddp_timeout,
         # Every trainable parameter takes part in each forward pass; searching for unused ones costs a graph walk.
         ddp_find_unused_parameters=False,
         fsdp=t.fsdp,
@@ -303,9 +317,12 @@ def final_metrics(log_history: list[dict]) -> dict:
 
 
 def save_final(trainer, config: Config, run_dir: Path) -> None:
-    """final/: model (or LoRA adapter) + tokenizer in safetensors; final/merged/ when method.merge is set."""
+    """final/: model (or LoRA adapter) + tokenizer in safetensors; final/merged/ when method.merge is set.
+    Called on every rank: under FSDP the full weights exist only while all ranks gather them."""
     final = run_dir / "final"
     trainer.save_model(str(final))
+    if not trainer.args.should_save:
+        return
     if config.method.name == "lora" and config.method.merge:
         merged = trainer.model.merge_and_unload()
         merged.save_pretrained(str(final / "merged"))

@@ -21,10 +21,10 @@ REVIEWS = [{"text": f"{adjective} {thing}", "label": label}
            for thing in ["node", "queue", "cluster", "login", "storage", "scheduler", "network", "support"]]
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """`sft ARGS` in 2 processes on this machine (a free rendezvous port each time)."""
+def torchrun(*args: str, script: Path = REPO / "entrypoint.py") -> subprocess.CompletedProcess:
+    """`sft ARGS` (or another script) in 2 processes on this machine (a free rendezvous port each time)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(REPO / "entrypoint.py"), *args]
+               str(script), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -118,3 +118,20 @@ def test_losses_under_two_process_ddp_equal_a_single_process_evaluation(task, ti
     assert results["train_loss"] == logged_loss and results["eval_loss"] == logged_eval_loss
     # The eval loss is that of the trained weights (the step moved it well beyond the tolerance above).
     assert final_eval_loss != pytest.approx(reference(model, model, eval_rows), rel=1e-4)
+
+
+def test_the_configured_timeout_reaches_the_process_group(tiny_causal_lm, tiny_chat_data, tmp_path):
+    """Read back the timeout of the process group sft starts (gloo's own default is 1800 s, as is sft's)."""
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs")))
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        "from sft.config import load_config\n"
+        "from sft.training import start_processes\n"
+        "state = start_processes(load_config(sys.argv[1], sys.argv[2:]))\n"
+        "backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu'))\n"
+        "print(f'rank {state.process_index}: {type(backend).__name__} {backend.options._timeout.total_seconds():g} s')\n")
+    result = torchrun(str(config_path), "training.ddp_backend=gloo", "training.ddp_timeout=4321", script=probe)
+    assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank ")) \
+        == ["rank 0: ProcessGroupGloo 4321 s", "rank 1: ProcessGroupGloo 4321 s"]
