@@ -95,9 +95,17 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
              "token-budget batches" if config.training.max_tokens_per_batch else "examples", len(prepared.eval or []))
 
     # Load model and train
+    _check_fsdp_settings(config, state.num_processes)
     model = models.load_model(config, prepared.label_names)
     trainer = build_trainer(config, run, model, tokenizer, prepared, preemption)
+    if config.training.fsdp and not trainer.is_fsdp_enabled:
+        raise UserError("training.fsdp: accelerate runs FSDP only on GPUs, and this run has none (it would train "
+                        "with plain DDP instead); drop training.fsdp for CPU runs")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if state.num_processes > 1:
+        log.info("rank 0 holds %.1f%% of the model's parameter values (%s)", 100 * held_fraction(trainer.model),
+                 f"FSDP shards across {state.num_processes} processes" if trainer.is_fsdp_enabled
+                 else "DDP: every process holds a full copy")
     # A signal during the very last step leaves nothing to resume: finish normally instead.
     if preemption.stopped_by and trainer.state.global_step < trainer.state.max_steps:
         if is_main:
@@ -116,6 +124,25 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
     # No barrier here: the other ranks are done, and waiting for rank 0's writes would count against ddp_timeout.
     return RunResult(run.path, metrics, is_main)
+
+
+def _check_fsdp_settings(config: Config, num_processes: int) -> None:
+    if not config.training.fsdp:
+        return
+    if num_processes == 1:
+        raise UserError("training.fsdp: FSDP shards the model across processes, and this run has one; start it with "
+                        "torchrun (slurm/train_multi.sbatch), or drop training.fsdp")
+    if config.method.name == "lora" and config.method.merge:
+        raise UserError("method.merge: under training.fsdp no process holds the whole trained model to merge; "
+                        "set method.merge: false and merge the saved adapter afterwards")
+
+
+def held_fraction(model) -> float:
+    """Share of the model's parameter values stored in this process: 1 under DDP, about 1/N under FSDP over N."""
+    from torch.distributed.tensor import DTensor
+
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+    return held / sum(p.numel() for p in model.parameters())
 
 
 def _write_config(run_dir: Path, config: Config, must_match: bool) -> None:

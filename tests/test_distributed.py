@@ -5,8 +5,11 @@ on one node, and checks the run against an independent single-process computatio
 """
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,12 +24,18 @@ REVIEWS = [{"text": f"{adjective} {thing}", "label": label}
            for thing in ["node", "queue", "cluster", "login", "storage", "scheduler", "network", "support"]]
 
 
-def torchrun(*args: str, script: Path = REPO / "entrypoint.py") -> subprocess.CompletedProcess:
+# Test-only: accelerate's FSDP on CPU (see tests/hooks/sitecustomize.py).
+FSDP_ON_CPU = {"PYTHONPATH": str(REPO / "tests" / "hooks"), "SFT_TEST_FSDP_ON_CPU": "1"}
+
+
+def torchrun_command(*args: str, script: Path = REPO / "entrypoint.py") -> list[str]:
     """`sft ARGS` (or another script) in 2 processes on this machine (a free rendezvous port each time)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(script), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *args]
+
+
+def torchrun(*args: str, script: Path = REPO / "entrypoint.py", env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(torchrun_command(*args, script=script), capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -135,3 +144,89 @@ def test_the_configured_timeout_reaches_the_process_group(tiny_causal_lm, tiny_c
     result = torchrun(str(config_path), "training.ddp_backend=gloo", "training.ddp_timeout=4321", script=probe)
     assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank ")) \
         == ["rank 0: ProcessGroupGloo 4321 s", "rank 1: ProcessGroupGloo 4321 s"]
+
+
+def loss_records(run_dir: Path) -> list[tuple[int, float]]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [(record["step"], record["loss"]) for line in lines if "loss" in (record := json.loads(line))]
+
+
+def test_fsdp_shards_stops_all_ranks_together_resumes_exactly_and_saves_a_loadable_model(tiny_causal_lm,
+                                                                                         tiny_chat_data, tmp_path):
+    """FSDP2 through accelerate and Trainer, 2 processes: each holds half of the parameters; SIGUSR1 to one rank
+    stops both at the same step with a complete checkpoint; the resumed run equals an uninterrupted one bit for
+    bit; final/ loads with from_pretrained."""
+    import shutil
+
+    import psutil
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = tmp_path / "model"  # with dropout, so that each rank's restored RNG state matters
+    shutil.copytree(tiny_causal_lm, model)
+    model_config = AutoConfig.from_pretrained(model)
+    model_config.attention_dropout = 0.1
+    model_config.save_pretrained(model)
+    config = tiny_lm_config(model, tiny_chat_data, tmp_path / "runs", epochs=100, max_steps=100, batch_size=2,
+                            fsdp="full_shard auto_wrap")
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **FSDP_ON_CPU}
+
+    torchrun("train", str(config_path), "training.ddp_backend=gloo", "output.name=reference", env=FSDP_ON_CPU)
+    reference = tmp_path / "runs" / "reference"
+    log = next(reference.glob("sft_log_*.log")).read_text()
+    held = float(re.search(r"rank 0 holds ([\d.]+)% of the model's parameter values \(FSDP shards", log)[1])
+    assert 45 < held < 55, log
+
+    run_dir = tmp_path / "runs" / "preempted"
+    command = torchrun_command("train", str(config_path), "training.ddp_backend=gloo", "output.name=preempted")
+    with (tmp_path / "preempted.log").open("w") as output:
+        launcher = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while len(loss_records(run_dir)) < 5:
+            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "preempted.log").read_text()
+            time.sleep(0.05)
+        rank_1 = next(p for p in psutil.Process(launcher.pid).children(recursive=True)
+                      if p.environ().get("RANK") == "1")
+        rank_1.send_signal(signal.SIGUSR1)  # rank 0 hears of it only through the agreed flag
+        assert launcher.wait(timeout=300) != 0  # torchrun reports the workers' exit 75 as a failure
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "preempted"
+    checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / ".complete").is_file()
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 5 <= step < 100
+    # accelerate's FSDP checkpoint (the gathered model and optimizer), and both ranks' RNG states
+    assert {"pytorch_model_fsdp.bin", "optimizer.bin", "rng_state_0.pth", "rng_state_1.pth"} \
+        <= {p.name for p in checkpoints[0].iterdir()}
+    assert "stopped by a signal on another rank" in (tmp_path / "preempted.log").read_text()
+
+    torchrun("train", str(config_path), "training.ddp_backend=gloo", "output.name=preempted", env=FSDP_ON_CPU)
+    assert loss_records(run_dir) == loss_records(reference)
+    expected, actual = (load_file(d / "final" / "model.safetensors") for d in (reference, run_dir))
+    assert expected.keys() == actual.keys() and all(expected[name].equal(actual[name]) for name in expected)
+    loaded = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert all(torch.equal(parameter, actual[name]) for name, parameter in loaded.state_dict().items())
+
+
+def test_fsdp_where_accelerate_would_not_shard_is_refused(tiny_causal_lm, tiny_chat_data, tmp_path):
+    """Without GPUs accelerate ignores the FSDP plugin and trains with DDP: sft refuses instead of pretending."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on GPUs accelerate does shard")
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs",
+                                                         fsdp="full_shard auto_wrap")))
+    result = subprocess.run(torchrun_command("train", str(config_path), "training.ddp_backend=gloo"), text=True,
+                            capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "training.fsdp: accelerate runs FSDP only on GPUs, and this run has none" in result.stderr
+    assert not list((tmp_path / "runs" / "tiny").glob("checkpoints/checkpoint-*"))  # no step was trained
+
+    single = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "train", str(config_path)], text=True,
+                            capture_output=True, timeout=600)
+    assert single.returncode == 2 and "training.fsdp: FSDP shards the model across processes" in single.stderr
