@@ -274,20 +274,26 @@ def test_multi_node_script_trains_with_fsdp_from_the_config(slurm_cluster, workd
     AutoModelForCausalLM.from_pretrained(run_dir / "final")
 
 
-def test_multi_node_script_finishes_a_slow_checkpoint_on_sigterm(slurm_cluster, workdir, job_env, lm_config):
-    """torchrun SIGKILLs its workers 30 s after its own SIGTERM; the script keeps torchrun out of it, so a
-    checkpoint that takes 40 s (a test-only delay in every save) still completes. `scancel --signal=TERM
-    --batch` is what preemption sends, without the SIGKILL that follows after the partition's GraceTime."""
-    run_dir = workdir / "runs" / "ddp-sigterm"
+@pytest.mark.parametrize("scancel, end_state", [(("--signal=TERM", "--batch"), "FAILED"), ((), "CANCELLED")],
+                         ids=["term-to-batch-shell", "plain-scancel"])
+def test_multi_node_script_finishes_a_slow_checkpoint_on_sigterm(slurm_cluster, workdir, job_env, lm_config,
+                                                                 scancel, end_state):
+    """srun SIGKILLs its step when it gets SIGTERM, torchrun its workers 30 s after its own SIGTERM; the script
+    keeps both out of it, so a checkpoint that takes 40 s (a test-only delay in every save) still completes.
+    TERM to the batch shell only: the script passes it on. A plain scancel, as preemption does: Slurm sends
+    TERM to every process of the job, then SIGKILL after KillWait (90 s here)."""
+    run_dir = workdir / "runs" / f"ddp-sigterm-{end_state.lower()}"
     env = {**job_env, "PYTHONPATH": str(REPO / "tests" / "hooks"), "SFT_TEST_SAVE_DELAY": "40"}
     job = slurm_cluster.sbatch(*SMALL, *ONE_NODE_TWO_TASKS, str(SLURM_DIR / "train_multi.sbatch"), str(lm_config),
                                "training.ddp_backend=gloo", f"training.max_steps={DDP_STEPS}",
-                               "output.name=ddp-sigterm", env=env, cwd=workdir)
-    _wait_for(lambda: len(_loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster)
-    slurm_cluster.signal_batch(job, "TERM")
-    slurm_cluster.wait(job, timeout=300, states=("FAILED",))  # exit 75 from the workers, not requeued
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "preempted"
+                               f"output.name={run_dir.name}", env=env, cwd=workdir)
+    # Two torchrun agents start slowly on a loaded 2-core machine (minutes at worst).
+    _wait_for(lambda: len(_loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster, timeout=400)
+    subprocess.run(["scancel", *scancel, job], env=slurm_cluster.env, check=True)
+    slurm_cluster.wait(job, timeout=300, states=(end_state,))  # the workers' exit 75 is not requeued
+    # A cancelled job shows CANCELLED while its processes still finish: wait for sft to record the checkpoint.
+    _wait_for(lambda: json.loads((run_dir / "manifest.json").read_text())["status"] == "preempted",
+              "sft's checkpoint on SIGTERM", slurm_cluster, timeout=80)
     checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / ".complete").is_file()
     log = (workdir / "logs" / f"sft-multi-{job}.out").read_text()
