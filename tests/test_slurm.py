@@ -4,7 +4,8 @@ What they check: a tiny run completes under train.sbatch; USR1 mid-run → check
 run ends with exactly the per-step losses and weights of an uninterrupted run (and ignores a checkpoint
 that was never completed); a plain scancel checkpoints but is not requeued; a sweep array gives one run
 directory per task; train_multi.sbatch runs 2-process gloo DDP through srun + torchrun (two agents meeting by
-c10d rendezvous), writes outputs once, survives USR1 + requeue exactly too, and runs FSDP from the config;
+c10d rendezvous), writes outputs once, survives USR1 + requeue exactly too, shards with FSDP from the config
+(accelerate's GPU-only gate lifted by tests/hooks), and finishes a 40 s checkpoint after SIGTERM;
 jupyter.sbatch serves JupyterLab behind a token (when jupyter is installed: the image has it, the venv does
 not). Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s); all of it takes ~3 min.
 """
