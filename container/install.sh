@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The build steps of both images: apptainer.def's %post and the Containerfile's RUNs call exactly this.
-#   bash /opt/sft/src/container/install.sh deps   Python, venv, requirements.lock + container/jupyter.lock
+#   bash /opt/sft/src/container/install.sh deps   system packages, venv, requirements.lock + container/*.lock
 #   bash /opt/sft/src/container/install.sh app    the sft package, provenance record, mount points, permissions
 # Run inside the image being built, as root, with the sources in /opt/sft/src. Two phases so that the OCI build
 # caches the multi-GB dependency layer while sft itself changes.
@@ -9,6 +9,9 @@
 #   SFT_BUILD_DATE                                recorded as given (the Containerfile's labels use the same value)
 #   SFT_VERSION, SFT_LOCK_SHA256                  when given, must match what is installed (labels cannot lie)
 #   SFT_PIP_ARGS                                  extra pip options, e.g. "--extra-index-url URL --find-links DIR"
+#   SFT_TORCH_VARIANT   cuda (default): PyPI's torch build + container/cuda.lock, for GPU clusters
+#                       cpu: the same torch version's +cpu build (2 GB smaller; from an index or wheel folder that
+#                       serves it, e.g. SFT_PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu")
 # Build mounts, never copied into the image:
 #   /opt/sft-build/ca.pem       CA bundle for pip (TLS-intercepting proxies)
 #   /opt/sft-build/wheelhouse/  wheels for an offline build: pip then runs with --no-index
@@ -31,20 +34,51 @@ fi
 pip_args+=(${SFT_PIP_ARGS:-})
 
 install_deps() {
-  # Python 3.11 + venv from the base's packages (Debian 12's python3 is 3.11, the version the lock was made on).
-  if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates
-    apt-get clean
-    rm -rf /var/lib/apt/lists/*
-  fi
+  install_system_packages
   python3 -m venv "$VENV"
-  # One pip call for both locks: pip refuses the build if they ever disagree.
-  "$VENV/bin/pip" install "${pip_args[@]}" -r "$SRC/requirements.lock" -r "$SRC/container/jupyter.lock"
+  local locks=(-r "$SRC/requirements.lock" -r "$SRC/container/jupyter.lock")
+  case "${SFT_TORCH_VARIANT:-cuda}" in
+    cuda) locks+=(-r "$SRC/container/cuda.lock") ;;
+    # A constraint, not a second requirement: it picks the +cpu build of exactly the locked version.
+    cpu) sed -n 's/^torch==\([^+]*\)$/torch==\1+cpu/p' "$SRC/requirements.lock" > /tmp/torch-cpu.txt
+         locks+=(-c /tmp/torch-cpu.txt) ;;
+    *) echo "install.sh: SFT_TORCH_VARIANT=$SFT_TORCH_VARIANT; use cuda or cpu" >&2; exit 2 ;;
+  esac
+  # One pip call for all locks: pip refuses the build if they ever disagree.
+  "$VENV/bin/pip" install "${pip_args[@]}" "${locks[@]}"
+  rm -f /tmp/torch-cpu.txt
+  # Wheel folders can serve either build under the same version: check we got the one asked for.
+  "$VENV/bin/python" - "${SFT_TORCH_VARIANT:-cuda}" <<'PY'
+import sys, torch
+variant = "cuda" if torch.version.cuda else "cpu"
+if variant != sys.argv[1]:
+    sys.exit(f"install.sh: asked for TORCH_VARIANT={sys.argv[1]} but pip installed torch {torch.__version__} "
+             f"({variant}); check SFT_PIP_ARGS / WHEELHOUSE: plain PyPI serves the CUDA build")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+PY
   # The image runs as the calling user: fix only what is not world-readable (a blanket chmod -R would copy
   # every file into a new layer and double the OCI image).
   find "$VENV" \( ! -perm -o+r -o -type d ! -perm -o+x \) -exec chmod a+rX,go-w {} +
+}
+
+install_system_packages() {
+  # python3 + venv: Debian 12's python3 is 3.11, the version the locks were made on.
+  # gcc, python3-dev: Triton compiles a small C launcher per kernel signature at run time (flex_attention,
+  #   torch.compile on GPUs) and includes Python.h; g++: torch.compile's CPU backend compiles C++.
+  # libibverbs1, ibverbs-providers: the InfiniBand/RoCE userspace NCCL loads for multi-node traffic (without it
+  #   NCCL silently falls back to TCP sockets); the kernel driver comes from the host.
+  local packages=(python3 python3-venv python3-dev ca-certificates gcc g++ libc6-dev libibverbs1 ibverbs-providers)
+  # A base that has them all already (an offline build) needs no apt.
+  local installed
+  installed="$(dpkg-query --show --showformat='${db:Status-Status}\n' "${packages[@]}" 2>/dev/null \
+    | grep -cx installed || true)"
+  if [ "$installed" != "${#packages[@]}" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${packages[@]}"
+    apt-get clean
+    rm -rf /var/lib/apt/lists/*
+  fi
 }
 
 install_app() {

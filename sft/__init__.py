@@ -12,8 +12,8 @@ def train(config_path: str, **overrides: Any) -> "object":
     from sft.config import load_config
     from sft.training import run_training
 
-    config = load_config(config_path, overrides=_flatten(overrides))
-    return run_training(config)
+    flat = _flatten(overrides)
+    return run_training(load_config(config_path, overrides=flat), overrides=flat)
 
 
 def _flatten(overrides: dict[str, Any], prefix: str = "") -> list[str]:

@@ -61,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"sft: error: {mask(str(error))}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("sft: interrupted; rerun the same command to resume from the newest complete checkpoint",
-              file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        # Set once the run directory exists (sft.training.Interrupted); before that there is nothing to resume.
+        resume = getattr(stop, "resume_command", None)
+        print(f"sft: interrupted; resume from the newest complete checkpoint with: {resume}" if resume
+              else "sft: interrupted before the run started", file=sys.stderr)
         return 130
 
 
@@ -74,8 +76,11 @@ def _train(args) -> int:
 
     config = load_config(args.config, args.overrides, args.env_file)
     try:
-        result = run_training(config, overwrite=args.overwrite)
+        result = run_training(config, overwrite=args.overwrite, overrides=args.overrides, env_file=args.env_file)
     except Preempted as stop:
+        if stop.resume_command:  # printed, not logged: the log wraps long lines, and this one gets copied
+            print(f"sft: preempted; a requeued job resumes by itself, or resume with: {stop.resume_command}",
+                  file=sys.stderr)
         return stop.exit_code
     if result.is_main_process:
         print_summary(result)

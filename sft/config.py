@@ -335,5 +335,4 @@ def _sections_in(annotation: Any) -> list[type[BaseModel]]:
 
 def resolved_yaml(config: Config) -> str:
     """The config as it will run (defaults filled, variables substituted), with secrets masked."""
-    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    return secrets.mask(text)
+    return yaml.safe_dump(secrets.mask_values(config.model_dump(mode="json")), sort_keys=False)

@@ -12,8 +12,9 @@ from typing import Any
 
 import sft
 from sft.files import read_json, write_json_atomic
-from sft.rundir import MANIFEST, slurm_job_key
-from sft.secrets import mask
+from sft.secrets import mask_values
+
+MANIFEST = "manifest.json"
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "safetensors", "pydantic")
 DEFAULT_PROVENANCE_FILE = "/opt/sft/provenance.json"
@@ -71,21 +72,56 @@ def slurm_environment() -> dict[str, str]:
     return {name: os.environ[name] for name in SLURM_VARIABLES if name in os.environ}
 
 
-def start_manifest(run_dir: Path, config, resumed: bool, resume_step: int | None) -> dict:
-    """Create manifest.json for a new run, or record a restart in an existing one."""
-    now = datetime.now().astimezone().isoformat(timespec="seconds")
-    manifest = read_json(run_dir / MANIFEST) if resumed else {}
+def slurm_job_key() -> str | None:
+    """Identifies this Slurm job across requeues (array tasks each get their own)."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def read_manifest(run_dir: Path) -> dict | None:
+    """The run's manifest.json, or None when the directory has none."""
+    path = run_dir / MANIFEST
+    return read_json(path) if path.is_file() else None
+
+
+def claim_run_dir(run_dir: Path, name_template: str) -> None:
+    """The first manifest of a new run directory, written the moment the directory is created: a job killed at
+    any later point (even before training started) finds the directory again as its own."""
+    write_manifest(run_dir, {"status": "starting", "name": run_dir.name, "name_template": name_template,
+                             "slurm_job": slurm_job_key(), "started": _now()})
+
+
+def this_start() -> dict:
+    """Where and with what this process runs: recorded for the first start and again for every restart, since a
+    requeue may land on another node, other GPUs or a rebuilt image."""
+    return {"time": _now(), "host": socket.gethostname(), "slurm_job": slurm_job_key(),
+            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"), "slurm": slurm_environment(),
+            "platform": platform.platform(), "versions": package_versions(), "accelerator": accelerator_info(),
+            "image": image_provenance()}
+
+
+def start_manifest(run_dir: Path, config, resume_step: int | None) -> dict:
+    """Fill in manifest.json for a run's first start, or record a restart (with how the previous attempt ended)."""
+    manifest = read_manifest(run_dir) or {}
+    start = this_start()
     if "restarts" in manifest:  # a full manifest from an earlier start (not just the claim of the directory)
-        manifest["restarts"].append({"time": now, "slurm_job": slurm_job_key(),
-                                     "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
-                                     "resumed_from_step": resume_step, "host": socket.gethostname()})
+        previous = {"status": manifest["status"], "stopped": manifest.pop("stopped", None),
+                    "error": manifest.pop("error", None)}
+        manifest["restarts"].append({**start, "resumed_from_step": resume_step,
+                                     "previous": {k: v for k, v in previous.items() if v is not None}})
         manifest["status"] = "running"
     else:
         manifest = {"sft_version": sft.__version__, "name": run_dir.name, "name_template": config.output.name,
-                    "config_file": str(config.config_path), "status": "running", "started": now, "finished": None,
-                    "seed": config.training.seed, "slurm_job": slurm_job_key(), "slurm": slurm_environment(),
-                    "host": socket.gethostname(), "platform": platform.platform(), "versions": package_versions(),
-                    "accelerator": accelerator_info(), "image": image_provenance(),
+                    "config_file": str(config.config_path), "status": "running", "started": start["time"],
+                    "finished": None, "seed": config.training.seed, "slurm_job": start["slurm_job"],
+                    "slurm": start["slurm"], "host": start["host"], "platform": start["platform"],
+                    "versions": start["versions"], "accelerator": start["accelerator"], "image": start["image"],
                     "git": git_commit(config.config_path.parent) if config.config_path else None,
                     "data": {}, "restarts": [], "results": {}}
     write_manifest(run_dir, manifest)
@@ -93,30 +129,44 @@ def start_manifest(run_dir: Path, config, resumed: bool, resume_step: int | None
 
 
 def record_data(manifest: dict, prepared) -> None:
+    """Examples, not dataset rows: with training.max_tokens_per_batch each row is a batch of examples."""
     manifest["data"] = {"format": prepared.data_format, "label_names": prepared.label_names,
-                        "train_examples": len(prepared.train), "eval_examples": len(prepared.eval or []),
+                        **_counts("train", prepared.train), **_counts("eval", prepared.eval),
                         "files": [asdict(f) for f in prepared.files]}
+
+
+def _counts(split: str, dataset) -> dict[str, int]:
+    if dataset is None:
+        return {f"{split}_examples": 0}
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    input_ids = dataset.with_format("arrow")["input_ids"]
+    if not pa.types.is_list(input_ids.type.value_type):
+        return {f"{split}_examples": len(dataset)}
+    # A token-budget row holds a list of examples: count them from the list lengths (no token is read).
+    return {f"{split}_examples": pc.sum(pc.list_value_length(input_ids)).as_py() or 0,
+            f"{split}_batches": len(dataset)}
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:
     # Every string through mask(): database URLs and tokens must not land in a file that gets shared with the
     # model. Masked before JSON encoding, which would escape a secret's quotes or non-ASCII letters past mask().
-    write_json_atomic(run_dir / MANIFEST, _masked(json.loads(json.dumps(manifest, default=str))))
-
-
-def _masked(value: Any) -> Any:
-    if isinstance(value, str):
-        return mask(value)
-    if isinstance(value, dict):
-        return {key: _masked(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_masked(item) for item in value]
-    return value
+    write_json_atomic(run_dir / MANIFEST, mask_values(json.loads(json.dumps(manifest, default=str))))
 
 
 def finish_manifest(run_dir: Path, manifest: dict, status: str, results: dict | None = None) -> None:
     manifest["status"] = status
-    manifest["finished" if status == "finished" else "stopped"] = datetime.now().astimezone().isoformat(timespec="seconds")
+    manifest["finished" if status == "finished" else "stopped"] = _now()
     if results:
         manifest["results"] = results
+    write_manifest(run_dir, manifest)
+
+
+def record_failure(run_dir: Path, manifest: dict, error: BaseException) -> None:
+    """A run that ended by an exception: `failed` with the error's first line, or `interrupted` for Ctrl-C."""
+    manifest["status"] = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+    manifest["stopped"] = _now()
+    lines = str(error).strip().splitlines()
+    manifest["error"] = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     write_manifest(run_dir, manifest)

@@ -1,37 +1,51 @@
-"""Run directories: resolve the name once, find it again after a restart, refuse to clobber a finished run,
-and keep track of which checkpoints are complete."""
+"""Run directories: resolve the name once, find it again after a restart, let one run at a time own it, refuse
+to clobber a finished run, and keep track of which checkpoints are complete."""
+import fcntl
+import json
 import os
 import re
+import shlex
 import shutil
-from dataclasses import dataclass
+import socket
+import subprocess
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import IO
 
+from sft import manifest as manifests
 from sft.config import Config
 from sft.errors import UserError
-from sft.files import read_json, write_json_atomic, write_text_atomic
+from sft.files import write_text_atomic
 
-MANIFEST = "manifest.json"
+LOCK = "run.lock"
 COMPLETE_MARKER = ".complete"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# squeue states after which a job has no processes left and will not run again.
+ENDED_JOB_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "BOOT_FAIL",
+                    "DEADLINE", "OUT_OF_MEMORY", "REVOKED"}
 
 
 @dataclass
 class RunDir:
     path: Path
     resumed: bool  # the directory holds an unfinished run that this process continues
+    # run.lock, flock-held by the process that opened the directory (rank 0) until release().
+    lock: IO | None = field(default=None, repr=False, compare=False)
 
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    def release(self) -> None:
+        """Let another run have the directory (closing the file drops the flock)."""
+        if self.lock:
+            self.lock.close()
+            self.lock = None
 
-def slurm_job_key() -> str | None:
-    """Identifies this Slurm job across requeues (array tasks each get their own)."""
-    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and task:
-        return f"{array_job}_{task}"
-    return os.environ.get("SLURM_JOB_ID")
+    def __getstate__(self) -> dict:
+        # Sent to the other ranks under torchrun: the lock stays with the process that holds it.
+        return {**self.__dict__, "lock": None}
 
 
 def resolve_name(template: str, config: Config, now: datetime) -> str:
@@ -48,41 +62,190 @@ def resolve_name(template: str, config: Config, now: datetime) -> str:
 
 
 def open_run_dir(config: Config, overwrite: bool, now: datetime | None = None) -> RunDir:
-    """The directory this run writes to; a requeued Slurm job gets back the one its first start created."""
+    """The directory this run writes to, owned by this process until RunDir.release(); a requeued Slurm job gets
+    back the one its first start created. Refused while another live run owns it."""
     output_dir = Path(config.output.dir)
-    job = slurm_job_key()
+    job = manifests.slurm_job_key()
     name = _find_by_job(output_dir, job, config.output.name) if job else None
     name = name or resolve_name(config.output.name, config, now or datetime.now())
     path = output_dir / name
-    manifest = path / MANIFEST
-    if path.exists() and not manifest.is_file():
-        if any(path.iterdir()):
-            raise UserError(f"output: {path} exists and is not an sft run directory; choose another output.name "
-                            f"or output.dir")
-    elif path.exists() and read_json(manifest).get("status") == "finished":
-        if not overwrite:
-            raise UserError(f"output: {path} holds a finished run; pass --overwrite to replace it, or choose a new "
-                            f"output.name (e.g. add {{time}})")
-        shutil.rmtree(path)
-    elif path.exists():
-        return RunDir(path, resumed=True)
-    # Claim the directory with a first manifest at once, so a restart at any later point finds it as ours.
+    if path.is_dir() and manifests.read_manifest(path) is None and any(p.name != LOCK for p in path.iterdir()):
+        raise UserError(f"output: {path} exists and is not an sft run directory; choose another output.name "
+                        f"or output.dir")
     path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(manifest, {"status": "starting", "name_template": config.output.name, "slurm_job": job})
-    return RunDir(path, resumed=False)
+    run = RunDir(path, resumed=False, lock=_lock(path))
+    try:
+        manifest = manifests.read_manifest(path)
+        if manifest and manifest.get("status") == "finished":
+            if not overwrite:
+                raise UserError(f"output: {path} holds a finished run; pass --overwrite to replace it, or choose a "
+                                f"new output.name (e.g. add {{time}})")
+            _empty(path)
+            manifest = None
+        _record_owner(run.lock)
+        if manifest is None:
+            manifests.claim_run_dir(path, config.output.name)
+        run.resumed = manifest is not None
+        return run
+    except BaseException:
+        run.release()
+        raise
+
+
+def resume_command(config: Config, run_name: str, overrides: list[str], env_file: str | None) -> str:
+    """The command that continues this run: the same config and overrides with the name pinned to the resolved
+    one ({time} resolves anew in every run, {date} after midnight, and a new Slurm job does not find the old job's
+    directory)."""
+    words = ["sft", "train", str(config.config_path)]
+    if env_file:
+        words += ["--env-file", env_file]
+    words += [o for o in overrides if o.partition("=")[0].strip() != "output.name"]
+    pinned = run_name.replace("{", "{{").replace("}", "}}")  # a literal name, not a template
+    return shlex.join([*words, f"output.name={pinned}"])
 
 
 def _find_by_job(output_dir: Path, job: str, template: str) -> str | None:
     if not output_dir.is_dir():
         return None
-    for manifest in output_dir.glob(f"*/{MANIFEST}"):
+    for folder in output_dir.iterdir():
         try:
-            record = read_json(manifest)
+            record = manifests.read_manifest(folder) if folder.is_dir() else None
         except (OSError, ValueError):
             continue
-        if record.get("slurm_job") == job and record.get("name_template") == template:
-            return manifest.parent.name
+        if record and record.get("slurm_job") == job and record.get("name_template") == template:
+            return folder.name
     return None
+
+
+def _empty(path: Path) -> None:
+    """Remove a finished run for --overwrite, keeping the lock this process holds on the directory."""
+    for entry in path.iterdir():
+        if entry.name == LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+# Ownership: run.lock holds an flock for as long as the owning process runs, and names that process inside.
+#
+# Why not the flock alone: run directories live on NFS or Lustre, where flock may be local to one node (Lustre
+# mounted with `localflock`, NFS with `local_lock=flock`), unsupported (Lustre `noflock`), or outlive a node
+# that crashed (NFSv3 keeps its locks until the node reboots); and a preempted job waiting in the queue to be
+# requeued has no process at all, yet its run is not abandoned. So the owner's host, pid and Slurm job are
+# written inside, and:
+#   - on the owner's host the kernel's flock is exact (the pid if flock is unsupported);
+#   - a restart of the owner's own Slurm job takes over: Slurm ends every process of a job before it runs the
+#     job again, so a lock still held from another node is stale;
+#   - another job's run is live while squeue lists that job as not ended (pending for a requeue too), when
+#     squeue is at hand (it is one quick query; inside a container it often is not);
+#   - otherwise the flock decides. Without squeue, two jobs on different nodes of a filesystem with node-local
+#     flock cannot see each other: then only distinct output names keep them apart.
+
+def _lock(path: Path) -> IO:
+    """Open and flock PATH/run.lock without writing anything, or raise UserError naming the live owner."""
+    lock_path = path / LOCK
+    lock = lock_path.open("a+")
+    held_elsewhere = _try_flock(lock)
+    owner = _read_owner(lock_path)
+    if _owner_running(owner, held_elsewhere):
+        lock.close()
+        raise UserError(_in_use_message(path, owner))
+    if held_elsewhere:  # a stale lock (see above): a fresh file with its own flock replaces it
+        lock.close()
+        lock = _fresh_lock(lock_path)
+    return lock
+
+
+def _try_flock(lock: IO) -> bool | None:
+    """False when this process now holds the flock, True when another one does, None when flock is unsupported."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # ENOLCK, EOPNOTSUPP: e.g. Lustre mounted with noflock, NFS without a lock daemon
+        return None
+
+
+def _fresh_lock(lock_path: Path) -> IO:
+    temporary = lock_path.with_name(f".{LOCK}.{os.getpid()}")
+    lock = temporary.open("a+")
+    _try_flock(lock)  # a new file nobody else has opened: the flock is ours (or the filesystem has none)
+    os.replace(temporary, lock_path)
+    return lock
+
+
+def _record_owner(lock: IO) -> None:
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": manifests.slurm_job_key(),
+             "since": datetime.now().astimezone().isoformat(timespec="seconds")}
+    lock.seek(0)
+    lock.truncate()
+    lock.write(json.dumps(owner) + "\n")
+    lock.flush()
+    os.fsync(lock.fileno())
+
+
+def _read_owner(lock_path: Path) -> dict:
+    """The recorded owner; {} for none yet (a new file, or an owner that has not written itself in yet)."""
+    try:
+        owner = json.loads(lock_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _owner_running(owner: dict, held_elsewhere: bool | None) -> bool:
+    here = owner.get("host") == socket.gethostname()
+    if here and (held_elsewhere if held_elsewhere is not None else _pid_running(owner.get("pid"))):
+        return True
+    job = owner.get("slurm_job")
+    if job and job == manifests.slurm_job_key():
+        return False
+    if job and (active := _slurm_job_active(job)) is not None:
+        return active
+    return bool(held_elsewhere) and not here
+
+
+def _pid_running(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _slurm_job_active(job: str) -> bool | None:
+    """Whether Slurm still runs (or will run again) this job; None when squeue is missing or does not answer."""
+    squeue = shutil.which("squeue")
+    if not squeue:
+        return None
+    try:
+        result = subprocess.run([squeue, "--noheader", "--jobs", job, "--format=%T"], capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0:
+        # A job that ended a while ago is unknown to squeue; any other failure (no controller) tells nothing.
+        return False if "Invalid job id" in result.stderr else None
+    states = result.stdout.split()
+    return bool(states) and states[0] not in ENDED_JOB_STATES
+
+
+def _in_use_message(path: Path, owner: dict) -> str:
+    if not owner:
+        return (f"output: {path} is being opened by another run right now; wait for it, or choose a new "
+                f"output.name")
+    job = owner.get("slurm_job")
+    who = f"host {owner.get('host')}, pid {owner.get('pid')}" + (f", Slurm job {job}" if job else "")
+    stop = f"scancel {job}" if job else f"kill {owner.get('pid')} on {owner.get('host')}"
+    return (f"output: {path} belongs to a run that is still going ({who}, since {owner.get('since')}); wait for "
+            f"it to end, stop it ({stop}) and rerun to resume, or choose a new output.name")
 
 
 # Checkpoints: Trainer writes checkpoint-N/ in place, so completeness is a marker written after every file.

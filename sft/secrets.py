@@ -1,6 +1,7 @@
 """Secret masking: values that came from secret-looking variables never reach a log, config copy or manifest."""
 import logging
 import re
+from typing import Any
 
 # A name part ending in one of these words: HF_TOKEN, WANDB_API_KEY, WANDB_KEY, DB_PASS, PGPASSWORD, APIKEY,
 # AWS_SECRET_ACCESS_KEY... but not TOKENIZERS_PARALLELISM (masking its "false" would garble every file).
@@ -34,6 +35,18 @@ def mask(text: str) -> str:
     for value in sorted(_secret_values, key=len, reverse=True):
         text = text.replace(value, MASK)
     return URL_PASSWORD.sub(lambda m: m["head"] + MASK + m["tail"], text)
+
+
+def mask_values(value: Any) -> Any:
+    """Mask every string inside nested dicts and lists: done before JSON or YAML encoding, which would escape a
+    secret's quotes, backslashes or non-ASCII letters past mask()."""
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {key: mask_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [mask_values(item) for item in value]
+    return value
 
 
 class MaskingFilter(logging.Filter):

@@ -16,8 +16,21 @@ log = logging.getLogger("sft")
 
 
 class Preempted(Exception):
-    """Training stopped on SIGUSR1/SIGTERM after writing a complete checkpoint; the job should be requeued."""
+    """Training stopped on SIGUSR1/SIGTERM after writing a complete checkpoint; the job should be requeued.
+    On rank 0 it carries the command that resumes the run."""
     exit_code = EXIT_PREEMPTED
+
+    def __init__(self, resume_command: str | None = None):
+        super().__init__(resume_command)
+        self.resume_command = resume_command
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, after the manifest recorded it: carries the command that resumes the run."""
+
+    def __init__(self, resume_command: str):
+        super().__init__(resume_command)
+        self.resume_command = resume_command
 
 
 @dataclass
@@ -27,14 +40,16 @@ class RunResult:
     is_main_process: bool = True  # under torchrun only rank 0 reports
 
 
-def run_training(config: Config, overwrite: bool = False) -> RunResult:
+def run_training(config: Config, overwrite: bool = False, overrides: list[str] = (),
+                 env_file: str | None = None) -> RunResult:
+    """Train; `overrides` and `env_file` as given on the command line, for the command that resumes the run."""
     from sft.callbacks import PreemptionCallback
     from sft.logs import close_run_log
 
     preemption = PreemptionCallback()
     preemption.install()
     try:
-        return _run(config, overwrite, preemption)
+        return _run(config, overwrite, preemption, list(overrides), env_file)
     finally:
         preemption.restore()
         close_run_log()
@@ -53,10 +68,10 @@ def start_processes(config: Config):
                         timeout=timedelta(seconds=config.training.ddp_timeout))
 
 
-def _run(config: Config, overwrite: bool, preemption) -> RunResult:
+def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_file: str | None) -> RunResult:
     from accelerate.utils import broadcast_object_list
 
-    from sft import data, manifest as manifests, model as models
+    from sft import manifest as manifests
     from sft.determinism import seed_everything
     from sft.logs import add_run_log
 
@@ -66,21 +81,42 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
     determinism = seed_everything(config.training.seed, config.training.deterministic)
     if not is_main:
         log.setLevel(logging.WARNING)  # one copy of each progress line in the job log, from rank 0
-    # Rank 0 alone resolves the name ({time} differs between ranks) and creates the directory; the others get it.
+    # Rank 0 alone resolves the name ({time} differs between ranks), creates the directory and owns it until the
+    # run ends; the others get the path.
     run = broadcast_object_list([rundir.open_run_dir(config, overwrite) if is_main else None])[0]
-    if is_main:
-        add_run_log(run.path, run.resumed)
-    resume_from = _resume_checkpoint(run, is_main)
-    if is_main:
-        _write_config(run.path, config, must_match=resume_from is not None)
-    manifest = manifests.start_manifest(run.path, config, run.resumed, resume_from and rundir.checkpoint_step(resume_from)) \
-        if is_main else {}
-    manifest["determinism"] = determinism
-    log.info("run directory %s (%s)", run.path, f"resuming from {resume_from.name}" if resume_from else "new run")
-    if state.num_processes > 1:
-        log.info("%d processes (%s), collectives time out after %d s (training.ddp_timeout)", state.num_processes,
-                 state.backend, config.training.ddp_timeout)
+    try:
+        if is_main:
+            add_run_log(run.path, run.resumed)
+        resume_from = _resume_checkpoint(run, is_main)
+        if is_main:
+            _write_config(run.path, config, must_match=resume_from is not None)
+        manifest = manifests.start_manifest(run.path, config, resume_from and rundir.checkpoint_step(resume_from)) \
+            if is_main else {}
+        manifest["determinism"] = determinism
+        log.info("run directory %s (%s)", run.path, f"resuming from {resume_from.name}" if resume_from else "new run")
+        if state.num_processes > 1:
+            log.info("%d processes (%s), collectives time out after %d s (training.ddp_timeout)", state.num_processes,
+                     state.backend, config.training.ddp_timeout)
+        resume = rundir.resume_command(config, run.path.name, overrides, env_file)
+        try:
+            return _train(config, state, run, resume_from, manifest, preemption, resume)
+        except Preempted:
+            raise
+        except BaseException as error:
+            if is_main:
+                manifests.record_failure(run.path, manifest, error)
+            if isinstance(error, KeyboardInterrupt):
+                raise Interrupted(resume) from error
+            raise
+    finally:
+        run.release()
 
+
+def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, manifest: dict, preemption,
+           resume: str) -> RunResult:
+    from sft import data, manifest as manifests, model as models
+
+    is_main = state.is_main_process
     # Load data (rank 0 tokenizes; under torchrun the others load its result instead of racing it)
     tokenizer = models.load_tokenizer(config)
     with state.main_process_first():
@@ -110,12 +146,12 @@ def _run(config: Config, overwrite: bool, preemption) -> RunResult:
     if preemption.stopped_by and trainer.state.global_step < trainer.state.max_steps:
         if is_main:
             manifests.finish_manifest(run.path, manifest, "preempted")
-        log.warning("stopped by %s at step %d after saving a complete checkpoint; rerun (or requeue) to resume",
-                    preemption.stopped_by, trainer.state.global_step)
+        log.warning("stopped by %s at step %d after saving a complete checkpoint", preemption.stopped_by,
+                    trainer.state.global_step)
         # Every rank exits only after rank 0 has marked the checkpoint and written the manifest: torchrun
         # SIGTERMs the remaining workers as soon as one exits.
         state.wait_for_everyone()
-        raise Preempted()
+        raise Preempted(resume if is_main else None)
 
     # Save the final model: every rank takes part (gathering sharded weights is a collective), rank 0 writes.
     metrics = final_metrics(trainer.state.log_history)
@@ -149,7 +185,10 @@ def _write_config(run_dir: Path, config: Config, must_match: bool) -> None:
     """config.yaml; a run resumed from a checkpoint must keep its settings (a run that never reached one may change)."""
     path, text = run_dir / "config.yaml", resolved_yaml(config)
     if must_match and path.is_file() and path.read_text() != text:
-        changed = _changed_keys(path.read_text(), text)
+        # output.name may differ: the printed resume command pins a template ({time}) to the name it resolved to.
+        changed = [key for key in _changed_keys(path.read_text(), text) if key != "output.name"]
+        if not changed:
+            return
         raise UserError(f"output: {run_dir} was started with a different config ({', '.join(changed)} changed); "
                         f"resume with the same settings, or choose a new output.name")
     write_text_atomic(path, text)

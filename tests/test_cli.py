@@ -105,3 +105,20 @@ def test_a_full_training_run_needs_no_network(tiny_causal_lm, tiny_chat_data, tm
                             text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["status"] == "finished"
+
+
+def test_ctrl_c_prints_the_resume_command_once_a_run_exists(capsys, monkeypatch):
+    from sft.training import Interrupted
+
+    def interrupt(error):
+        def train(args):
+            raise error
+        return train
+
+    monkeypatch.setattr("sft.cli._train", interrupt(Interrupted("sft train /c.yaml 'output.name=c-120000'")))
+    assert main(["train", "c.yaml"]) == 130
+    assert capsys.readouterr().err == ("sft: interrupted; resume from the newest complete checkpoint with: "
+                                       "sft train /c.yaml 'output.name=c-120000'\n")
+    monkeypatch.setattr("sft.cli._train", interrupt(KeyboardInterrupt()))  # e.g. while the config loads
+    assert main(["train", "c.yaml"]) == 130
+    assert capsys.readouterr().err == "sft: interrupted before the run started\n"

@@ -98,6 +98,10 @@ def test_secrets_are_masked_in_the_resolved_config(write_config, monkeypatch):
                  "eval": {"database": "postgresql://ann:plainpw@host/db", "query": "SELECT 2"}}}))
     text = resolved_yaml(config)
     assert "hunter2-secret" not in text and "hf_abcdefgh" not in text and "plainpw" not in text
+    # YAML escapes non-ASCII letters in a quoted string: the value is masked before it is encoded.
+    monkeypatch.setenv("API_TOKEN", "pässwörd1")
+    config = load_config(write_config({**MINIMAL, "output": {"name": "run-${API_TOKEN}\ttab"}}))
+    assert "ss" not in resolved_yaml(config).split("name:")[-1]
     assert "postgresql://ann:***@host/db" in text
 
 

@@ -131,6 +131,8 @@ def test_both_recipes_set_the_same_environment():
     assert env["PYTHONNOUSERSITE"] == "1" and env["PYTHONUNBUFFERED"] == "1"
     assert env["HF_HUB_OFFLINE"] == "1" and env["HF_DATASETS_OFFLINE"] == "1"
     assert env["HF_HOME"].startswith("/cache/"), "HF_HOME must point at the bound cache, not into the image"
+    # Triton and torch.compile write kernels at run time; the image itself is read-only.
+    assert env["TRITON_CACHE_DIR"].startswith("/cache/") and env["TORCHINDUCTOR_CACHE_DIR"].startswith("/cache/")
     assert env["SFT_PROVENANCE_FILE"] == "/opt/sft/provenance.json"
 
 
@@ -190,15 +192,18 @@ def test_context_holds_exactly_what_the_recipes_copy():
     assert allowed == copied, "keep .dockerignore's allow-list equal to what the recipes copy"
 
 
-def test_jupyter_lock_only_adds_pinned_packages():
+def test_image_locks_only_add_pinned_packages():
     def pins(path: Path) -> dict[str, str]:
         lines = [l for l in path.read_text().splitlines() if l and not l.startswith("#")]
         assert all("==" in l for l in lines), f"{path.name}: every line must pin an exact version"
         return {re.sub(r"[-_.]+", "-", l.split("==")[0]).lower(): l.split("==")[1] for l in lines}
 
-    jupyter = pins(REPO / "container/jupyter.lock")
+    base, jupyter, cuda = (pins(REPO / path) for path in ("requirements.lock", "container/jupyter.lock",
+                                                          "container/cuda.lock"))
     assert "jupyterlab" in jupyter
-    assert not set(jupyter) & set(pins(REPO / "requirements.lock")), "a package pinned in both lock files"
+    # What PyPI's CUDA torch pulls in: Triton (flex_attention, torch.compile) and NCCL (multi-GPU) among them.
+    assert {"triton", "nvidia-cuda-runtime"} <= set(cuda) and any(name.startswith("nvidia-nccl") for name in cuda)
+    assert not set(jupyter) & set(base) and not set(cuda) & (set(base) | set(jupyter)), "a package pinned twice"
 
 
 def test_defrun_templating_fails_like_apptainer():
@@ -270,7 +275,7 @@ def def_build(podman_env, tmp_path_factory):
     pip installs, about 1.5 minutes saved when nothing is cached."""
     tag, options = "localhost/sft-def:test", build_options()
     commit = git_commit()
-    out = sh("make", "-n", "build", "APPTAINER=apptainer", f"BASE_IMAGE={options['BASE_IMAGE']}",
+    out = sh("make", "-n", "build", "APPTAINER=apptainer", "TORCH_VARIANT=cpu", f"BASE_IMAGE={options['BASE_IMAGE']}",
              f"SFT_PIP_ARGS={options['SFT_PIP_ARGS']}", f"PIP_CA_BUNDLE={options['PIP_CA_BUNDLE']}",
              capture_output=True, text=True).stdout
     words = shlex.split(re.sub(r"\\\n", " ", out.split("apptainer build", 1)[1].split("sha256sum")[0]))
@@ -301,10 +306,12 @@ def def_image(def_build):
 
 @pytest.fixture(scope="session")
 def oci_image(podman_env, def_build):
-    """`make oci` for real, with this machine's package sources (def_build runs alongside); returns the tag."""
+    """`make oci` for real, with this machine's package sources (def_build runs alongside); returns the tag.
+    TORCH_VARIANT=cpu: the CUDA image (make's default) is a multi-GB one-off, measured in docs/container.md."""
     tag, options = "localhost/sft:test", build_options()
     commit = git_commit()  # now, not after the build: others may commit to this tree meanwhile
-    sh("make", "oci", f"IMAGE={tag}", f"BASE_IMAGE={options['BASE_IMAGE']}", f"SFT_PIP_ARGS={options['SFT_PIP_ARGS']}",
+    sh("make", "oci", f"IMAGE={tag}", "TORCH_VARIANT=cpu", f"BASE_IMAGE={options['BASE_IMAGE']}",
+       f"SFT_PIP_ARGS={options['SFT_PIP_ARGS']}",
        f"PIP_CA_BUNDLE={options['PIP_CA_BUNDLE']}", f"OCI_BUILD_FLAGS={options['mounts']}", env=podman_env)
     return tag, commit
 
@@ -396,6 +403,10 @@ def test_oci_image_runs_the_demo_under_the_bind_contract(oci_image, bound_dirs):
     # The root file system changes no more than podman's own mount points do (/etc/hosts, bind targets).
     assert root_changes(oci_image, *TRAIN_ARGS) == root_changes("--entrypoint", "true", oci_image)
     assert_run_recorded(bound_dirs, image, before)
+    # torch.compile (what Triton does on a GPU, Inductor's C++ backend here) compiles into the bound /cache.
+    compile_check = "import torch; x = torch.ones(8); assert torch.compile(lambda x: x.sin() + 1)(x).equal(x.sin() + 1)"
+    sh(*base, "--rm", "--entrypoint", "python", oci_image, "-c", compile_check)
+    assert list((bound_dirs["cache"] / "torchinductor").rglob("*.so")), "no compiled kernel in the bound cache"
 
 
 @pytest.mark.container

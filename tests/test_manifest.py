@@ -1,9 +1,14 @@
-"""Provenance: the manifest records versions, data hashes, git state, Slurm and image provenance; no secrets."""
+"""Provenance: the manifest records versions, data hashes, git state, Slurm and image provenance per start, how a
+run ended (failures included), examples rather than batches; no secrets."""
 import json
 import subprocess
 
+import pytest
+
 from sft.config import Config
-from sft.manifest import finish_manifest, git_commit, image_provenance, start_manifest
+from sft.data import DataFile, PreparedData
+from sft.manifest import (finish_manifest, git_commit, image_provenance, read_manifest, record_data, record_failure,
+                          start_manifest)
 from sft.secrets import register_secret
 
 
@@ -18,27 +23,88 @@ def test_manifest_records_versions_seed_slurm_and_restarts(tmp_path, monkeypatch
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     config = make_config(tmp_path)
-    manifest = start_manifest(tmp_path, config, resumed=False, resume_step=None)
+    manifest = start_manifest(tmp_path, config, resume_step=None)
     assert manifest["versions"]["torch"] and manifest["seed"] == 42 and manifest["slurm_job"] == "123"
     assert manifest["slurm"]["SLURM_RESTART_COUNT"] == "0"
 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    start_manifest(tmp_path, config, resumed=True, resume_step=40)
-    restarted = json.loads((tmp_path / "manifest.json").read_text())
+    start_manifest(tmp_path, config, resume_step=40)
+    restarted = read_manifest(tmp_path)
     assert restarted["restarts"] == [{**restarted["restarts"][0], "slurm_job": "123", "slurm_restart_count": "1",
-                                      "resumed_from_step": 40}]
+                                      "resumed_from_step": 40, "previous": {"status": "running"}}]
     finish_manifest(tmp_path, restarted, "finished", {"eval_accuracy": 0.9})
-    done = json.loads((tmp_path / "manifest.json").read_text())
+    done = read_manifest(tmp_path)
     assert done["status"] == "finished" and done["finished"] and done["results"] == {"eval_accuracy": 0.9}
 
 
-def test_secrets_never_reach_the_manifest(tmp_path):
-    register_secret("tok_supersecret")
-    manifest = start_manifest(tmp_path, make_config(tmp_path), resumed=False, resume_step=None)
-    manifest["data"] = {"files": [{"source": "postgresql://ann:pw123@db/x :: SELECT 1 -- tok_supersecret"}]}
+def test_a_restart_on_other_hardware_records_its_own_host_gpus_versions_and_image(tmp_path, monkeypatch):
+    config = make_config(tmp_path)
+    (tmp_path / "image-a.json").write_text('{"git_commit": "aaa"}')
+    monkeypatch.setenv("SFT_PROVENANCE_FILE", str(tmp_path / "image-a.json"))
+    first = start_manifest(tmp_path, config, resume_step=None)
+    finish_manifest(tmp_path, first, "preempted")
+
+    # The requeue lands on another node with another GPU, from a rebuilt image with a newer transformers.
+    (tmp_path / "image-b.json").write_text('{"git_commit": "bbb"}')
+    monkeypatch.setenv("SFT_PROVENANCE_FILE", str(tmp_path / "image-b.json"))
+    monkeypatch.setattr("sft.manifest.socket.gethostname", lambda: "gpu-node-2")
+    h100 = {"cuda_build": "12.8", "cuda_available": True, "cudnn": 91000,
+            "gpus": [{"name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.2, "capability": "9.0"}]}
+    monkeypatch.setattr("sft.manifest.accelerator_info", lambda: h100)
+    real_versions = first["versions"]
+    monkeypatch.setattr("sft.manifest.package_versions", lambda: {**real_versions, "transformers": "99.0"})
+    start_manifest(tmp_path, config, resume_step=6)
+
+    manifest = read_manifest(tmp_path)
+    restart = manifest["restarts"][0]
+    assert (manifest["host"], manifest["image"], manifest["accelerator"]) == (first["host"], {"git_commit": "aaa"},
+                                                                             first["accelerator"])
+    assert restart["host"] == "gpu-node-2" and restart["image"] == {"git_commit": "bbb"}
+    assert restart["accelerator"] == h100 and restart["versions"]["transformers"] == "99.0"
+    assert restart["previous"]["status"] == "preempted" and restart["previous"]["stopped"]
+    assert manifest["status"] == "running" and "stopped" not in manifest
+
+
+def test_a_failed_run_records_failed_with_its_error_in_one_masked_line(tmp_path):
+    register_secret("hunter2-secret")
+    manifest = start_manifest(tmp_path, make_config(tmp_path), resume_step=None)
+    try:
+        raise RuntimeError("CUDA out of memory while reading postgresql://ann:pw123@db/x with hunter2-secret\n"
+                           "Tried to allocate 2.00 GiB")
+    except RuntimeError as error:
+        record_failure(tmp_path, manifest, error)
+    failed = read_manifest(tmp_path)
+    assert failed["status"] == "failed" and failed["stopped"]
+    assert failed["error"] == "RuntimeError: CUDA out of memory while reading postgresql://ann:***@db/x with ***"
+
+    start_manifest(tmp_path, make_config(tmp_path), resume_step=None)
+    record_failure(tmp_path, read_manifest(tmp_path), KeyboardInterrupt())
+    interrupted = read_manifest(tmp_path)
+    assert interrupted["status"] == "interrupted" and interrupted["error"] == "KeyboardInterrupt"
+    assert interrupted["restarts"][0]["previous"]["error"] == failed["error"]
+
+
+def test_token_budget_batches_count_as_examples(tmp_path):
+    from datasets import Dataset
+
+    batches = [{"input_ids": [[1, 2], [3]], "labels": [[1, 2], [3]]}, {"input_ids": [[4, 5, 6]], "labels": [[4, 5, 6]]}]
+    examples = [{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3], "labels": [3]}]
+    files = [DataFile("a.jsonl", "abc", 4)]
+    manifest = {}
+    record_data(manifest, PreparedData(Dataset.from_list(batches), Dataset.from_list(examples), "text", None, files))
+    assert manifest["data"]["train_examples"] == 3 and manifest["data"]["train_batches"] == 2
+    assert manifest["data"]["eval_examples"] == 2 and "eval_batches" not in manifest["data"]
+
+
+@pytest.mark.parametrize("secret", ["tok_supersecret", 'pässwörd"1\\'])
+def test_secrets_never_reach_the_manifest(tmp_path, secret):
+    register_secret(secret)
+    manifest = start_manifest(tmp_path, make_config(tmp_path), resume_step=None)
+    manifest["data"] = {"files": [{"source": f"postgresql://ann:pw123@db/x :: SELECT 1 -- {secret}"}]}
     finish_manifest(tmp_path, manifest, "finished")
     text = (tmp_path / "manifest.json").read_text()
-    assert "pw123" not in text and "tok_supersecret" not in text and "ann:***@db" in text
+    assert "pw123" not in text and secret not in json.loads(text)["data"]["files"][0]["source"]
+    assert "ann:***@db" in text and "-- ***" in text
 
 
 def test_git_commit_of_the_config_repository(tmp_path):

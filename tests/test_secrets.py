@@ -51,4 +51,4 @@ def test_planted_secrets_reach_no_file_of_the_run_and_no_terminal_line(tiny_caus
                  if value in text or value.encode("unicode_escape").decode() in text
                  or value.replace("\\", "\\\\").replace('"', '\\"') in text]
         assert not leaks, (value, leaks)
-    assert "revision: ***" in (tmp_path / "runs" / "tiny" / "config.yaml").read_text()
+    assert "revision: '***'" in (tmp_path / "runs" / "tiny" / "config.yaml").read_text()

@@ -6,13 +6,16 @@ that was never completed); a plain scancel checkpoints but is not requeued; a sw
 directory per task; train_multi.sbatch runs 2-process gloo DDP through srun + torchrun (two agents meeting by
 c10d rendezvous), writes outputs once, survives USR1 + requeue exactly too, shards with FSDP from the config
 (accelerate's GPU-only gate lifted by tests/hooks), and finishes a 40 s checkpoint after SIGTERM;
-jupyter.sbatch serves JupyterLab behind a token (when jupyter is installed: the image has it, the venv does
-not). Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s); all of it takes ~3 min.
+jupyter.sbatch serves JupyterLab behind a token on the node's address only, with the token in a file only the
+user can read and never in the Slurm log (the venv has JupyterLab from container/jupyter.lock, as the image).
+Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s); all of it takes ~3 min.
 """
 import json
 import os
 import re
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -301,33 +304,94 @@ def test_multi_node_script_finishes_a_slow_checkpoint_on_sigterm(slurm_cluster, 
     assert "got SIGTERM" in log and "requeueing" not in log
 
 
-def test_jupyter_sbatch_serves_lab_behind_a_token_and_prints_the_tunnel(slurm_cluster, workdir, job_env):
+def test_jupyter_sbatch_serves_lab_behind_a_token_and_prints_the_tunnel(slurm_cluster, workdir, job_env, tmp_path):
     import urllib.error
     import urllib.request
 
-    if not shutil.which("jupyter", path=job_env["PATH"]):
-        pytest.skip("jupyter is not installed in this environment (the image has it)")
+    home = tmp_path / "home"  # the connection file and Jupyter's runtime files land here, not in root's home
+    home.mkdir()
     extra = ["--allow-root"] if os.geteuid() == 0 else []  # Jupyter refuses root; the tests here run as root
-    job = slurm_cluster.sbatch(*SMALL, str(SLURM_DIR / "jupyter.sbatch"), *extra, env=job_env, cwd=workdir)
+    job = slurm_cluster.sbatch(*SMALL, str(SLURM_DIR / "jupyter.sbatch"), *extra, env={**job_env, "HOME": str(home)},
+                               cwd=workdir)
     log_path = workdir / "logs" / f"sft-jupyter-{job}.out"
-    _wait_for(lambda: log_path.is_file() and "then open:" in log_path.read_text(), f"job {job} URL", slurm_cluster)
-    log = log_path.read_text()
-    assert re.search(r"ssh -N -L (\d+):[\w.-]+:\1 \S+@\S+", log)
-    url = re.search(r"then open: +(http://localhost:\d+/lab\?token=\w+)", log)[1]
-    api = url.replace("/lab?", "/api/status?")
+    connection = home / ".sft" / f"jupyter-{job}.txt"
+    _wait_for(connection.is_file, f"job {job} connection file", slurm_cluster)
+    assert stat.S_IMODE(connection.stat().st_mode) == 0o600, "the token must be readable by the user alone"
+    assert stat.S_IMODE(connection.parent.stat().st_mode) == 0o700
+    details = connection.read_text()
+    node = socket.gethostname()
+    tunnel = re.search(r"on your computer: (ssh -N -L (\d+):([\w.-]+):\2 \S+@\S+)", details)
+    url = re.search(r"then open: +(http://localhost:(\d+)/lab\?token=(\w+))", details)
+    port, token = int(tunnel[2]), url[3]
+    assert tunnel[3] == node and int(url[2]) == port and len(token) >= 32
+    api = url[1].replace("/lab?", "/api/status?")
 
     def answers() -> bool:
         try:
-            return urllib.request.urlopen(api, timeout=2).status == 200
+            return urllib.request.urlopen(api, timeout=2).status == 200  # with the token: accepted
         except (urllib.error.URLError, ConnectionError):
             return False
 
     _wait_for(answers, "JupyterLab answering", slurm_cluster, timeout=90)
     with pytest.raises(urllib.error.HTTPError, match="403"):
         urllib.request.urlopen(api.split("?")[0], timeout=2)  # no token, no access
+    # It listens on the node name's addresses (where the printed tunnel connects), on no other interface.
+    node_addresses = {info[4][0] for info in socket.getaddrinfo(node, port, type=socket.SOCK_STREAM)}
+    assert _listening_addresses(port) == node_addresses
+    others = {"127.0.0.1", _outbound_address()} - node_addresses - {None}
+    assert others, "no second address on this machine to check the binding against"
+    for address in others:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((address, port), timeout=2).close()
+    log = log_path.read_text()
+    assert tunnel[1] in log and str(connection) in log, "the log says how to connect and where the URL is"
     subprocess.run(["scancel", job], env=slurm_cluster.env, check=True)
     slurm_cluster.wait(job, states=("CANCELLED",))
     _wait_for(lambda: "total time" in log_path.read_text(), f"job {job} shutting down", slurm_cluster, timeout=30)
+    assert token not in log_path.read_text(), "the Slurm log is readable by others: no token in it"
+    assert not connection.exists(), "the connection file goes with the server"
+
+
+def test_jupyter_sbatch_without_jupyter_says_how_to_get_it(tmp_path):
+    bin_dir = tmp_path / "bin"  # sft from this venv, but no jupyter anywhere on PATH
+    bin_dir.mkdir()
+    (bin_dir / "sft").symlink_to(Path(sys.executable).parent / "sft")
+    path = f"{bin_dir}:/usr/bin:/bin"
+    assert shutil.which("jupyter", path=path) is None
+    result = subprocess.run(["bash", str(SLURM_DIR / "jupyter.sbatch")], cwd=tmp_path, capture_output=True, text=True,
+                            env={**_outside_slurm(), "PATH": path, "SFT_RUNTIME": "none", "HOME": str(tmp_path)},
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr  # one line
+    assert "jupyter is not on PATH" in result.stderr and "pip install -r container/jupyter.lock" in result.stderr
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses of sockets listening on port, from /proc/net/tcp and tcp6 (0.0.0.0 / :: = all)."""
+    found = set()
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        table = Path("/proc/net") / name
+        for line in table.read_text().splitlines()[1:] if table.exists() else []:
+            fields = line.split()
+            address, local_port = fields[1].split(":")
+            if fields[3] == "0A" and int(local_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                # The kernel prints each 32-bit word of the address in host byte order (little-endian on x86/arm).
+                words = [raw[i:i + 4] for i in range(0, len(raw), 4)]
+                if sys.byteorder == "little":
+                    words = [word[::-1] for word in words]
+                found.add(socket.inet_ntop(family, b"".join(words)))
+    return found
+
+
+def _outbound_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), or None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        return probe.getsockname()[0]
 
 
 def _outside_slurm() -> dict[str, str]:

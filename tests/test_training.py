@@ -1,6 +1,7 @@
 """Train stage: packed batches are exact, tiny end-to-end runs learn, the run directory is complete, resume is exact."""
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -61,8 +62,8 @@ def test_tiny_causal_lm_learns_and_writes_a_complete_run_dir(tiny_causal_lm, tin
     from sft.training import run_training
 
     config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", epochs=8,
-                            learning_rate=3e-3 if method == "full" else 5e-2)
-    config["method"] = {"name": method, "lora": {"r": 8, "alpha": 16}, "merge": method == "lora"}
+                            learning_rate=3e-3 if method == "full" else 2e-2)
+    config["method"] = {"name": method, "lora": {"r": 16, "alpha": 64}, "merge": method == "lora"}
     config["data"]["eval_fraction"] = 0.25
     config["training"]["eval_strategy"] = "epoch"
     result = run_training(load_config(write_config(config)))
@@ -176,6 +177,8 @@ def test_token_budget_batches_train(tiny_causal_lm, tiny_chat_data, tmp_path, wr
     result = run_training(load_config(write_config(config)))
     # One optimizer step per token-budget batch (one epoch), far fewer than one per example.
     assert result.metrics["steps"] == len(expected_batches) < len(CHAT_ROWS) / 3
+    counts = json.loads((result.run_dir / "manifest.json").read_text())["data"]
+    assert (counts["train_examples"], counts["train_batches"]) == (len(CHAT_ROWS), len(expected_batches))
 
 
 @pytest.mark.slow
@@ -227,9 +230,13 @@ def start_training(config_path: Path, tmp_path: Path) -> subprocess.Popen:
 
 
 def wait_for_file(path: Path, process: subprocess.Popen) -> None:
+    wait_until(path.exists, process, f"{path} was written")
+
+
+def wait_until(condition, process: subprocess.Popen, what: str) -> None:
     deadline = time.time() + 300
-    while not path.exists():
-        assert process.poll() is None, f"training ended before {path} was written"
+    while not condition():
+        assert process.poll() is None, f"training ended before {what}"
         assert time.time() < deadline
         time.sleep(0.005)
 
@@ -319,6 +326,9 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_exactly(resumable, tmp_path):
     resumed = run_cli("train", str(config_path))
     assert resumed.returncode == 0, resumed.stderr
     assert_identical_runs(run_dir, runs / "reference")
+    # What a user who cancelled the job reads: the exact command (the name pinned) that resumes this run.
+    assert (f"sft: preempted; a requeued job resumes by itself, or resume with: sft train {config_path} "
+            f"output.name=preempted\n") in (tmp_path / "stdout.log").read_text()
 
 
 def test_a_run_that_failed_before_any_checkpoint_restarts_with_a_corrected_config(tiny_causal_lm, tiny_chat_data,
@@ -326,11 +336,103 @@ def test_a_run_that_failed_before_any_checkpoint_restarts_with_a_corrected_confi
     config = tiny_lm_config(tmp_path / "no-such-model", tiny_chat_data, tmp_path / "runs", max_steps=2)
     failed = run_cli("train", str(write_config(config)))
     assert failed.returncode == EXIT_USER_ERROR and "model.name" in failed.stderr
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["stopped"]
+    assert manifest["error"] == "UserError: " + failed.stderr.splitlines()[-1].removeprefix("sft: error: ")
 
     config["model"]["name"] = str(tiny_causal_lm)
     fixed = run_cli("train", str(write_config(config)))
     assert fixed.returncode == 0, fixed.stderr
-    assert json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())["status"] == "finished"
+    manifest = json.loads((tmp_path / "runs" / "tiny" / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and "error" not in manifest
+    assert manifest["restarts"][0]["previous"]["status"] == "failed"
+
+
+def test_a_run_that_raised_gives_its_directory_back(tiny_causal_lm, tiny_chat_data, tmp_path, write_config):
+    """The lock is released on the way out of an exception, not when the process ends (a notebook lives on)."""
+    from sft.errors import UserError
+    from sft.training import run_training
+
+    config = tiny_lm_config(tmp_path / "no-such-model", tiny_chat_data, tmp_path / "runs", max_steps=2)
+    with pytest.raises(UserError) as failed:  # keeps the failed run's frames, and whatever they hold, alive
+        run_training(load_config(write_config(config)))
+    config["model"]["name"] = str(tiny_causal_lm)
+    assert run_training(load_config(write_config(config))).run_dir == tmp_path / "runs" / "tiny"
+    assert failed.traceback
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_second_job_is_refused_while_the_first_runs_and_its_requeue_resumes(tiny_causal_lm, tiny_chat_data,
+                                                                              tmp_path, write_config):
+    config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=30))
+    run_dir = tmp_path / "runs" / "tiny"
+    with (tmp_path / "first.log").open("w") as log:
+        first = subprocess.Popen([sys.executable, str(REPO / "entrypoint.py"), "train", str(config_path)],
+                                 stdout=log, stderr=subprocess.STDOUT, env=in_job("1001"))
+    try:
+        wait_until(lambda: _status(run_dir) == "running", first, "the run started")
+        first.send_signal(signal.SIGSTOP)  # alive, and writing nothing while the second job tries
+        before = snapshot(run_dir)
+        second = run_cli("train", str(config_path), env=in_job("1002"))
+        assert second.returncode == EXIT_USER_ERROR and second.stderr.count("\n") == 1, second.stderr
+        assert f"pid {first.pid}, Slurm job 1001" in second.stderr and "scancel 1001" in second.stderr
+        assert snapshot(run_dir) == before, "the refused job wrote into the live run's directory"
+    finally:
+        first.kill()
+        first.wait()
+
+    requeued = run_cli("train", str(config_path), env=in_job("1001"))
+    assert requeued.returncode == 0, requeued.stderr
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["slurm_job"] == "1001"
+    assert [restart["slurm_job"] for restart in manifest["restarts"]] == ["1001"]
+
+
+def in_job(job: str) -> dict:
+    return {**os.environ, "SLURM_JOB_ID": job}
+
+
+def _status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "manifest.json").read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_the_command_that_resumes_the_same_run(tiny_causal_lm, tiny_chat_data, tmp_path,
+                                                             write_config):
+    sft_on_path = Path(sys.executable).parent / "sft"
+    assert sft_on_path.is_file(), "the venv's `sft` script (make venv installs it)"
+    config = tiny_lm_config(tiny_causal_lm, "${CHAT_DATA}", tmp_path / "runs", max_steps=40, save_strategy="steps",
+                            save_steps=3)
+    config["output"]["name"] = "{config}-{time}"
+    config_path = write_config(config, "chat run.yaml")  # a space, for the quoting
+    (tmp_path / "chat.env").write_text(f"CHAT_DATA={tiny_chat_data}\n")
+    process = subprocess.Popen([sys.executable, str(REPO / "entrypoint.py"), "train", str(config_path),
+                                "--env-file", "chat.env", "training.learning_rate=0.002"],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "runs"
+    wait_until(lambda: any(runs.glob("*/checkpoints/checkpoint-3/.complete")), process, "checkpoint 3")
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, stderr
+    [run_dir] = runs.iterdir()
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "interrupted"
+    command = stderr.split("sft: interrupted; resume from the newest complete checkpoint with: ")[1].strip()
+
+    time.sleep(1.1)  # {time} now names another directory: only the command's output.name finds this one again
+    resumed = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PATH": f"{sft_on_path.parent}:{os.environ['PATH']}"})
+    assert resumed.returncode == 0, (command, resumed.stderr)
+    assert list(runs.iterdir()) == [run_dir]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["restarts"][0]["previous"]["status"] == "interrupted"
+    assert manifest["restarts"][0]["resumed_from_step"] >= 3
 
 
 def test_python_api_takes_dotted_or_nested_overrides(tiny_causal_lm, tiny_chat_data, tmp_path, write_config):
