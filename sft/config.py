@@ -178,6 +178,9 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = False
     ddp_backend: Literal["nccl", "gloo"] | None = Field(None, description="Defaults to nccl on GPUs, gloo on CPU.")
     fsdp: str = Field("", description="Trainer's fsdp option, e.g. 'full_shard auto_wrap', for models beyond one GPU.")
+    ddp_timeout: int = Field(1800, ge=1, description="Seconds a rank waits in a collective (a barrier, an all-reduce) "
+                                                     "before the job fails; raise it if rank 0's data preparation "
+                                                     "or checkpoint writes take longer.")
 
     @model_validator(mode="after")
     def _steps_imply_strategy(self) -> "TrainingConfig":

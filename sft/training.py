@@ -55,17 +55,27 @@ def run_training(config: Config, overwrite: bool = False, overrides: list[str] =
         close_run_log()
 
 
-def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_file: str | None) -> RunResult:
+def start_processes(config: Config):
+    """This process's place among the torchrun workers (accelerate's PartialState), with the process group set up
+    as TrainingArguments would: CPU runs need cpu=True to be distributed, and the collective timeout must be given
+    here, as TrainingArguments' ddp_timeout is ignored once a process group exists."""
+    from datetime import timedelta
+
     import torch
     from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(), backend=config.training.ddp_backend,
+                        timeout=timedelta(seconds=config.training.ddp_timeout))
+
+
+def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_file: str | None) -> RunResult:
     from accelerate.utils import broadcast_object_list
 
     from sft import manifest as manifests
     from sft.determinism import seed_everything
     from sft.logs import add_run_log
 
-    # The same process-group settings TrainingArguments will use (CPU runs need cpu=True to be distributed).
-    state = PartialState(cpu=not torch.cuda.is_available(), backend=config.training.ddp_backend)
+    state = start_processes(config)
     is_main = state.is_main_process
     # Before any model or data object exists: a new classifier head or LoRA adapter draws from these generators.
     determinism = seed_everything(config.training.seed, config.training.deterministic)
@@ -84,6 +94,9 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
             if is_main else {}
         manifest["determinism"] = determinism
         log.info("run directory %s (%s)", run.path, f"resuming from {resume_from.name}" if resume_from else "new run")
+        if state.num_processes > 1:
+            log.info("%d processes (%s), collectives time out after %d s (training.ddp_timeout)", state.num_processes,
+                     state.backend, config.training.ddp_timeout)
         resume = rundir.resume_command(config, run.path.name, overrides, env_file)
         try:
             return _train(config, state, run, resume_from, manifest, preemption, resume)
@@ -118,9 +131,17 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
         log.info("data: %s: %s", name, value)
 
     # Load model and train
+    _check_fsdp_settings(config, state.num_processes)
     model = models.load_model(config, prepared.label_names)
     trainer = build_trainer(config, run, model, tokenizer, prepared, preemption)
+    if config.training.fsdp and not trainer.is_fsdp_enabled:
+        raise UserError("training.fsdp: accelerate runs FSDP only on GPUs, and this run has none (it would train "
+                        "with plain DDP instead); drop training.fsdp for CPU runs")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if state.num_processes > 1:
+        log.info("rank 0 holds %.1f%% of the model's parameter values (%s)", 100 * held_fraction(trainer.model),
+                 f"FSDP shards across {state.num_processes} processes" if trainer.is_fsdp_enabled
+                 else "DDP: every process holds a full copy")
     # A signal during the very last step leaves nothing to resume: finish normally instead.
     if preemption.stopped_by and trainer.state.global_step < trainer.state.max_steps:
         if is_main:
@@ -132,13 +153,32 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
         state.wait_for_everyone()
         raise Preempted(resume if is_main else None)
 
-    # Save the final model
+    # Save the final model: every rank takes part (gathering sharded weights is a collective), rank 0 writes.
     metrics = final_metrics(trainer.state.log_history)
+    save_final(trainer, config, run.path)
     if is_main:
-        save_final(trainer, config, run.path)
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
-    state.wait_for_everyone()
+    # No barrier here: the other ranks are done, and waiting for rank 0's writes would count against ddp_timeout.
     return RunResult(run.path, metrics, is_main)
+
+
+def _check_fsdp_settings(config: Config, num_processes: int) -> None:
+    if not config.training.fsdp:
+        return
+    if num_processes == 1:
+        raise UserError("training.fsdp: FSDP shards the model across processes, and this run has one; start it with "
+                        "torchrun (slurm/train_multi.sbatch), or drop training.fsdp")
+    if config.method.name == "lora" and config.method.merge:
+        raise UserError("method.merge: under training.fsdp no process holds the whole trained model to merge; "
+                        "set method.merge: false and merge the saved adapter afterwards")
+
+
+def held_fraction(model) -> float:
+    """Share of the model's parameter values stored in this process: 1 under DDP, about 1/N under FSDP over N."""
+    from torch.distributed.tensor import DTensor
+
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+    return held / sum(p.numel() for p in model.parameters())
 
 
 def _write_config(run_dir: Path, config: Config, must_match: bool) -> None:
@@ -229,6 +269,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         fp16=dtype == torch.float16,
         activation_checkpointing=t.gradient_checkpointing,
         ddp_backend=t.ddp_backend,
+        ddp_timeout=t.ddp_timeout,
         # Every trainable parameter takes part in each forward pass; searching for unused ones costs a graph walk.
         ddp_find_unused_parameters=False,
         fsdp=t.fsdp,
@@ -251,6 +292,11 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
     )
     # Without a progress bar Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
     trainer.remove_callback(PrinterCallback)
+    if config.task == "classification":
+        # Sequence-classification forwards take **kwargs, so Trainer assumes their loss divides by the token count
+        # of the whole step (num_items_in_batch) and multiplies it by the number of processes. BERT-style heads take
+        # a plain batch mean instead: without this, losses and gradients come out x world size under DDP.
+        trainer.model_accepts_loss_kwargs = False
     return trainer
 
 
@@ -303,9 +349,12 @@ def final_metrics(log_history: list[dict]) -> dict:
 
 
 def save_final(trainer, config: Config, run_dir: Path) -> None:
-    """final/: model (or LoRA adapter) + tokenizer in safetensors; final/merged/ when method.merge is set."""
+    """final/: model (or LoRA adapter) + tokenizer in safetensors; final/merged/ when method.merge is set.
+    Called on every rank: under FSDP the full weights exist only while all ranks gather them."""
     final = run_dir / "final"
     trainer.save_model(str(final))
+    if not trainer.args.should_save:
+        return
     if config.method.name == "lora" and config.method.merge:
         merged = trainer.model.merge_and_unload()
         merged.save_pretrained(str(final / "merged"))

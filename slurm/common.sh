@@ -102,9 +102,12 @@ sft_print_total_time() {
 
 # sft_supervise CMD...: run CMD in the background and wait for it, forwarding SIGUSR1/SIGTERM to it; sets
 # SFT_STATUS to its exit status, SFT_SIGNAL to the last signal received and SFT_GOT_USR1=1 after a USR1.
-# Why: with `--signal=B:USR1@120` (and `scancel --batch`) only this shell gets the signal, and bash runs a
+# Why: with `--signal=B:USR1@300` (and `scancel --batch`) only this shell gets the signal, and bash runs a
 # trap only between foreground commands. So the command runs in the background while `wait`, which a trapped
 # signal does interrupt, and the trap passes the signal on.
+# SFT_FORWARD_TERM_AS: what CMD gets when this shell gets SIGTERM (default TERM). train_multi.sbatch sets USR1:
+# srun turns a SIGTERM into SIGKILL for its whole step ("forcing job termination"), and sft checkpoints on
+# USR1 just as on TERM. The requeue decision below still follows what this shell received.
 SFT_SIGNAL=""
 SFT_GOT_USR1=0
 SFT_ON_SIGNAL="${SFT_ON_SIGNAL:-sft checkpoints at the end of the current step, then stops}"
@@ -115,7 +118,7 @@ sft_supervise() {
   "$@" &
   SFT_CHILD=$!
   if [[ -n "$SFT_SIGNAL" ]]; then  # it arrived before the launch
-    kill -s "$SFT_SIGNAL" "$SFT_CHILD" 2>/dev/null || true
+    sft_pass_on "$SFT_SIGNAL"
   fi
   SFT_STATUS=0
   wait "$SFT_CHILD" || SFT_STATUS=$?
@@ -141,11 +144,19 @@ sft_forward() {
   fi
   echo "== $(date '+%F %T') got SIG$1, passing it on: $SFT_ON_SIGNAL"
   if [[ -n "${SFT_CHILD:-}" ]]; then
-    kill -s "$1" "$SFT_CHILD" 2>/dev/null || true
+    sft_pass_on "$1"
   fi
 }
 
-# sft_requeue_if_preempted: after USR1 (Slurm's warning before the time limit, --signal=B:USR1@120, or a
+sft_pass_on() {
+  local signal="$1"
+  if [[ "$signal" == TERM ]]; then
+    signal="${SFT_FORWARD_TERM_AS:-TERM}"
+  fi
+  kill -s "$signal" "$SFT_CHILD" 2>/dev/null || true
+}
+
+# sft_requeue_if_preempted: after USR1 (Slurm's warning before the time limit, --signal=B:USR1@300, or a
 # `scancel --signal=USR1 --batch`), requeue the job so that it resumes from the checkpoint sft wrote. sft
 # exits 75 then; under torchrun the launcher reports a failed worker instead, so any failure after USR1
 # counts. The requeued job keeps its id, reruns this script with SLURM_RESTART_COUNT+1, appends to the same

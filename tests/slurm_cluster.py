@@ -199,6 +199,9 @@ SlurmdPort={_free_port()}
 AuthType=auth/munge
 # Default 120 s: a requeued job would sit ~121 s in BeginTime before it may start again.
 AuthInfo=cred_expire=10
+# Default 30 s (SIGTERM to SIGKILL on scancel), as long as torchrun's own grace: longer, so that a test can tell
+# whether a slow checkpoint was cut short by torchrun.
+KillWait=90
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid

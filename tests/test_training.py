@@ -549,3 +549,16 @@ def test_classification_metrics_count_every_declared_class():
     # Averaging over the classes present in the eval set only (the old hand-computed F1) gives another number.
     assert metrics["macro_f1"] != f1_score(labels, predicted, labels=[0, 1], average="macro", zero_division=0)
     assert metrics["weighted_f1"] == f1_score(labels, predicted, labels=[0, 1, 2], average="weighted", zero_division=0)
+
+
+def test_fsdp_settings_that_cannot_work_are_refused(tiny_causal_lm, tiny_chat_data, tmp_path, write_config):
+    from sft.errors import UserError
+    from sft.training import _check_fsdp_settings
+
+    config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", fsdp="full_shard auto_wrap")
+    _check_fsdp_settings(load_config(write_config(config)), num_processes=2)
+    with pytest.raises(UserError, match="training.fsdp: FSDP shards the model across processes"):
+        _check_fsdp_settings(load_config(write_config(config)), num_processes=1)
+    config["method"] = {"name": "lora", "merge": True}
+    with pytest.raises(UserError, match="method.merge: under training.fsdp no process holds the whole"):
+        _check_fsdp_settings(load_config(write_config(config)), num_processes=2)
