@@ -414,9 +414,12 @@ def test_ctrl_c_prints_the_command_that_resumes_the_same_run(tiny_causal_lm, tin
     config["output"]["name"] = "{config}-{time}"
     config_path = write_config(config, "chat run.yaml")  # a space, for the quoting
     (tmp_path / "chat.env").write_text(f"CHAT_DATA={tiny_chat_data}\n")
+    # A shell without job control starts background commands with SIGINT ignored (CI may run us so), and Python
+    # then never raises KeyboardInterrupt: give the run the default disposition a terminal's Ctrl-C meets.
     process = subprocess.Popen([sys.executable, str(REPO / "entrypoint.py"), "train", str(config_path),
                                 "--env-file", "chat.env", "training.learning_rate=0.002"],
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     runs = tmp_path / "runs"
     wait_until(lambda: any(runs.glob("*/checkpoints/checkpoint-3/.complete")), process, "checkpoint 3")
     process.send_signal(signal.SIGINT)
