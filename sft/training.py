@@ -110,6 +110,10 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
             raise
     finally:
         run.release()
+        if state.use_distributed:
+            # Tear the process groups down before the interpreter does: left to exit, gloo's threads aborted a rank
+            # that finished while rank 0 was still writing ("terminate called without an active exception").
+            state.destroy_process_group()
 
 
 def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, manifest: dict, preemption,
