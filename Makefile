@@ -9,6 +9,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# Test files run in 2 processes (pytest-xdist, a whole file per process: module fixtures such as the Slurm cluster
+# are built once). The Slurm and container files, most of the suite's time, go first so they overlap.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test gpu-check lock
 venv: $(VENV)/.installed
@@ -24,7 +27,7 @@ demo: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/sft train configs/demo.yaml
 
 test: venv
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 gpu-check: venv
 	@$(BIN)/python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "make gpu-check: no CUDA GPU visible; run it on a GPU node (e.g. srun --gres=gpu:1 make gpu-check)")'
