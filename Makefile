@@ -3,6 +3,7 @@
 #   make test   create .venv if needed, then run the test suite (GPU tests too where CUDA is visible)
 #   make gpu-check  only the GPU tests; fails when no GPU is visible (run it on a GPU node)
 #   make lock   re-resolve requirements.in into requirements.lock, then the image's container/{jupyter,cuda}.lock
+#   make docs   regenerate docs/config.md from the config schema in sft/config.py
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 PYTHON ?= python3.11
@@ -10,7 +11,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test gpu-check lock
+.PHONY: venv demo test gpu-check lock docs
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock requirements-dev.txt container/jupyter.lock pyproject.toml
@@ -29,6 +30,9 @@ test: venv
 gpu-check: venv
 	@$(BIN)/python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "make gpu-check: no CUDA GPU visible; run it on a GPU node (e.g. srun --gres=gpu:1 make gpu-check)")'
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+
+docs: venv
+	$(BIN)/python -m sft.config_docs > docs/config.md
 
 lock: venv
 	$(BIN)/python -m pip install --quiet -r requirements.in
