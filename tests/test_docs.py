@@ -1,8 +1,9 @@
-"""What README.md and docs/*.md show exists: every `sft ...` command in a ```bash block (also inside
-`apptainer run`/`podman run`) parses with sft's own parser and its `key.sub=value` overrides validate against the
-config schema; so do the overrides given to the sbatch scripts and every config key the prose names; the scripts,
-make targets and repository files named exist; the `sft check` lines on shipped configs run. Nothing is trained
-or built here: tests/test_container.py and tests/test_slurm.py run those commands for real."""
+"""What README.md, docs/*.md and the usage comments atop configs/ and slurm/ show exists: every `sft ...` command
+(in a ```bash block or a usage comment, also inside `apptainer run`/`podman run`) parses with sft's own parser and
+its `key.sub=value` overrides validate against the config schema; so do the overrides given to the sbatch scripts
+and every config key the prose names; the scripts, make targets and repository files named exist; the documented
+`sft check configs/demo.yaml` runs. Nothing is trained or built here: tests/test_container.py and
+tests/test_slurm.py run those commands for real."""
 import contextlib
 import io
 import re
@@ -20,6 +21,8 @@ from sft.config import Config, load_config
 from sft.errors import UserError
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# Shipped configs and sbatch scripts open with the commands that use them, in comments.
+HEADERS = [*sorted((REPO / "configs").glob("*.yaml")), *sorted((REPO / "slurm").glob("*.sbatch"))]
 SECTIONS = ("task", "model", "data", "method", "training", "output", "env_file")
 # Names the docs use for "your file here"; anything else that looks like a repository path must exist.
 PLACEHOLDER = re.compile(r"\b(x|my_run|CONFIG|RUN_DIR|JOBID|KEY|MODULE|N)\b|[<>*{}$]|\.\.\.")
@@ -40,18 +43,27 @@ class Command:
 
 
 def bash_commands() -> list[Command]:
-    """Every simple command in the ```bash blocks, with leading VAR=value assignments dropped."""
-    commands = []
+    """Every simple command in the docs' ```bash blocks and in the usage comments at the top of the shipped configs
+    and sbatch scripts, with leading VAR=value assignments dropped."""
+    blocks = []  # (file name, first line number, text)
     for doc in DOCS:
         text = doc.read_text()
-        for block in re.finditer(r"```bash\n(.*?)```", text, re.S):
-            first_line = text.count("\n", 0, block.start(1)) + 1
-            for offset, line in logical_lines(block[1]):
-                for words in split_commands(line):
-                    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
-                        words = words[1:]
-                    if words:
-                        commands.append(Command(words, f"{doc.name}:{first_line + offset}"))
+        blocks += [(doc.name, text.count("\n", 0, block.start(1)) + 1, block[1])
+                   for block in re.finditer(r"```bash\n(.*?)```", text, re.S)]
+    for header in HEADERS:
+        for number, line in enumerate(header.read_text().splitlines(), start=1):
+            usage = re.match(r"#\s{2,}((?:\S+=\S+\s+)*(?:sft|sbatch|apptainer|podman|mkdir)\b.*)", line)
+            if usage:  # a `\` continuation goes on in the next comment line
+                follow = header.read_text().splitlines()[number].lstrip("# ") if line.endswith("\\") else ""
+                blocks.append((header.name, number, re.sub(r"\[[^]]*\]", "", usage[1]) + "\n" + follow))
+    commands = []
+    for name, first_line, block in blocks:
+        for offset, line in logical_lines(block):
+            for words in split_commands(line):
+                while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+                    words = words[1:]
+                if words:
+                    commands.append(Command(words, f"{name}:{first_line + offset}"))
     return commands
 
 
