@@ -23,6 +23,7 @@ $(VENV)/.installed: requirements.lock requirements-dev.txt container/jupyter.loc
 
 demo: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/sft train configs/demo.yaml
+	@echo "sft is installed in $(VENV): 'source $(VENV)/bin/activate' puts the sft command on PATH (README)"
 
 test: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
