@@ -126,10 +126,11 @@ def check_sft_arguments(argv: list[str], where: str) -> None:
             args, extras = build_parser().parse_known_args(argv)
     except SystemExit:
         pytest.fail(f"{where}: `sft {shlex.join(argv)}` does not parse: {errors.getvalue().strip()}")
-    wrong = [extra for extra in extras if extra.startswith("-") or "=" not in extra]
+    overrides = getattr(args, "overrides", None)
+    wrong = [extra for extra in extras if overrides is None or extra.startswith("-") or "=" not in extra]
     assert not wrong, f"{where}: `sft {shlex.join(argv)}`: sft does not take {wrong}"
     if hasattr(args, "config"):
-        check_overrides(args.config, args.overrides + extras, where)
+        check_overrides(args.config, (overrides or []) + extras, where)
 
 
 def check_overrides(config: str, overrides: list[str], where: str) -> None:
