@@ -96,7 +96,8 @@ def annotation_text(annotation: Any) -> str:
     if origin is typing.Annotated:
         return annotation_text(typing.get_args(annotation)[0])
     if origin is Literal:
-        return "one of " + ", ".join(f"`{value}`" for value in typing.get_args(annotation))
+        values = [f"`{value}`" for value in typing.get_args(annotation)]
+        return values[0] if len(values) == 1 else "one of " + ", ".join(values)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
         named = [annotation_text(arg) for arg in args if arg is not type(None)]
