@@ -55,15 +55,16 @@ def bash_commands() -> list[Command]:
         lines = header.read_text().splitlines()
         for number, line in enumerate(lines, start=1):
             usage = re.match(r"#\s{2,}((?:\S+=\S+\s+)*(?:sft|sbatch|apptainer|podman|mkdir)\b.*)", line)
-            if usage:  # `[optional ...]` parts dropped; a `\` continuation goes on in the next comment line
+            if usage:  # a `\` continuation goes on in the next comment line
                 follow = lines[number].lstrip("# ") if line.endswith("\\") else ""
-                blocks.append((header.name, number, re.sub(r"\[[^]]*\]", "", usage[1]) + "\n" + follow))
+                blocks.append((header.name, number, usage[1] + "\n" + follow))
     commands = []
     for name, first_line, block in blocks:
         for offset, line in logical_lines(block):
             for words in split_commands(line):
                 while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
                     words = words[1:]
+                words = without_optional_parts(words)
                 if words:
                     commands.append(Command(words, f"{name}:{first_line + offset}"))
     return commands
@@ -81,6 +82,17 @@ def logical_lines(block: str) -> list[tuple[int, str]]:
             lines.append((start, current + line))
             current = ""
     return lines
+
+
+def without_optional_parts(words: list[str]) -> list[str]:
+    """Usage notation: `sft fetch MODEL [--revision COMMIT]`, `CONFIG [key.sub=value ...]` show what may follow."""
+    kept, optional = [], False
+    for word in words:
+        optional = optional or word.startswith("[")
+        if not optional:
+            kept.append(word)
+        optional = optional and not word.endswith("]")
+    return kept
 
 
 def split_commands(line: str) -> list[list[str]]:
