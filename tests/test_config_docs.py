@@ -1,6 +1,6 @@
 """docs/config.md is generated from the config schema (sft/config_docs.py) and must match it."""
 from conftest import REPO
-from sft.config import Config
+from sft.config import Config, FileSource, SQLSource
 from sft.config_docs import REGENERATE, documented_fields, render, sections
 
 
@@ -10,7 +10,8 @@ def test_config_reference_is_in_sync_with_the_schema():
 
 
 def test_every_config_field_has_a_description():
-    missing = [f"{path}.{name}".lstrip(".") for path, section in sections(Config, "")
+    tables = [*sections(Config, ""), ("data source", FileSource), ("data source", SQLSource)]
+    missing = [f"{path}.{name}".lstrip(".") for path, section in tables
                for name, field in documented_fields(section) if not field.description and not section_type(field)]
     assert not missing, f"give these fields a pydantic Field(description=...) in sft/config.py: {missing}"
 
