@@ -29,6 +29,7 @@ Strategy = Annotated[Literal["epoch", "steps", "no"], BeforeValidator(_no_from_y
 
 
 class ModelConfig(Section):
+    """The pretrained model to start from and how to run it."""
     name: str = Field(description="Hub id, local directory, or `pkg:MODULE` for a Python package that ships weights "
                                   "(it must provide `get_model_path()`).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
@@ -104,18 +105,19 @@ SOURCE_TAGS = {"path", "paths", "file", "sql"}
 
 class Fields(Section):
     """Column names in the user's data, per format."""
-    text: str = "text"
+    text: str = Field("text", description="classification and text: the text.")
     text_pair: str | None = Field(None, description="classification: second text of a pair (e.g. NLI hypothesis).")
-    label: str = "label"
-    messages: str = "messages"
-    prompt: str = "prompt"
-    completion: str = "completion"
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
+    label: str = Field("label", description="classification: the label, an int id or a class name.")
+    messages: str = Field("messages", description="messages: the conversation, a list of {role, content}.")
+    prompt: str = Field("prompt", description="prompt_completion: the prompt (no loss on it).")
+    completion: str = Field("completion", description="prompt_completion: the answer the loss is computed on.")
+    instruction: str = Field("instruction", description="instruction: the task description.")
+    input: str = Field("input", description="instruction: optional context for the task.")
+    output: str = Field("output", description="instruction: the answer the loss is computed on.")
 
 
 class DataConfig(Section):
+    """Where the examples come from and how they become tokens (docs/data.md)."""
     train: Source = Field(description="Training data: file path(s), {path, split}, {database, query}, or a list "
                                       "mixing them.")
     eval: Source | None = Field(None, description="Evaluation data; when absent, eval_fraction of train is held out.")
@@ -137,45 +139,51 @@ class DataConfig(Section):
 
 
 class LoraSettings(Section):
+    """LoRA adapter settings (peft), used when method.name is lora."""
     r: int = Field(16, ge=1, description="Adapter rank.")
     alpha: int = Field(32, ge=1, description="Scaling numerator; usually 2*r.")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input during training.")
     target_modules: str | list[str] = Field("all-linear", description="Module names to adapt; all-linear = every linear "
                                                                        "layer except the output head.")
 
 
 class MethodConfig(Section):
+    """What is trained: LoRA adapters or all weights."""
     name: Literal["lora", "full"] = Field("lora", description="lora trains adapters (+ the classifier head); full trains all weights.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     merge: bool = Field(False, description="lora: also save the adapter merged into the base weights in final/merged/.")
 
 
 class TrainingConfig(Section):
-    epochs: float = Field(3, gt=0)
+    """The Trainer recipe: steps, batches, optimizer, evaluation, checkpoints, processes."""
+    epochs: float = Field(3, gt=0, description="Passes over the training data; fractions allowed.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (overrides epochs when > 0).")
     batch_size: int = Field(8, ge=1, description="Examples per device per step.")
     eval_batch_size: int | None = Field(None, ge=1, description="Defaults to batch_size.")
     max_tokens_per_batch: int | None = Field(None, ge=8, description="causal_lm: size batches by tokens instead of "
                                                                      "examples (~8k filled an H100 well).")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Batches per optimizer step (a larger effective "
+                                                                  "batch in the same memory).")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming the rate up from 0.")
     lr_scheduler: str = Field("linear", description="Any transformers scheduler name (linear, cosine, constant, ...).")
-    max_grad_norm: float = 1.0
-    eval_strategy: Strategy = "epoch"
-    eval_steps: int | None = Field(None, ge=1)
-    save_strategy: Strategy = "epoch"
+    max_grad_norm: float = Field(1.0, description="Gradients are clipped to this total norm.")
+    eval_strategy: Strategy = Field("epoch", description="When to evaluate: each epoch, every eval_steps, or no.")
+    eval_steps: int | None = Field(None, ge=1, description="Setting it switches eval_strategy to steps.")
+    save_strategy: Strategy = Field("epoch", description="When to checkpoint: each epoch, every save_steps, or no "
+                                                         "(then preemption has nothing to resume from).")
     save_steps: int | None = Field(None, ge=1, description="Setting it switches save_strategy to steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept; the newest complete one is resumed from.")
-    logging_steps: int = Field(10, ge=1)
+    logging_steps: int = Field(10, ge=1, description="Optimizer steps between loss lines in the log and metrics.jsonl.")
     seed: int = Field(42, description="Seeds python, numpy and torch before the model is built: the same config, "
                                       "data and seed give the same run on the same hardware and image.")
     deterministic: bool = Field(False, description="GPUs: deterministic kernels (torch deterministic algorithms, "
                                                    "cuDNN deterministic, fixed cuBLAS workspace) so reruns and resumes "
                                                    "match bit for bit; costs speed (docs/slurm.md). CPU runs are "
                                                    "deterministic without it.")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
+                                                           "memory for about one more forward pass of compute.")
     ddp_backend: Literal["nccl", "gloo"] | None = Field(None, description="Defaults to nccl on GPUs, gloo on CPU.")
     fsdp: str = Field("", description="Trainer's fsdp option, e.g. 'full_shard auto_wrap', for models beyond one GPU.")
     ddp_timeout: int = Field(1800, ge=1, description="Seconds a rank waits in a collective (a barrier, an all-reduce) "
@@ -192,13 +200,16 @@ class TrainingConfig(Section):
 
 
 class OutputConfig(Section):
+    """Where the run directory goes."""
     dir: str = Field("runs", description="Parent of run directories; bind it read-write in the container.")
     name: str = Field("{config}-{date}", description="Run directory name; {config}, {date} and {time} are filled "
                                                     "once and recorded, so a requeued job finds the same directory.")
 
 
 class Config(Section):
-    task: Literal["classification", "causal_lm"]
+    """A whole config file."""
+    task: Literal["classification", "causal_lm"] = Field(description="classification: a label per text; causal_lm: "
+                                                                      "learn to generate (chat, completions, text).")
     model: ModelConfig
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
