@@ -4,6 +4,7 @@
     sft check CONFIG [key.sub=value ...]   validate the config and every data row, no weights loaded
     sft prepare CONFIG [key.sub=value ...] validate and tokenize into the cache (CPU only, e.g. before the GPU job)
     sft info                               versions, GPUs and container provenance
+    sft predict RUN_DIR INPUT [--output F] a finished run's predictions on new rows, as JSONL
 """
 import argparse
 import os
@@ -11,7 +12,7 @@ import sys
 
 from sft.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = ("train", "check", "prepare", "info")
+COMMANDS = ("train", "check", "prepare", "info", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,33 @@ def build_parser() -> argparse.ArgumentParser:
                                            help="replace a finished run directory of the same name")
     commands.add_parser("info", help="show versions, GPUs and container provenance").add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _add_tool_commands(commands)
     return parser
+
+
+def _add_tool_commands(commands) -> None:
+    """Commands on run directories (sft.predict, ...)."""
+    def add(name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=text, description=text, epilog=epilog,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return command
+
+    predict = add("predict", "predict with a finished run's model: one JSON line per input row (the row plus "
+                             "predicted_label and probabilities, or generated text)")
+    predict.add_argument("run_dir", help="a finished run directory, e.g. runs/demo-20261125")
+    predict.add_argument("input", help="rows to predict: .jsonl, .json, .csv, .parquet or a save_to_disk folder, "
+                                       "with the columns the run trained on (labels/answers may be absent)")
+    predict.add_argument("--output", help="JSONL file to write (must not exist; default: standard output)")
+    predict.add_argument("--batch-size", type=_positive, default=16, help="rows per forward pass (default 16)")
+    predict.add_argument("--max-new-tokens", type=_positive, default=128,
+                         help="causal LM: most tokens generated per row, greedy (default 128)")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_terminal(args.debug)
     try:
-        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info}[args.command](args)
+        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info, "predict": _predict}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
@@ -121,3 +148,12 @@ def _info(args) -> int:
     print_info()
     return 0
 
+
+
+def _predict(args) -> int:
+    from sft.predict import predict
+
+    count = predict(args.run_dir, args.input, args.output, args.batch_size, args.max_new_tokens)
+    if args.output:
+        print(f"sft: wrote {count} predictions to {args.output}", file=sys.stderr)
+    return 0
