@@ -5,6 +5,7 @@
     sft prepare CONFIG [key.sub=value ...] validate and tokenize into the cache (CPU only, e.g. before the GPU job)
     sft info                               versions, GPUs and container provenance
     sft predict RUN_DIR INPUT [--output F] a finished run's predictions on new rows, as JSONL
+    sft export RUN_DIR [--merge] [--to DIR] a standalone safetensors model + tokenizer
 """
 import argparse
 import os
@@ -12,7 +13,7 @@ import sys
 
 from sft.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = ("train", "check", "prepare", "info", "predict")
+COMMANDS = ("train", "check", "prepare", "info", "predict", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_tool_commands(commands) -> None:
-    """Commands on run directories (sft.predict, ...)."""
+    """Commands on run directories (sft.predict, sft.export, ...)."""
     def add(name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text, description=text, epilog=epilog,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +54,12 @@ def _add_tool_commands(commands) -> None:
     predict.add_argument("--batch-size", type=_positive, default=16, help="rows per forward pass (default 16)")
     predict.add_argument("--max-new-tokens", type=_positive, default=128,
                          help="causal LM: most tokens generated per row, greedy (default 128)")
+    export = add("export", "write a standalone model folder (safetensors + tokenizer, label names in config.json) "
+                           "that from_pretrained loads without sft or peft")
+    export.add_argument("run_dir", help="a finished run directory")
+    export.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights "
+                                                             "(needed for LoRA runs)")
+    export.add_argument("--to", help="new or empty folder to write (default: RUN_DIR/export)")
 
 
 def _positive(text: str) -> int:
@@ -82,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_terminal(args.debug)
     try:
-        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info, "predict": _predict}[args.command](args)
+        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info, "predict": _predict,
+                "export": _export}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
@@ -156,4 +164,11 @@ def _predict(args) -> int:
     count = predict(args.run_dir, args.input, args.output, args.batch_size, args.max_new_tokens)
     if args.output:
         print(f"sft: wrote {count} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _export(args) -> int:
+    from sft.export import export
+
+    print(f"sft: exported to {export(args.run_dir, args.merge, args.to)}")
     return 0
