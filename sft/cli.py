@@ -6,6 +6,7 @@
     sft info                               versions, GPUs and container provenance
     sft predict RUN_DIR INPUT [--output F] a finished run's predictions on new rows, as JSONL
     sft export RUN_DIR [--merge] [--to DIR] a standalone safetensors model + tokenizer
+    sft runs [OUTPUT_DIR]                  one line per run: status, steps, best metric, age, Slurm job
 """
 import argparse
 import os
@@ -13,7 +14,7 @@ import sys
 
 from sft.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = ("train", "check", "prepare", "info", "predict", "export")
+COMMANDS = ("train", "check", "prepare", "info", "predict", "export", "runs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RUN_STATUSES = """statuses:
+  running      a live process (or a Slurm job that will run again) owns the directory
+  preempted    stopped at a complete checkpoint by a signal; a requeued job or `sft train` resumes it
+  finished     final/ holds the trained model
+  failed       ended by an error (manifest.json: error); fix it and rerun to resume
+  interrupted  stopped by Ctrl-C; rerun to resume
+  killed       its process ended without recording why (time limit, out of memory, node failure); rerun to resume"""
+
+
 def _add_tool_commands(commands) -> None:
-    """Commands on run directories (sft.predict, sft.export, ...)."""
+    """Commands on run directories (sft.predict, sft.export, sft.runs, ...)."""
     def add(name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text, description=text, epilog=epilog,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +70,8 @@ def _add_tool_commands(commands) -> None:
     export.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights "
                                                              "(needed for LoRA runs)")
     export.add_argument("--to", help="new or empty folder to write (default: RUN_DIR/export)")
+    runs = add("runs", "list run directories: status, steps, best evaluation, age, Slurm job", epilog=RUN_STATUSES)
+    runs.add_argument("output_dir", nargs="?", default="runs", help="a config's output.dir (default: runs)")
 
 
 def _positive(text: str) -> int:
@@ -90,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_terminal(args.debug)
     try:
         return {"train": _train, "check": _check, "prepare": _prepare, "info": _info, "predict": _predict,
-                "export": _export}[args.command](args)
+                "export": _export, "runs": _runs}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
@@ -171,4 +183,14 @@ def _export(args) -> int:
     from sft.export import export
 
     print(f"sft: exported to {export(args.run_dir, args.merge, args.to)}")
+    return 0
+
+
+def _runs(args) -> int:
+    from datetime import datetime
+
+    from sft.runs import format_runs, list_runs
+
+    runs = list_runs(args.output_dir)
+    print(format_runs(runs, datetime.now().astimezone()) if runs else f"sft: no runs in {args.output_dir}")
     return 0
