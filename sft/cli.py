@@ -7,6 +7,7 @@
     sft predict RUN_DIR INPUT [--output F] a finished run's predictions on new rows, as JSONL
     sft export RUN_DIR [--merge] [--to DIR] a standalone safetensors model + tokenizer
     sft runs [OUTPUT_DIR]                  one line per run: status, steps, best metric, age, Slurm job
+    sft clean RUN_DIR [--dry-run]          remove a finished run's checkpoints and data cache
 """
 import argparse
 import os
@@ -14,7 +15,7 @@ import sys
 
 from sft.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = ("train", "check", "prepare", "info", "predict", "export", "runs")
+COMMANDS = ("train", "check", "prepare", "info", "predict", "export", "runs", "clean")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +49,7 @@ RUN_STATUSES = """statuses:
 
 
 def _add_tool_commands(commands) -> None:
-    """Commands on run directories (sft.predict, sft.export, sft.runs, ...)."""
+    """predict, export, runs, clean: what to do with run directories (sft.predict, sft.export, sft.runs, sft.clean)."""
     def add(name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text, description=text, epilog=epilog,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +73,10 @@ def _add_tool_commands(commands) -> None:
     export.add_argument("--to", help="new or empty folder to write (default: RUN_DIR/export)")
     runs = add("runs", "list run directories: status, steps, best evaluation, age, Slurm job", epilog=RUN_STATUSES)
     runs.add_argument("output_dir", nargs="?", default="runs", help="a config's output.dir (default: runs)")
+    clean = add("clean", "remove a finished run's checkpoints and tokenized data cache; keeps final/, config, "
+                         "manifest, metrics, logs and report")
+    clean.add_argument("run_dir", help="a finished run directory")
+    clean.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
 
 def _positive(text: str) -> int:
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_terminal(args.debug)
     try:
         return {"train": _train, "check": _check, "prepare": _prepare, "info": _info, "predict": _predict,
-                "export": _export, "runs": _runs}[args.command](args)
+                "export": _export, "runs": _runs, "clean": _clean}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
@@ -194,3 +199,23 @@ def _runs(args) -> int:
     runs = list_runs(args.output_dir)
     print(format_runs(runs, datetime.now().astimezone()) if runs else f"sft: no runs in {args.output_dir}")
     return 0
+
+
+def _clean(args) -> int:
+    from sft.clean import clean
+
+    result = clean(args.run_dir, args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for what, size in result.removed.items():
+        print(f"{verb} {what} ({_size(size)})")
+    for note in result.notes:
+        print(note)
+    print(f"{'would free' if args.dry_run else 'freed'} {_size(result.freed)}; kept {', '.join(result.kept)}")
+    return 0
+
+
+def _size(count: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"

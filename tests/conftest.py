@@ -150,3 +150,37 @@ def finished_runs(tiny_causal_lm, tiny_chat_data, tmp_path_factory) -> dict[tupl
 
 
 SIZES = ["small", "big", "huge"]  # the classifier's labels in finished_runs (sorted: big, huge, small)
+
+
+# Owns a run directory as a live run's rank 0 does (flock on run.lock, owner recorded inside) until killed.
+RUN_OWNER = """
+import sys, time
+from pathlib import Path
+from sft.rundir import take_over
+
+run = take_over(Path(sys.argv[1]))
+print("owner", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def run_owner():
+    """run_owner(run_dir): a live process (outside any Slurm job) that owns the run directory until the test ends."""
+    import subprocess
+    import sys
+
+    started: list[subprocess.Popen] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+    def own(run_dir: Path) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", RUN_OWNER, str(run_dir)], stdout=subprocess.PIPE,
+                                   text=True, cwd=REPO, env=env)
+        started.append(process)
+        assert process.stdout.readline() == "owner\n"
+        return process
+
+    yield own
+    for process in started:
+        process.kill()
+        process.wait()

@@ -1,50 +1,15 @@
 """sft runs: one line per run directory with the status a user needs (a live owner of run.lock is running, a
 "running" manifest without one was killed), steps, best evaluation, age and Slurm job."""
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import pytest
-
-from conftest import REPO
 from sft.cli import main
 from sft.files import write_json_atomic
 
-# Owns a run directory as a live run's rank 0 does (flock on run.lock, owner recorded inside) until killed.
-OWNER = """
-import sys, time
-from pathlib import Path
-from sft.rundir import take_over
-
-run = take_over(Path(sys.argv[1]))
-print("owner", flush=True)
-time.sleep(600)
-"""
 NOW = datetime.now().astimezone()
-
-
-@pytest.fixture
-def owners():
-    """own(run_dir): a live process that owns the run directory; killed at the end of the test."""
-    started: list[subprocess.Popen] = []
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-
-    def own(run_dir: Path) -> subprocess.Popen:
-        process = subprocess.Popen([sys.executable, "-c", OWNER, str(run_dir)], stdout=subprocess.PIPE, text=True,
-                                   cwd=REPO, env=env)
-        started.append(process)
-        assert process.stdout.readline() == "owner\n"
-        return process
-
-    yield own
-    for process in started:
-        process.kill()
-        process.wait()
 
 
 def make_run(output: Path, name: str, status: str, hours_ago: float, job: str | None = None,
@@ -68,7 +33,7 @@ def listed(capsys, output: Path) -> dict[str, dict[str, str]]:
     return {row["RUN"]: row for row in rows}
 
 
-def test_each_state_is_told_apart(tmp_path, owners, capsys):
+def test_each_state_is_told_apart(tmp_path, run_owner, capsys):
     output = tmp_path / "runs"
     evaluations = [{"step": 10, "loss": 0.9}, {"step": 10, "eval_loss": 0.8, "eval_accuracy": 0.7},
                    {"step": 20, "loss": 0.5}, {"step": 20, "eval_loss": 0.6, "eval_accuracy": 0.9},
@@ -81,11 +46,11 @@ def test_each_state_is_told_apart(tmp_path, owners, capsys):
     make_run(output, "failed", "failed", 0.5, metrics=[{"step": 1, "loss": 3.0}])
     make_run(output, "ctrl-c", "interrupted", 0.2)
     live = make_run(output, "live", "running", 2, metrics=[{"step": 7, "loss": 1.0}])
-    owners(live)
+    run_owner(live)
     preparing = make_run(output, "preparing", "starting", 0.01)
-    owners(preparing)
+    run_owner(preparing)
     killed = make_run(output, "killed", "running", 1, metrics=[{"step": 4, "loss": 1.5}])
-    owner = owners(killed)
+    owner = run_owner(killed)
     owner.send_signal(signal.SIGKILL)  # the flock goes with the process; run.lock still names it
     owner.wait()
     (output / "not-a-run").mkdir()
