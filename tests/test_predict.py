@@ -17,6 +17,12 @@ from sft.trained import load_model, open_trained_run
 REVIEWS = ["add 1 and 1", "add 5 and 3", "add 2 and 2 please", "add 4 and 0"]
 
 
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Predict as on a CPU node (fp32), to compare with the fp32 reference: a visible GPU would mean bf16."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -35,7 +41,7 @@ def reference_model(run_dir, auto_class):
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_classifier_predictions_equal_a_forward_pass_per_row(finished_runs, tmp_path, method):
+def test_classifier_predictions_equal_a_forward_pass_per_row(finished_runs, tmp_path, on_cpu, method):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -64,7 +70,7 @@ def test_classifier_predictions_equal_a_forward_pass_per_row(finished_runs, tmp_
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_generated_text_equals_greedy_decoding_by_hand(finished_runs, tmp_path, method):
+def test_generated_text_equals_greedy_decoding_by_hand(finished_runs, tmp_path, on_cpu, method):
     """Batched, left-padded generate() against a token-by-token argmax loop over each prompt alone (eager
     attention, no KV cache). The rows keep their expected answers: predict leaves the trailing assistant turn out."""
     import torch
@@ -172,3 +178,26 @@ def test_bad_input_is_refused_in_one_line(finished_runs, tmp_path, capsys):
     assert len(errors) == 3 and all(line.startswith("sft: error: ") for line in errors), errors
     assert "the file exists" in errors[0] and "missing.jsonl does not exist" in errors[1]
     assert "the run is preempted, not finished" in errors[2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_predict_on_a_gpu_agrees_with_the_cpu(finished_runs, tmp_path, monkeypatch, method):
+    """On a GPU predict runs in the compute dtype (bf16 where supported): probabilities within bf16 rounding of the
+    CPU's fp32 ones, and generation produces text for every row."""
+    import torch
+
+    run_dir = finished_runs["classification", method]
+    source = write_jsonl(tmp_path / "new.jsonl", [{"text": text} for text in REVIEWS])
+    torch.cuda.reset_peak_memory_stats()
+    predict(str(run_dir), str(source), str(tmp_path / "gpu.jsonl"), batch_size=4, max_new_tokens=1)
+    assert torch.cuda.max_memory_allocated() > 0  # the model really ran on the GPU
+    with monkeypatch.context() as cpu_only:
+        cpu_only.setattr("torch.cuda.is_available", lambda: False)
+        predict(str(run_dir), str(source), str(tmp_path / "cpu.jsonl"), batch_size=4, max_new_tokens=1)
+    for gpu, cpu in zip(read_jsonl(tmp_path / "gpu.jsonl"), read_jsonl(tmp_path / "cpu.jsonl")):
+        torch.testing.assert_close(torch.tensor(list(gpu["probabilities"].values())),
+                                   torch.tensor(list(cpu["probabilities"].values())), atol=2e-2, rtol=0)
+    chat = write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS[:3])
+    predict(str(finished_runs["causal_lm", method]), str(chat), str(tmp_path / "chat-out.jsonl"), 4, 6)
+    assert len(read_jsonl(tmp_path / "chat-out.jsonl")) == 3
