@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
@@ -17,6 +18,7 @@ from sft.trained import TrainedRun, load_model, load_tokenizer, open_trained_run
 
 log = logging.getLogger("sft")
 INPUT = "INPUT"  # how messages about the input file name it (data sources name their config key)
+PROGRESS_SECONDS = 30  # a progress line at most this often: a Slurm log stays readable over a million rows
 
 
 def predict(run_dir: str, input_path: str, output: str | None, batch_size: int, max_new_tokens: int) -> int:
@@ -42,12 +44,14 @@ def predict(run_dir: str, input_path: str, output: str | None, batch_size: int, 
         predict_batch = classify if run.config.task == "classification" else generate
         options = {} if run.config.task == "classification" else {"max_new_tokens": max_new_tokens}
         with _output_file(output) as out:
-            done = 0
+            done, logged = 0, time.monotonic()
             for batch in _batches((record for _, record in iter_records(rows)), batch_size):
                 for record, prediction in zip(batch, predict_batch(run, model, tokenizer, batch, **options)):
                     out.write(json.dumps({**record, **prediction}, ensure_ascii=False, default=str) + "\n")
                 done += len(batch)
-                log.info("predicted %d/%d rows", done, len(rows))
+                if done == len(rows) or time.monotonic() - logged > PROGRESS_SECONDS:
+                    log.info("predicted %d/%d rows", done, len(rows))
+                    logged = time.monotonic()
     return len(rows)
 
 
