@@ -201,3 +201,45 @@ def test_predict_on_a_gpu_agrees_with_the_cpu(finished_runs, tmp_path, monkeypat
     chat = write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS[:3])
     predict(str(finished_runs["causal_lm", method]), str(chat), str(tmp_path / "chat-out.jsonl"), 4, 6)
     assert len(read_jsonl(tmp_path / "chat-out.jsonl")) == 3
+
+
+@pytest.mark.slow
+def test_minilm_lora_classifier_predicts_and_exports_like_the_model_loaded_by_hand(tmp_path, write_config, on_cpu):
+    """The demo's real BERT-style model (token type ids, right padding over rows of different lengths) with a LoRA
+    adapter and trained head: predict equals a per-row forward pass of peft's own loader, and the merged export
+    gives the same probabilities through plain transformers."""
+    import torch
+    import yaml
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from conftest import REPO
+    from sft.config import load_config
+    from sft.export import export
+    from sft.training import run_training
+
+    rows = [json.loads(line) for line in (REPO / "data" / "demo" / "reviews.jsonl").read_text().splitlines()]
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config["data"] |= {"train": str(write_jsonl(tmp_path / "train.jsonl", rows[:16])), "eval_fraction": 0}
+    config["training"].update(max_steps=2, eval_strategy="no", save_strategy="no", learning_rate=5e-3)
+    config["method"] = {"name": "lora", "lora": {"r": 8, "alpha": 16}}
+    config["output"] = {"dir": str(tmp_path / "runs"), "name": "minilm"}
+    run_dir = run_training(load_config(write_config(config))).run_dir
+    reviews = [row["text"] for row in rows[16:22]]
+    source = write_jsonl(tmp_path / "reviews.jsonl", [{"text": text} for text in reviews])
+    predict(str(run_dir), str(source), str(tmp_path / "out.jsonl"), batch_size=3, max_new_tokens=1)
+    predictions = read_jsonl(tmp_path / "out.jsonl")
+
+    label_names = ["negative", "positive"]
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final")
+    by_hand = AutoPeftModelForSequenceClassification.from_pretrained(run_dir / "final", num_labels=2).eval()
+    exported = AutoModelForSequenceClassification.from_pretrained(export(str(run_dir), True, None)).eval()
+    assert exported.config.id2label == dict(enumerate(label_names))
+    for text, prediction in zip(reviews, predictions):
+        encoded = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            expected = torch.softmax(by_hand(**encoded).logits[0], -1)
+            merged = torch.softmax(exported(**encoded).logits[0], -1)
+        got = torch.tensor([prediction["probabilities"][name] for name in label_names])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-4)
