@@ -32,7 +32,11 @@ def clean(run_dir: str | Path, dry_run: bool = False) -> Cleaned:
     # Owning run.lock refuses while a run is live, and keeps a run (e.g. train --overwrite) from starting meanwhile.
     owned = rundir.take_over(path)
     try:
-        manifest = manifests.read_manifest(path)
+        try:
+            manifest = manifests.read_manifest(path)
+        except ValueError as error:
+            raise UserError(f"{path / manifests.MANIFEST}: unreadable ({error}); clean needs it to tell whether the "
+                            f"run finished") from None
         status = manifest.get("status")
         if status in ("starting", "running"):  # no live owner (we own it now): killed outright, as `sft runs` says
             status = "killed"
@@ -69,18 +73,15 @@ def size_of(path: Path) -> int:
 
 
 def _data_cache(path: Path, manifest: dict) -> tuple[Path | None, str | None]:
-    """The run's tokenized data in the cache, unless an unfinished run beside it uses the same data: its requeue or
-    torchrun processes would read it (the cache rebuilds what is missing, but only on the next start)."""
-    import yaml
-
-    from sft.config import Config
+    """The run's tokenized data in the cache, unless an unfinished run beside it uses the same data (its torchrun
+    processes may be about to read it). Any other run that needs it again tokenizes it again: nothing is lost."""
     from sft.data import cache
+    from sft.trained import run_config
 
     key = (manifest.get("data") or {}).get("cache_key")
     if not key:
         return None, None
-    config = Config.model_validate(yaml.safe_load((path / "config.yaml").read_text()))
-    folder = cache.cache_root(config) / "tokenized" / key
+    folder = cache.cache_root(run_config(path)) / "tokenized" / key
     if not folder.is_dir():
         return None, None
     users = [sibling.name for sibling in path.parent.iterdir() if sibling != path and _unfinished_user(sibling, key)]

@@ -119,8 +119,7 @@ def classify(run: TrainedRun, model, tokenizer, records: list[dict]) -> list[dic
     with torch.no_grad():
         probabilities = torch.softmax(model(**batch).logits.float(), dim=-1).tolist()
     names = run.label_names
-    return [{"predicted_label": names[max(range(len(names)), key=p.__getitem__)],
-             "probabilities": dict(zip(names, p))} for p in probabilities]
+    return [{"predicted_label": names[p.index(max(p))], "probabilities": dict(zip(names, p))} for p in probabilities]
 
 
 def generate(run: TrainedRun, model, tokenizer, records: list[dict], max_new_tokens: int) -> list[dict]:

@@ -26,8 +26,6 @@ class TrainedRun:
 
 def open_trained_run(run_dir: str | Path) -> TrainedRun:
     """A run directory whose training finished, or UserError saying why it cannot be used yet."""
-    import yaml
-
     path = Path(run_dir)
     if not path.is_dir():
         raise UserError(f"{path}: no such run directory; pass a folder under output.dir (list them with `sft runs`)")
@@ -38,16 +36,24 @@ def open_trained_run(run_dir: str | Path) -> TrainedRun:
     if manifest is None:
         raise UserError(f"{path}: not an sft run directory (no {manifests.MANIFEST}); pass a folder under output.dir")
     status = manifest.get("status")
-    if status != "finished" or not (path / "final").is_dir():
+    if status != "finished":
         raise UserError(f"{path}: the run is {status}, not finished, so it has no final model yet; let it finish "
                         f"(or resume it), then retry")
-    try:
-        config = Config.model_validate(yaml.safe_load((path / "config.yaml").read_text()))
-    except (OSError, ValueError) as error:  # pydantic's ValidationError is a ValueError
-        raise UserError(f"{path / 'config.yaml'}: cannot read the run's config ({str(error).splitlines()[0]}); "
-                        f"it was written by sft train and should not be edited") from None
+    if not (path / "final").is_dir():
+        raise UserError(f"{path}: final/ is missing (moved or deleted?); put the trained model back in final/")
     data = manifest.get("data") or {}
-    return TrainedRun(path, config, data.get("format"), data.get("label_names"))
+    return TrainedRun(path, run_config(path), data.get("format"), data.get("label_names"))
+
+
+def run_config(run_dir: Path) -> Config:
+    """The config the run resolved and recorded in config.yaml."""
+    import yaml
+
+    try:
+        return Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except (OSError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+        raise UserError(f"{run_dir / 'config.yaml'}: cannot read the run's config ({str(error).splitlines()[0]}); "
+                        f"it was written by sft train and should not be edited") from None
 
 
 def load_tokenizer(run: TrainedRun):
