@@ -1,15 +1,12 @@
 """A finished run's model and tokenizer, loaded back from its run directory for `sft predict` and `sft export`:
 the run's own resolved config.yaml, the tokenizer (and chat template) saved in final/, and LoRA adapters put on
 the base model without merging."""
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from sft import manifest as manifests
 from sft.config import Config
 from sft.errors import UserError
-
-log = logging.getLogger("sft")
 
 
 @dataclass

@@ -243,3 +243,22 @@ def test_minilm_lora_classifier_predicts_and_exports_like_the_model_loaded_by_ha
         got = torch.tensor([prediction["probabilities"][name] for name in label_names])
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_run_trained_with_flex_attention_predicts_with_sdpa(finished_runs, tmp_path, on_cpu, monkeypatch):
+    """Flex attention is for packed training batches; predict pads its batches and loads the model with sdpa."""
+    import shutil
+
+    import yaml
+
+    import sft.predict
+
+    run_dir = shutil.copytree(finished_runs["causal_lm", "full"], tmp_path / "runs" / "flex")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["model"]["attn_implementation"] = "flex_attention"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    loaded = []
+    monkeypatch.setattr(sft.predict, "load_model", lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1])
+    predict(str(run_dir), str(write_jsonl(tmp_path / "p.jsonl", CHAT_ROWS[:2])), str(tmp_path / "o.jsonl"), 2, 3)
+    assert loaded[0].config._attn_implementation == "sdpa"
+    assert len(read_jsonl(tmp_path / "o.jsonl")) == 2
