@@ -9,14 +9,12 @@ from pathlib import Path
 from sft.cli import main
 from sft.files import write_json_atomic
 
-NOW = datetime.now().astimezone()
-
-
 def make_run(output: Path, name: str, status: str, hours_ago: float, job: str | None = None,
              metrics: list[dict] = (), restarts: list[dict] = ()) -> Path:
     path = output / name
     path.mkdir(parents=True)
-    started = (NOW - timedelta(hours=hours_ago)).isoformat(timespec="seconds")
+    # Ages from the moment of writing: the listing follows within seconds, whenever the test itself runs.
+    started = (datetime.now().astimezone() - timedelta(hours=hours_ago)).isoformat(timespec="seconds")
     write_json_atomic(path / "manifest.json", {"status": status, "name": name, "started": started, "slurm_job": job,
                                                "restarts": list(restarts)})
     (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -43,7 +41,7 @@ def test_each_state_is_told_apart(tmp_path, run_owner, capsys):
     make_run(output, "preempted", "preempted", 5, job="100", metrics=[{"step": 3, "loss": 2.0}, {"step": 3,
                                                                                                   "eval_loss": 1.9}],
              restarts=[{"slurm_job": "101"}])
-    make_run(output, "failed", "failed", 0.5, metrics=[{"step": 1, "loss": 3.0}])
+    make_run(output, "failed", "failed", 29.6 / 60, metrics=[{"step": 1, "loss": 3.0}])  # "30m" for a minute
     make_run(output, "ctrl-c", "interrupted", 0.2)
     live = make_run(output, "live", "running", 2, metrics=[{"step": 7, "loss": 1.0}])
     run_owner(live)
