@@ -128,7 +128,8 @@ def _only_columns(rows: Rows, columns: list[str]) -> Rows:
     """The format's columns; an optional one a source lacks (e.g. instruction input) becomes empty."""
     import pyarrow as pa
 
-    dataset = rows.dataset.select_columns([c for c in columns if c in rows.dataset.column_names])
+    # Missing columns are added before selecting: a dataset of zero columns would also have zero rows.
+    dataset = rows.dataset
     for column in columns:
         if column not in dataset.column_names:
             dataset = dataset.add_column(column, pa.nulls(len(dataset), pa.string()))
@@ -165,8 +166,11 @@ def load_rows(config: Config, work_dir: Path, opened: dict[str, list[Opened]] | 
             eval_rows, duplicates = duplicate_free(eval_rows, columns)
             dropped["exact duplicates"] += duplicates
     if eval_rows is None and config.data.eval_fraction > 0:
-        train, eval_rows = split_eval(train, config.data.eval_fraction, config.training.seed)
-        eval_rows = replace(eval_rows, files=[])  # the files are recorded once, under train
+        try:
+            train, eval_rows = split_eval(train, config.data.eval_fraction, config.training.seed)
+            eval_rows = replace(eval_rows, files=[])  # the files are recorded once, under train
+        except UserError as error:  # too few rows: said together with what is wrong in them
+            problems.append(str(error))
     label_names = None
     if data_format == "classification":
         label_names, label_problems = resolve_labels(config, train, eval_rows)

@@ -178,11 +178,12 @@ def _load_file(path: Path, kind: str, work_dir: Path):
                             **options)
     except Exception as error:  # noqa: BLE001 - any parser failure; the line-by-line reader names the place
         if kind in ("jsonl", "json", "csv"):
-            for _ in iter_file_records(path, kind):
-                pass
+            if not sum(1 for _ in iter_file_records(path, kind)):  # every row read: the bad one raises
+                raise UserError(f"{path}: no rows in the file; check the path, or export the data again") from None
         cause = error.__cause__ or error
-        raise UserError(f"{path}: cannot read as {kind} ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
-                        f"fix the file or convert it") from None
+        detail = (str(cause).splitlines() or [""])[0]
+        raise UserError(f"{path}: cannot read as {kind} ({type(cause).__name__}: {detail}); fix the file or convert "
+                        f"it") from None
     finally:
         datasets.logging.set_verbosity(verbosity)
 
