@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from sft.secrets import mask
 
-        print(f"sft: error: {mask(str(error))}", file=sys.stderr)
+        # One line whatever the message quotes (a value with a line break, a data line): escape line breaks.
+        one_line = mask(str(error)).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"sft: error: {one_line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as stop:
         # Set once the run directory exists (sft.training.Interrupted); before that there is nothing to resume.

@@ -289,6 +289,8 @@ def _load_env_file(env_file: str | None, config_path: Path) -> None:
     from dotenv import dotenv_values
 
     secrets.register_secrets_from(dict(os.environ))
+    if env_file is not None and not isinstance(env_file, str):
+        raise UserError(f"{config_path}: env_file: expected the path of a .env file, e.g. env_file: .env")
     if env_file:
         env_path = Path(os.path.expandvars(env_file))
         if not env_path.is_file():

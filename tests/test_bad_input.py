@@ -166,6 +166,8 @@ CASES = [
     # Environment variables and .env files
     case("variable-not-set", ("data.train: environment variable DATA_PATH is not set", "add it to .env"),
          config={"data": {"train": "${DATA_PATH}/train.jsonl"}}),
+    case("env-file-name-with-a-line-break", ("env_file 'a\\nb': file not found",), config={"env_file": "a\nb"}),
+    case("env-file-not-a-path", ("c.yaml: env_file: expected the path of a .env file",), config={"env_file": [1]}),
     case("env-file-missing", ("env_file 'missing.env': file not found",), args=("--env-file", "missing.env")),
     case("env-file-is-a-folder", ("env_file 'envdir': file not found",), args=("--env-file", "envdir"),
          files={"envdir/x": ""}),
