@@ -185,6 +185,18 @@ def lora_problems(config: Config, model: ModelFiles) -> list[str]:
             f"(its layers: {', '.join(names)}); use those names or all-linear"]
 
 
+def head_problems(model: ModelFiles, label_names: list[str]) -> list[str]:
+    """A model already fine-tuned for classification keeps its head, and transformers refuses to load it for
+    another number of classes (a size mismatch, after the job starts)."""
+    architectures = model.config.get("architectures") or []
+    classes = len(model.config.get("id2label") or {})
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or classes in (0, len(label_names)):
+        return []
+    return [f"model.name: {model.folder.name} already has a classification head for {classes} classes, and the data "
+            f"has {len(label_names)}; start from the base model it was fine-tuned from, or use data with its "
+            f"{classes} classes"]
+
+
 # Room for the run's output
 
 def expected_output_bytes(config: Config, model: ModelFiles, train_examples: int) -> tuple[int, str]:
@@ -300,6 +312,8 @@ def run_checks(config: Config, work_dir: Path):
     except UserError as error:
         loaded = None
         problems.append(str(error))
+    if loaded and model and loaded.label_names:
+        problems += head_problems(model, loaded.label_names)
     if loaded and model and config.task == "causal_lm":
         from sft.model import load_tokenizer
 

@@ -146,6 +146,23 @@ def test_lora_target_modules_the_model_lacks_are_reported(tiny_causal_lm, tmp_pa
         get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_causal_lm), LoraConfig(target_modules=["query"]))
 
 
+def test_a_classification_head_for_another_number_of_classes_is_reported(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from sft.preflight import ModelFiles, head_problems
+
+    tiny = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                      num_labels=3)
+    BertForSequenceClassification(tiny).save_pretrained(tmp_path / "cls3")
+    model = ModelFiles(tmp_path / "cls3", tiny.to_dict())
+    assert head_problems(model, ["a", "b", "c"]) == []
+    assert head_problems(model, ["neg", "pos"]) == [
+        "model.name: cls3 already has a classification head for 3 classes, and the data has 2; start from the base "
+        "model it was fine-tuned from, or use data with its 3 classes"]
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # what the job would hit
+        BertForSequenceClassification.from_pretrained(tmp_path / "cls3", num_labels=2)
+
+
 # Trainable tokens
 
 def test_examples_without_trainable_tokens_are_listed_with_the_max_length_that_keeps_them(tiny_causal_lm, tmp_path):
