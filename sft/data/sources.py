@@ -167,6 +167,11 @@ def _load_file(path: Path, kind: str, work_dir: Path):
         # utf-8-sig: drop the byte-order mark Excel writes, which would otherwise become part of the first name.
         with source.open(encoding="utf-8-sig", newline="") as f:
             header = next(csv.reader(f), [])
+        separator = next((sep for sep in ";\t|" if len(header) == 1 and sep in header[0]), None)
+        if separator:
+            raise UserError(f"{path}:1: the header is one column ({header[0]!r}): the file is separated by "
+                            f"{separator!r}, not commas (Excel does so in many locales); save it as comma-separated "
+                            f"CSV (Excel: CSV UTF-8)")
         options = {"features": Features({name: Value("string") for name in header}), "na_filter": False,
                    "encoding": "utf-8-sig"}
     builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}[kind]
