@@ -180,6 +180,10 @@ CASES = [
          files={"envdir/x": ""}),
     case("dotenv-points-elsewhere", ("data.train: /nonexistent/train.jsonl does not exist", "DATA_PATH in .env"),
          config={"data": {"train": "${DATA_PATH}/train.jsonl"}}, files={".env": "DATA_PATH=/nonexistent\n"}),
+    case("dotenv-unclosed-quote", (".env:2: cannot read this line", "write NAME=value"),
+         config={"data": {"train": "${DATA_PATH}/train.jsonl"}}, files={".env": 'HF_TOKEN=abc\nDATA_PATH = "/x\n'}),
+    case("dotenv-latin1", (".env: not UTF-8 text", "re-save it as UTF-8"),
+         files={".env": "NAME=Jos\u00e9\n".encode("latin-1")}),
     # Command-line overrides
     case("override-without-value", ("override 'training.epochs': expected key.sub=value",), args=("training.epochs",)),
     case("override-into-a-value", ("override 'task.name=x': task is not a section",), args=("task.name=x",)),
