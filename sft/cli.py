@@ -1,7 +1,7 @@
 """Command line: parse, dispatch, and turn user errors into one line + exit code 2 (tracebacks only with --debug).
 
     sft train CONFIG [key.sub=value ...]   fine-tune (a bare `sft CONFIG` means the same)
-    sft check CONFIG [key.sub=value ...]   validate the config and every data row, no weights loaded
+    sft check CONFIG [key.sub=value ...]   validate config, model files, every data row and output space (no GPU)
     sft prepare CONFIG [key.sub=value ...] validate and tokenize into the cache (CPU only, e.g. before the GPU job)
     sft info                               versions, GPUs and container provenance
     sft predict RUN_DIR INPUT [--output F] a finished run's predictions on new rows, as JSONL
@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from sft.secrets import mask
 
-        print(f"sft: error: {mask(str(error))}", file=sys.stderr)
+        # One line whatever the message quotes (a value with a line break, a data line): escape line breaks.
+        one_line = mask(str(error)).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"sft: error: {one_line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as stop:
         # Set once the run directory exists (sft.training.Interrupted); before that there is nothing to resume.
@@ -125,10 +127,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     from sft.config import load_config
+    from sft.preflight import check_settings
     from sft.report import print_summary
     from sft.training import Preempted, run_training
 
     config = load_config(args.config, args.overrides, args.env_file)
+    check_settings(config)  # before a run directory exists: a bad setting costs a second, not a queue wait
     try:
         result = run_training(config, overwrite=args.overwrite, overrides=args.overrides, env_file=args.env_file)
     except Preempted as stop:
@@ -146,12 +150,12 @@ def _check(args) -> int:
     from pathlib import Path
 
     from sft.config import load_config
-    from sft.data import load_rows
+    from sft.preflight import run_checks
     from sft.report import print_check
 
     config = load_config(args.config, args.overrides, args.env_file)
     with tempfile.TemporaryDirectory(prefix="sft-check-") as work_dir:
-        print_check(config, load_rows(config, Path(work_dir)))
+        print_check(config, *run_checks(config, Path(work_dir)))
     return 0
 
 

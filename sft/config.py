@@ -1,5 +1,8 @@
 """Config stage: YAML + .env + `key.sub=value` overrides → one validated `Config`, every problem reported at once."""
+import codecs
+import datetime
 import difflib
+import io
 import os
 import re
 import typing
@@ -298,8 +301,11 @@ def _parse_value(text: str) -> Any:
 def _load_env_file(env_file: str | None, config_path: Path) -> None:
     """Load .env into the process environment (tokens must reach huggingface_hub too); real env vars win."""
     from dotenv import dotenv_values
+    from dotenv.parser import parse_stream
 
     secrets.register_secrets_from(dict(os.environ))
+    if env_file is not None and not isinstance(env_file, str):
+        raise UserError(f"{config_path}: env_file: expected the path of a .env file, e.g. env_file: .env")
     if env_file:
         env_path = Path(os.path.expandvars(env_file))
         if not env_path.is_file():
@@ -308,11 +314,27 @@ def _load_env_file(env_file: str | None, config_path: Path) -> None:
         env_path = Path(".env")
         if not env_path.is_file():
             return
-    values = dotenv_values(env_path)
+    text = _env_text(env_path)
+    broken = [binding.original.line for binding in parse_stream(io.StringIO(text)) if binding.error]
+    if broken:  # dotenv would skip the line with a warning, and a variable the user set would be "not set"
+        raise UserError(f"{env_path}:{broken[0]}: cannot read this line; write NAME=value, one per line, with "
+                        f"quotes closed")
+    values = dotenv_values(stream=io.StringIO(text))
     secrets.register_secrets_from(values)
     for name, value in values.items():
         if value is not None:
             os.environ.setdefault(name, value)
+
+
+def _env_text(path: Path) -> str:
+    """A .env file as Windows editors save it too: a UTF-8 byte-order mark (it would become part of the first
+    name) or UTF-16."""
+    data = path.read_bytes()
+    encoding = "utf-16" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
 
 
 def _interpolate(node: Any, where: str, problems: list[str]) -> Any:
@@ -361,6 +383,8 @@ def _describe(error: dict) -> str:
     if isinstance(value, bool) and kind in ("string_type", "literal_error"):
         shown = (f" (got {value}: YAML reads unquoted yes/no/on/off/true/false as a boolean; quote the value, "
                  f"e.g. \"no\")")
+    if isinstance(value, datetime.date) and kind == "string_type":
+        shown = f" (got {value}: YAML reads an unquoted date as a date; quote it, e.g. \"{value}\")"
     return f"{where}: {error['msg'].lower()}{shown}"
 
 
