@@ -4,6 +4,7 @@
     sft check CONFIG [key.sub=value ...]   validate the config and every data row, no weights loaded
     sft prepare CONFIG [key.sub=value ...] validate and tokenize into the cache (CPU only, e.g. before the GPU job)
     sft info                               versions, GPUs and container provenance
+    sft fetch MODEL [--revision R]         download a hub model and its tokenizer into the cache (login node)
 """
 import argparse
 import os
@@ -11,7 +12,7 @@ import sys
 
 from sft.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = ("train", "check", "prepare", "info")
+COMMANDS = ("train", "check", "prepare", "info", "fetch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                                            help="replace a finished run directory of the same name")
     commands.add_parser("info", help="show versions, GPUs and container provenance").add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    fetch = commands.add_parser("fetch", help="download a hub model and its tokenizer into the cache (needs network)",
+                                description="Download a hub model (safetensors weights, config, tokenizer) into "
+                                            "HF_HOME, e.g. on a login node, for the offline runs to find.")
+    fetch.add_argument("model", help="hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    fetch.add_argument("--revision", help="branch, tag or commit to pin (as model.revision)")
+    fetch.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -55,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_terminal(args.debug)
     try:
-        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info}[args.command](args)
+        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info,
+                "fetch": _fetch}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
@@ -121,3 +129,10 @@ def _info(args) -> int:
     print_info()
     return 0
 
+
+
+def _fetch(args) -> int:
+    from sft.hub import fetch
+
+    print(f"sft: {args.model} is in the cache: {fetch(args.model, args.revision)}")
+    return 0
