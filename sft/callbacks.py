@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from sft import rundir
 from sft.errors import UserError
+from sft.files import follow_umask
 
 log = logging.getLogger("sft")
 
@@ -44,7 +45,9 @@ class CompleteCheckpointCallback(TrainerCallback):
 
         PartialState().wait_for_everyone()
         if state.is_world_process_zero:
-            rundir.mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            follow_umask(checkpoint)
+            rundir.mark_complete(checkpoint)
             rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint)
 
 

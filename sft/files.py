@@ -30,6 +30,16 @@ def _umask() -> int:
     return mask
 
 
+def follow_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the modes plain open() and mkdir() give under the user's umask, which
+    decides who else reads a run: safetensors writes its files 0600 (through a temporary file), tempfile.mkdtemp
+    makes folders 0700."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 

@@ -16,7 +16,7 @@ from typing import IO
 from sft import manifest as manifests
 from sft.config import Config
 from sft.errors import UserError
-from sft.files import is_disk_full, write_text_atomic
+from sft.files import follow_umask, is_disk_full, write_text_atomic
 
 LOCK = "run.lock"
 COMPLETE_MARKER = ".complete"
@@ -292,6 +292,7 @@ def start_final(run_dir: Path) -> Path:
 def publish_final(partial: Path) -> Path:
     """Mark the written final model complete and move it to final/. A final/ already there comes from an attempt
     killed before its manifest said finished (a finished run is never reopened without --overwrite): replace it."""
+    follow_umask(partial)
     mark_complete(partial)
     final = partial.parent / FINAL
     if final.exists():
