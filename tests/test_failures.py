@@ -153,3 +153,54 @@ def test_the_final_model_is_written_aside_marked_complete_then_moved(tiny_causal
     run_training(load_config(config_path))
     assert not (run_dir / "final" / "stale").exists() and not (run_dir / ".final.partial").exists()
     assert finite_weights(run_dir / "final") and (run_dir / "final" / ".complete").is_file()
+
+
+def disk_usage(folder: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in [folder, *folder.rglob("*")])
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """Mount a tmpfs that will hold at most the bytes asked for (root only: skipped where mounting is not
+    allowed, e.g. CI without privileges); unmounted at the end."""
+    mounted = []
+
+    def mount(size: int) -> Path:
+        folder = tmp_path / "small-disk"
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: a log handler may still hold a file
+
+
+def test_a_really_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_causal_lm, tiny_chat_data,
+                                                                              tmp_path, write_config, capsys,
+                                                                              small_filesystem):
+    """A real full filesystem (no injected error): whichever writer hits it (safetensors, torch.save, json) and
+    however it reports it, the run stops with the disk-full line and checkpoint-1 survives."""
+    measure = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "measure", max_steps=1, save_steps=1)
+    code, stderr = train_cli(write_config(measure, "measure.yaml"), capsys)
+    assert code == 0, stderr
+    measured = tmp_path / "measure" / "tiny"
+    checkpoint = disk_usage(measured / "checkpoints" / "checkpoint-1")
+    # Room for the run directory with one checkpoint, and half of the second one.
+    disk = small_filesystem(disk_usage(measured) - disk_usage(measured / "final") + checkpoint // 2)
+
+    config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, disk, max_steps=2, save_steps=1,
+                                              save_total_limit=1))
+    code, stderr = train_cli(config_path, capsys)
+    assert code == EXIT_USER_ERROR, stderr
+    assert (f"sft: error: output.dir: disk full or quota exceeded while writing checkpoint-2 in {disk / 'tiny'} "
+            f"(checkpoint-1 is intact)") in stderr
+    assert [p.name for p in (disk / "tiny" / "checkpoints").iterdir()] == ["checkpoint-1"]
+    assert complete_checkpoints(disk / "tiny") == ["checkpoint-1"]
+    assert finite_weights(disk / "tiny" / "checkpoints" / "checkpoint-1")
