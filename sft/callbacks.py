@@ -129,7 +129,11 @@ class NonFiniteLossCallback(TrainerCallback):
     logs the same all-reduced loss, so every rank stops at the same step."""
 
     def __init__(self):
-        self.last_logged_step = 0
+        self.last_logged_step: int | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.last_logged_step is None:  # the step a resumed run starts from, known once its state is loaded
+            self.last_logged_step = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
         self._log_before_saving(control)

@@ -130,7 +130,6 @@ def _info(args) -> int:
     return 0
 
 
-
 def _fetch(args) -> int:
     from sft.hub import fetch
 

@@ -4,10 +4,10 @@ import os
 
 from sft.errors import UserError
 
-# What a run reads: config, tokenizer and generation files, safetensors weights (sharded ones with their index).
+# What a run reads: config, tokenizer (*.model: sentencepiece) and generation files, safetensors weights (sharded
+# ones with their index).
 # Never pickles (*.bin, *.pt, *.ckpt), nor other frameworks' weights, nor the model's own Python code.
-FETCH_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "vocab.txt", "merges.txt",
-                  "*.jinja"]
+FETCH_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "vocab.txt", "merges.txt", "*.jinja"]
 
 
 def offline_hint(name: str, revision: str | None) -> str:

@@ -62,7 +62,8 @@ def test_non_finite_loss_stops_at_the_step_and_the_last_good_checkpoint_resumes(
     assert ("sft: error: training: the training loss is nan at step 6 (the mean over steps 5-6); stopped "
             "(checkpoint-3 is the last good checkpoint). Lower training.learning_rate") in stderr
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-3"]
-    assert complete_checkpoints(run_dir) == ["checkpoint-3"] and finite_weights(run_dir / "checkpoints" / "checkpoint-3")
+    assert complete_checkpoints(run_dir) == ["checkpoint-3"]
+    assert finite_weights(run_dir / "checkpoints" / "checkpoint-3")
     assert manifest(run_dir)["status"] == "failed" and "nan at step 6" in manifest(run_dir)["error"]
     assert not (run_dir / "final").exists()
 
@@ -73,6 +74,22 @@ def test_non_finite_loss_stops_at_the_step_and_the_last_good_checkpoint_resumes(
     losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses if "loss" in r] == [3, 4, 6, 8]  # a log before each checkpoint, too
     assert finite_weights(run_dir / "final")
+
+
+def test_a_resumed_run_names_the_steps_since_it_resumed(tmp_path):
+    """Resumed from checkpoint-3, a nan first logged at step 6 covers steps 4-6, not steps since the first start."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from sft.callbacks import NonFiniteLossCallback
+    from sft.errors import UserError
+
+    callback, args = NonFiniteLossCallback(), TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    state, control = TrainerState(global_step=3), TrainerControl()
+    callback.on_step_begin(args, state, control)
+    state.global_step = 6
+    with pytest.raises(UserError, match=r"the training loss is inf at step 6 \(the mean over steps 4-6\); stopped "
+                                        r"\(no checkpoint was written yet\)"):
+        callback.on_log(args, state, control, logs={"loss": float("inf")})
 
 
 def truncated_then_disk_full(real_save, where: str):

@@ -14,8 +14,8 @@ REPO_FILES = ["config.json", "generation_config.json", "model-00001-of-00002.saf
               "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "training_args.bin",
               "optimizer.pt", "consolidated.pth", "model.ckpt", "tf_model.h5", "flax_model.msgpack",
               "onnx/model.onnx", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.model", "vocab.txt", "merges.txt", "vocab.json", "chat_template.jinja",
-              "modeling_custom.py", "README.md", ".gitattributes", "original/params.json"]
+              "tokenizer.model", "spiece.model", "vocab.txt", "merges.txt", "vocab.json",
+              "chat_template.jinja", "modeling_custom.py", "README.md", ".gitattributes", "original/params.json"]
 
 
 def test_fetch_takes_safetensors_config_and_tokenizer_files_and_never_a_pickle():
@@ -27,8 +27,8 @@ def test_fetch_takes_safetensors_config_and_tokenizer_files_and_never_a_pickle()
     assert fetched == {"config.json", "generation_config.json", "model-00001-of-00002.safetensors",
                        "model-00002-of-00002.safetensors", "model.safetensors.index.json",
                        "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
-                       "special_tokens_map.json", "tokenizer.model", "vocab.txt", "merges.txt", "vocab.json",
-                       "chat_template.jinja", "original/params.json"}
+                       "special_tokens_map.json", "tokenizer.model", "spiece.model", "vocab.txt", "merges.txt",
+                       "vocab.json", "chat_template.jinja", "original/params.json"}
 
 
 def test_fetch_without_a_reachable_hub_says_so_in_one_line(tmp_path):
@@ -45,4 +45,5 @@ def test_fetch_without_a_reachable_hub_says_so_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "fetch", "./models/mine"],
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == EXIT_USER_ERROR
-    assert result.stderr.startswith("sft: error: sft fetch ./models/mine: not a hub id") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("sft: error: sft fetch ./models/mine: not a hub id")
+    assert result.stderr.count("\n") == 1
