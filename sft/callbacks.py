@@ -1,12 +1,16 @@
-"""Trainer callbacks for what Trainer lacks: a metrics file, complete-checkpoint markers, preemption."""
+"""Trainer callbacks for what Trainer lacks: a metrics file, complete-checkpoint markers, preemption, a stop on a
+non-finite loss."""
 import json
 import logging
+import math
 import signal
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from sft import rundir
+from sft.errors import UserError
+from sft.files import follow_umask
 
 log = logging.getLogger("sft")
 
@@ -41,7 +45,9 @@ class CompleteCheckpointCallback(TrainerCallback):
 
         PartialState().wait_for_everyone()
         if state.is_world_process_zero:
-            rundir.mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            follow_umask(checkpoint)
+            rundir.mark_complete(checkpoint)
             rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint)
 
 
@@ -111,3 +117,45 @@ class PreemptionCallback(TrainerCallback):
         flag = torch.tensor([1 if self.received else 0])
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
         return stop
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Stop when the logged training loss is nan or inf, before another checkpoint is written: the newest complete
+    checkpoint stays the last one whose steps all had a finite loss.
+
+    The loss is the mean since the previous log, so a log is forced before every save: no checkpoint is written
+    without its steps' loss checked. Needs TrainingArguments(logging_nan_inf_filter=False): with the filter Trainer
+    replaces a non-finite step's loss by the running mean, and the log never shows it. Under torchrun every rank
+    logs the same all-reduced loss, so every rank stops at the same step."""
+
+    def __init__(self):
+        self.last_logged_step: int | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.last_logged_step is None:  # the step a resumed run starts from, known once its state is loaded
+            self.last_logged_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._log_before_saving(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._log_before_saving(control)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        first_step, self.last_logged_step = self.last_logged_step + 1, state.global_step
+        if math.isfinite(logs["loss"]):
+            return
+        steps = f"step {state.global_step}" if first_step == state.global_step else \
+            f"step {state.global_step} (the mean over steps {first_step}-{state.global_step})"
+        complete = rundir.complete_checkpoints(Path(args.output_dir))
+        kept = f"{complete[-1].name} is the last good checkpoint" if complete else "no checkpoint was written yet"
+        raise UserError(f"training: the training loss is {logs['loss']} at {steps}; stopped ({kept}). Lower "
+                        f"training.learning_rate, raise training.warmup_ratio, or check the data around this step, "
+                        f"then start a new run (another output.name)")
+
+    @staticmethod
+    def _log_before_saving(control) -> None:
+        if control.should_save:
+            control.should_log = True

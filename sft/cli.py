@@ -8,6 +8,7 @@
     sft export RUN_DIR [--merge] [--to DIR] a standalone safetensors model + tokenizer
     sft runs [OUTPUT_DIR]                  one line per run: status, steps, best metric, age, Slurm job
     sft clean RUN_DIR [--dry-run]          remove a finished run's checkpoints and data cache
+    sft fetch MODEL [--revision R]         download a hub model and its tokenizer into the cache (login node)
 """
 import argparse
 import os
@@ -15,7 +16,7 @@ import sys
 
 from sft.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = ("train", "check", "prepare", "info", "predict", "export", "runs", "clean")
+COMMANDS = ("train", "check", "prepare", "info", "fetch", "predict", "export", "runs", "clean")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
                                            help="replace a finished run directory of the same name")
     commands.add_parser("info", help="show versions, GPUs and container provenance").add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    fetch = commands.add_parser("fetch", help="download a hub model and its tokenizer into the cache (needs network)",
+                                description="Download a hub model (safetensors weights, config, tokenizer) into "
+                                            "HF_HOME, e.g. on a login node, for the offline runs to find.")
+    fetch.add_argument("model", help="hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    fetch.add_argument("--revision", help="branch, tag or commit to pin (as model.revision)")
+    fetch.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_tool_commands(commands)
     return parser
 
@@ -106,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_terminal(args.debug)
     try:
-        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info, "predict": _predict,
-                "export": _export, "runs": _runs, "clean": _clean}[args.command](args)
+        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info, "fetch": _fetch,
+                "predict": _predict, "export": _export, "runs": _runs, "clean": _clean}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
@@ -177,6 +184,12 @@ def _info(args) -> int:
     print_info()
     return 0
 
+
+def _fetch(args) -> int:
+    from sft.hub import fetch
+
+    print(f"sft: {args.model} is in the cache: {fetch(args.model, args.revision)}")
+    return 0
 
 
 def _predict(args) -> int:

@@ -44,6 +44,9 @@ class ModelConfig(Section):
                             "it. auto: bf16 on GPUs that support it, else fp32. float16 needs a GPU; bfloat16 on "
                             "CPU works (slow without bf16 instructions).")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off because it runs arbitrary code.")
+    allow_pickle: bool = Field(False, description="Allow loading model weights stored as pickle files "
+                                                  "(pytorch_model.bin); off because unpickling can run code. "
+                                                  "Weights are always saved as safetensors.")
 
 
 class SourceFields(Section):

@@ -167,4 +167,7 @@ def record_failure(run_dir: Path, manifest: dict, error: BaseException) -> None:
     manifest["stopped"] = _now()
     lines = str(error).strip().splitlines()
     manifest["error"] = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    write_manifest(run_dir, manifest)
+    try:
+        write_manifest(run_dir, manifest)
+    except OSError:  # e.g. the disk that just filled up: the error itself still reaches the user
+        pass

@@ -109,14 +109,35 @@ def _from_pretrained(auto_class, path: str, config: Config, **options):
     kwargs = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code}
     if "Tokenizer" not in auto_class.__name__:
         kwargs["dtype"] = weights_dtype(config)
+        # Safetensors only: transformers would otherwise fall back to pytorch_model.bin, a pickle.
+        kwargs["use_safetensors"] = None if config.model.allow_pickle else True
     try:
         return auto_class.from_pretrained(path, **kwargs, **options)
     except ImportError as error:  # e.g. flash_attention_2 without the flash-attn package, or on CPU
         raise UserError(f"model.attn_implementation: {config.model.attn_implementation}: "
                         f"{str(error).splitlines()[0]} Use sdpa or flex_attention instead.") from None
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            raise
+        raise UserError(f"model.name: {path} brings its own Python code, which would run on load; set "
+                        f"model.trust_remote_code: true only if you trust its authors") from None
     except OSError as error:
+        if not config.model.allow_pickle and _pickle_weights_only(path, error):
+            raise UserError(f"model.name: {path} has its weights only as pickle files (e.g. pytorch_model.bin), "
+                            f"which can run code when loaded; convert them to safetensors, or set "
+                            f"model.allow_pickle: true if you trust them") from None
         if Path(path).exists():
             raise UserError(f"model.name: {path}: {str(error).splitlines()[0]}") from None
+        from sft.hub import offline_hint
+
         raise UserError(f"model.name: cannot load '{path}' (not a local folder, and the hub copy is not cached; "
-                        f"runs are offline by default): download it on a login node with `hf download {path}` "
-                        f"into HF_HOME, or point model.name at a folder") from None
+                        f"runs are offline by default): {offline_hint(path, config.model.revision)}") from None
+
+
+def _pickle_weights_only(path: str, error: OSError) -> bool:
+    """Whether loading failed because only pickle weights exist (refused by use_safetensors=True)."""
+    folder = Path(path)
+    if folder.is_dir():
+        return not any(folder.glob("*.safetensors*")) and any(
+            folder.glob(pattern) for pattern in ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt"))
+    return "cannot be loaded with `safetensors`" in str(error)

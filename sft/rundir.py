@@ -16,10 +16,13 @@ from typing import IO
 from sft import manifest as manifests
 from sft.config import Config
 from sft.errors import UserError
-from sft.files import write_text_atomic
+from sft.files import follow_umask, is_disk_full, write_text_atomic
 
 LOCK = "run.lock"
 COMPLETE_MARKER = ".complete"
+FINAL = "final"
+# The final model is written here, marked complete, then renamed to final/: final/ always holds a whole model.
+FINAL_IN_PROGRESS = ".final.partial"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # squeue states after which a job has no processes left and will not run again.
 ENDED_JOB_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "BOOT_FAIL",
@@ -303,3 +306,40 @@ def discard_incomplete_checkpoints(checkpoints: Path) -> list[Path]:
 
 def checkpoint_step(checkpoint: Path) -> int:
     return int(CHECKPOINT.match(checkpoint.name)[1])
+
+
+def start_final(run_dir: Path) -> Path:
+    """An empty folder to write the final model into, in place of one a kill or a full disk left half-written."""
+    partial = run_dir / FINAL_IN_PROGRESS
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    return partial
+
+
+def publish_final(partial: Path) -> Path:
+    """Mark the written final model complete and move it to final/. A final/ already there comes from an attempt
+    killed before its manifest said finished (a finished run is never reopened without --overwrite): replace it."""
+    follow_umask(partial)
+    mark_complete(partial)
+    final = partial.parent / FINAL
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(partial, final)
+    return final
+
+
+def disk_full_error(error: BaseException, run: RunDir, resume: str) -> UserError | None:
+    """For a run that failed on a full disk or quota: remove what it left half-written (space back to the user; a
+    resume would discard it anyway) and say what survived. None for any other failure."""
+    if isinstance(error, (UserError, KeyboardInterrupt)) or not is_disk_full(error, run.path):
+        return None
+    unfinished = [path.name for path in discard_incomplete_checkpoints(run.checkpoints)]
+    if (run.path / FINAL_IN_PROGRESS).exists():
+        shutil.rmtree(run.path / FINAL_IN_PROGRESS)
+        unfinished.append("the final model")
+    complete = complete_checkpoints(run.checkpoints)
+    kept = f"{complete[-1].name} is intact" if complete else "no checkpoint was complete yet"
+    during = f" while writing {' and '.join(unfinished)}" if unfinished else ""
+    return UserError(f"output.dir: disk full or quota exceeded{during} in {run.path} ({kept}); free space there "
+                     f"(`df -h`, your cluster's quota command) and resume with: {resume}")

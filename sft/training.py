@@ -103,10 +103,13 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
         except Preempted:
             raise
         except BaseException as error:
+            disk_full = rundir.disk_full_error(error, run, resume) if is_main else None
             if is_main:
-                manifests.record_failure(run.path, manifest, error)
+                manifests.record_failure(run.path, manifest, disk_full or error)
             if isinstance(error, KeyboardInterrupt):
                 raise Interrupted(resume) from error
+            if disk_full:
+                raise disk_full from error
             raise
     finally:
         run.release()
@@ -238,7 +241,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
     import torch
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    from sft.callbacks import CompleteCheckpointCallback, MetricsFileCallback
+    from sft.callbacks import CompleteCheckpointCallback, MetricsFileCallback, NonFiniteLossCallback
     from sft.model import training_dtype
 
     t = config.training
@@ -266,6 +269,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         save_total_limit=None,  # CompleteCheckpointCallback rotates, after the new checkpoint is complete
         logging_strategy="steps",
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a non-finite loss must reach the log: NonFiniteLossCallback stops on it
         seed=t.seed,
         data_seed=t.seed,
         # Autocast to the compute dtype over fp32 trained weights (model.weights_dtype); on CPU too when asked for.
@@ -292,7 +296,8 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         processing_class=tokenizer,
         data_collator=make_collator(config, tokenizer),
         compute_metrics=classification_metrics if config.task == "classification" else None,
-        callbacks=[MetricsFileCallback(run.path), CompleteCheckpointCallback(t.save_total_limit), preemption],
+        callbacks=[MetricsFileCallback(run.path), CompleteCheckpointCallback(t.save_total_limit), preemption,
+                   NonFiniteLossCallback()],
     )
     # Without a progress bar Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
     trainer.remove_callback(PrinterCallback)
@@ -354,13 +359,17 @@ def final_metrics(log_history: list[dict]) -> dict:
 
 def save_final(trainer, config: Config, run_dir: Path) -> None:
     """final/: model (or LoRA adapter) + tokenizer in safetensors; final/merged/ when method.merge is set.
-    Called on every rank: under FSDP the full weights exist only while all ranks gather them."""
-    final = run_dir / "final"
-    trainer.save_model(str(final))
+    Written like a checkpoint: into a temporary folder, marked complete, then moved into place.
+    Called on every rank: under FSDP the full weights exist only while all ranks gather them; rank 0 writes."""
+    partial = rundir.start_final(run_dir) if trainer.args.should_save else run_dir / rundir.FINAL_IN_PROGRESS
+    trainer.save_model(str(partial))
     if not trainer.args.should_save:
         return
     if config.method.name == "lora" and config.method.merge:
         merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(str(final / "merged"))
-        trainer.processing_class.save_pretrained(str(final / "merged"))
+        merged.save_pretrained(str(partial / "merged"))  # transformers 5 writes safetensors only
+        trainer.processing_class.save_pretrained(str(partial / "merged"))
+    # A pickle of TrainingArguments (torch.load runs code to read it): config.yaml already records every setting.
+    (partial / "training_args.bin").unlink(missing_ok=True)
+    final = rundir.publish_final(partial)
     log.info("saved %s to %s", "adapter" if config.method.name == "lora" else "model", final)

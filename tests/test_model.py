@@ -24,8 +24,13 @@ def test_uncached_hub_model_offline_gives_one_actionable_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from sft.model import load_tokenizer
 
-    with pytest.raises(UserError, match=r"cannot load 'no-such-org/no-such-model'.*hf download"):
+    with pytest.raises(UserError, match=r"cannot load 'no-such-org/no-such-model'.*hub copy is not cached.*"
+                                         r"download it on a login node with `sft fetch no-such-org/no-such-model`"):
         load_tokenizer(make_config("no-such-org/no-such-model"))
+    config = make_config("no-such-org/no-such-model")
+    config.model.revision = "v1.0"
+    with pytest.raises(UserError, match=r"`sft fetch no-such-org/no-such-model --revision v1.0`"):
+        load_model(config, label_names=["neg", "pos"])
 
 
 def test_lora_classifier_trains_adapters_and_the_new_head_only():

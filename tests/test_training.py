@@ -306,6 +306,37 @@ def test_resume_after_sigkill_matches_uninterrupted_run(resumable, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kill_at,resumed_from", [("load", None), ("step:8", 6), ("save:checkpoint-9", 6),
+                                                  ("save:.final.partial", 24)], ids=["load", "step", "checkpoint",
+                                                                                     "final"])
+def test_sigkill_at_each_point_leaves_a_run_that_resumes_exactly(resumable, request, kill_at, resumed_from):
+    """A run killed while loading the model, mid-step, half-way through writing a checkpoint or the final model
+    (tests/hooks/sitecustomize.py) resumes to the same losses and weights as the uninterrupted run."""
+    make_config, runs = resumable
+    name = f"killed-during-{request.node.callspec.id}"  # not containing the hook's TEXT: only the file is matched
+    config_path = make_config(name)
+    run_dir = runs / name
+    killed = run_cli("train", str(config_path), env={**os.environ, "PYTHONPATH": str(REPO / "tests" / "hooks"),
+                                                    "SFT_TEST_KILL_AT": kill_at})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "running"
+    assert not (run_dir / "final").exists()
+    complete = [p.parent.name for p in (run_dir / "checkpoints").glob("checkpoint-*/.complete")]
+    assert max(complete, key=lambda n: int(n.split("-")[1]), default=None) \
+        == (f"checkpoint-{resumed_from}" if resumed_from else None)
+    half_written = {"save:checkpoint-9": run_dir / "checkpoints" / "checkpoint-9",
+                    "save:.final.partial": run_dir / ".final.partial"}.get(kill_at)
+    if half_written:  # the kill landed inside that write
+        assert (half_written / "model.safetensors").is_file() and not (half_written / ".complete").exists()
+
+    resumed = run_cli("train", str(config_path))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical_runs(run_dir, runs / "reference")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["restarts"][0]["resumed_from_step"] == resumed_from
+
+
+@pytest.mark.slow
 def test_sigusr1_checkpoints_exits_75_and_resumes_exactly(resumable, tmp_path):
     make_config, runs = resumable
     config_path = make_config("preempted")

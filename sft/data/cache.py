@@ -22,7 +22,7 @@ import sft
 from sft.config import Config
 from sft.data.sources import DataFile
 from sft.errors import UserError
-from sft.files import write_text_atomic
+from sft.files import follow_umask, write_text_atomic
 
 log = logging.getLogger("sft")
 INFO = "info.json"
@@ -89,6 +89,7 @@ def save(folder: Path, train, eval_set, info: dict) -> None:
     """Write into a temp folder beside the target and rename it into place: a reader never sees half a cache."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.build-"))
+    follow_umask(building)  # mkdtemp makes it 0700: the cache may be shared (data.cache_dir)
     try:
         train.save_to_disk(str(building / "train"))
         if eval_set is not None:

@@ -7,6 +7,9 @@ SFT_TEST_FSDP_ON_CPU=1: accelerate turns FSDP on only for GPU-class devices (Acc
   gloo process group, full-state-dict gathers, FSDP checkpoints) runs on the CPU-only test machines.
 SFT_TEST_SAVE_DELAY=SECONDS: every checkpoint save takes that much longer, like a large checkpoint written to
   a slow parallel filesystem.
+SFT_TEST_KILL_AT=POINT: the process SIGKILLs itself at one point of a run, as a node failure or the OOM killer
+  would: `load` (opening the model's weights), `step:N` (step N computed, its optimizer update not yet applied),
+  `save:TEXT` (half of a safetensors file written whose path contains TEXT, e.g. checkpoint-9 or .final.partial).
 """
 import os
 
@@ -36,3 +39,43 @@ if os.environ.get("SFT_TEST_SAVE_DELAY"):
         return _save_checkpoint(self, *args, **kwargs)
 
     transformers.Trainer._save_checkpoint = _slow_save_checkpoint
+
+if os.environ.get("SFT_TEST_KILL_AT"):
+    import signal
+
+    import safetensors
+    import safetensors.torch
+
+    _kill_at = os.environ["SFT_TEST_KILL_AT"]
+
+    def _die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if _kill_at == "load":
+        def _open_and_die(*args, **kwargs):
+            _die()
+
+        safetensors.safe_open = _open_and_die  # read by `from safetensors import safe_open` in transformers
+    elif _kill_at.startswith("step:"):
+        import transformers
+
+        _training_step = transformers.Trainer.training_step
+
+        def _step_and_die(self, *args, **kwargs):
+            loss = _training_step(self, *args, **kwargs)
+            if self.state.global_step + 1 == int(_kill_at.removeprefix("step:")):
+                _die()
+            return loss
+
+        transformers.Trainer.training_step = _step_and_die
+    elif _kill_at.startswith("save:"):
+        _save_file = safetensors.torch.save_file
+
+        def _save_half_and_die(tensors, filename, *args, **kwargs):
+            _save_file(tensors, filename, *args, **kwargs)
+            if _kill_at.removeprefix("save:") in str(filename):
+                with open(filename, "r+b") as f:
+                    f.truncate(os.path.getsize(filename) // 2)
+                _die()
+
+        safetensors.torch.save_file = _save_half_and_die  # before transformers imports it

@@ -1,0 +1,53 @@
+"""Hub downloads: `sft fetch` fills the cache on a login node with network, since runs are offline (compute nodes
+rarely reach the internet, and a hub lookup there hangs until a timeout)."""
+import os
+
+from sft.errors import UserError
+
+# What a run reads: config, tokenizer (*.model: sentencepiece) and generation files, safetensors weights (sharded
+# ones with their index).
+# Never pickles (*.bin, *.pt, *.ckpt), nor other frameworks' weights, nor the model's own Python code.
+FETCH_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "vocab.txt", "merges.txt", "*.jinja"]
+
+
+def offline_hint(name: str, revision: str | None) -> str:
+    """How to get a hub model into the cache, for the message of a run that did not find it there."""
+    command = f"sft fetch {name}" + (f" --revision {revision}" if revision else "")
+    return (f"download it on a login node with `{command}` (into HF_HOME={hub_home()}, which the job must see), or "
+            f"point model.name at a folder")
+
+
+def hub_home() -> str:
+    return os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface")
+
+
+def fetch(name: str, revision: str | None = None) -> str:
+    """Download model NAME (and its tokenizer) into the hub cache; return the local folder."""
+    # The CLI keeps runs offline; a fetch is the one command that must go online. Set before huggingface_hub is
+    # imported: it reads the variable once, at import.
+    os.environ["HF_HUB_OFFLINE"] = "0"
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        return snapshot_download(name, revision=revision, allow_patterns=FETCH_PATTERNS)
+    except HFValidationError:
+        raise UserError(f"sft fetch {name}: not a hub id; give it as namespace/name, e.g. Qwen/Qwen2.5-0.5B (a local "
+                        f"folder needs no fetch: point model.name at it)") from None
+    except GatedRepoError:
+        raise UserError(f"sft fetch {name}: the model is gated; accept its terms on the hub, then put your token "
+                        f"in .env as HF_TOKEN=...") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"sft fetch {name}: no such model on the hub (or it is private: put your token in .env as "
+                        f"HF_TOKEN=...); check the name") from None
+    except RevisionNotFoundError:
+        raise UserError(f"sft fetch {name}: no revision '{revision}'; use a branch, tag or commit of the "
+                        f"model") from None
+    except LocalEntryNotFoundError:  # what snapshot_download raises when it cannot connect at all
+        from huggingface_hub import constants
+
+        raise UserError(f"sft fetch {name}: cannot reach the hub at {constants.ENDPOINT}; run it on a login node "
+                        f"with internet access (compute nodes usually have none), or set HTTPS_PROXY") from None
+    except HfHubHTTPError as error:
+        raise UserError(f"sft fetch {name}: the hub answered {str(error).splitlines()[0]}; retry later") from None

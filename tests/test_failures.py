@@ -1,0 +1,223 @@
+"""Nothing lost: a non-finite loss and a full disk stop the run with one clear line, keep the last good checkpoint,
+and the run resumes; the final model appears whole or not at all."""
+import errno
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_lm_config
+from sft.errors import EXIT_USER_ERROR
+
+
+def train_cli(config_path: Path, capsys) -> tuple[int, str]:
+    """`sft train CONFIG` in this process (the CLI's own error handling), with its exit code and stderr."""
+    from sft.cli import main
+
+    code = main(["train", str(config_path)])
+    stderr = capsys.readouterr().err  # the run's log lines, then any error
+    assert "Traceback" not in stderr and stderr.count("sft: error") <= 1, stderr
+    return code, stderr
+
+
+def complete_checkpoints(run_dir: Path) -> list[str]:
+    from sft import rundir
+
+    return [path.name for path in rundir.complete_checkpoints(run_dir / "checkpoints")]
+
+
+def manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def finite_weights(folder: Path) -> bool:
+    import torch
+    from safetensors.torch import load_file
+
+    return all(torch.isfinite(t).all() for file in folder.glob("*.safetensors") for t in load_file(file).values())
+
+
+def test_non_finite_loss_stops_at_the_step_and_the_last_good_checkpoint_resumes(tiny_causal_lm, tiny_chat_data,
+                                                                                 tmp_path, write_config, capsys,
+                                                                                 monkeypatch):
+    """The loss of step 5 is made nan. Step 6 is a checkpoint step but not a logging step (every 4): the run must
+    check the loss of steps 5-6 before writing checkpoint-6 (with nan weights), and stop there."""
+    from transformers import Trainer
+
+    compute_loss = Trainer.compute_loss
+
+    def nan_at_step_5(self, model, inputs, *args, **kwargs):
+        loss = compute_loss(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step == 4 else loss
+
+    config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=8,
+                                              save_steps=3, save_total_limit=5, logging_steps=4))
+    run_dir = tmp_path / "runs" / "tiny"
+    monkeypatch.setattr(Trainer, "compute_loss", nan_at_step_5)
+    code, stderr = train_cli(config_path, capsys)
+
+    assert code == EXIT_USER_ERROR, stderr
+    assert ("sft: error: training: the training loss is nan at step 6 (the mean over steps 5-6); stopped "
+            "(checkpoint-3 is the last good checkpoint). Lower training.learning_rate") in stderr
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-3"]
+    assert complete_checkpoints(run_dir) == ["checkpoint-3"]
+    assert finite_weights(run_dir / "checkpoints" / "checkpoint-3")
+    assert manifest(run_dir)["status"] == "failed" and "nan at step 6" in manifest(run_dir)["error"]
+    assert not (run_dir / "final").exists()
+
+    monkeypatch.setattr(Trainer, "compute_loss", compute_loss)  # a transient fault: resuming goes on from step 3
+    code, stderr = train_cli(config_path, capsys)
+    assert code == 0, stderr
+    assert manifest(run_dir)["status"] == "finished" and manifest(run_dir)["restarts"][0]["resumed_from_step"] == 3
+    losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "loss" in r] == [3, 4, 6, 8]  # a log before each checkpoint, too
+    assert finite_weights(run_dir / "final")
+
+
+def test_a_resumed_run_names_the_steps_since_it_resumed(tmp_path):
+    """Resumed from checkpoint-3, a nan first logged at step 6 covers steps 4-6, not steps since the first start."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from sft.callbacks import NonFiniteLossCallback
+    from sft.errors import UserError
+
+    callback, args = NonFiniteLossCallback(), TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    state, control = TrainerState(global_step=3), TrainerControl()
+    callback.on_step_begin(args, state, control)
+    state.global_step = 6
+    with pytest.raises(UserError, match=r"the training loss is inf at step 6 \(the mean over steps 4-6\); stopped "
+                                        r"\(no checkpoint was written yet\)"):
+        callback.on_log(args, state, control, logs={"loss": float("inf")})
+
+
+def truncated_then_disk_full(real_save, where: str):
+    """safetensors' save_file as on a disk that fills up under `where`: half the file, then its real error."""
+    from safetensors import SafetensorError
+
+    def save(tensors, filename, *args, **kwargs):
+        real_save(tensors, filename, *args, **kwargs)
+        if where in str(filename):
+            with open(filename, "r+b") as f:
+                f.truncate(os.path.getsize(filename) // 2)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    return save
+
+
+@pytest.mark.parametrize("where,what", [("checkpoint-4", "checkpoint-4"), (".final.partial", "the final model")])
+def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes(tiny_causal_lm, tiny_chat_data, tmp_path,
+                                                                          write_config, capsys, monkeypatch, where,
+                                                                          what):
+    import transformers.modeling_utils
+
+    real_save = transformers.modeling_utils.safe_save_file
+    config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=4,
+                                              save_steps=2, save_total_limit=1))
+    run_dir = tmp_path / "runs" / "tiny"
+    kept = "checkpoint-2" if where == "checkpoint-4" else "checkpoint-4"
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", truncated_then_disk_full(real_save, where))
+    code, stderr = train_cli(config_path, capsys)
+
+    assert code == EXIT_USER_ERROR, stderr
+    assert (f"sft: error: output.dir: disk full or quota exceeded while writing {what} in {run_dir} ({kept} is "
+            f"intact); free space there") in stderr
+    assert stderr.rstrip().endswith(f"resume with: sft train {config_path} output.name=tiny")
+    # The half-written one is gone (its space given back), the complete one untouched.
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [kept] == complete_checkpoints(run_dir)
+    assert finite_weights(run_dir / "checkpoints" / kept)
+    assert not (run_dir / ".final.partial").exists() and not (run_dir / "final").exists()
+    assert manifest(run_dir)["status"] == "failed" and "disk full" in manifest(run_dir)["error"]
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real_save)
+    code, stderr = train_cli(config_path, capsys)
+    assert code == 0, stderr
+    assert manifest(run_dir)["status"] == "finished" and (run_dir / "final" / ".complete").is_file()
+
+
+def test_the_final_model_is_written_aside_marked_complete_then_moved(tiny_causal_lm, tiny_chat_data, tmp_path,
+                                                                     write_config, monkeypatch):
+    """Watched at the moment it moves: complete in its temporary folder, final/ not there yet; and what a killed
+    attempt left (a half-written temporary folder, an older final/) is replaced."""
+    from sft import rundir
+    from sft.config import load_config
+    from sft.training import run_training
+
+    run_dir = tmp_path / "runs" / "tiny"
+    seen = {}
+    publish_final = rundir.publish_final
+
+    def watch(partial: Path) -> Path:
+        seen.update(partial=partial.name, files=sorted(p.name for p in partial.iterdir()),
+                    final_exists=(run_dir / "final").exists())
+        return publish_final(partial)
+
+    monkeypatch.setattr(rundir, "publish_final", watch)
+    config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=2))
+    run_training(load_config(config_path))
+    assert seen["partial"] == ".final.partial" and not seen["final_exists"]
+    assert "model.safetensors" in seen["files"] and ".complete" not in seen["files"]
+    assert "training_args.bin" not in seen["files"]  # a pickle: the run's config.yaml holds the settings
+    assert (run_dir / "final" / ".complete").is_file() and not (run_dir / ".final.partial").exists()
+
+    # A kill after the move but before the manifest said finished, with a half-written retry left behind.
+    (run_dir / ".final.partial").mkdir()
+    (run_dir / ".final.partial" / "model.safetensors").write_bytes(b"half")
+    (run_dir / "final" / "stale").write_text("from the killed attempt")
+    status = manifest(run_dir) | {"status": "running"}
+    (run_dir / "manifest.json").write_text(json.dumps(status))
+    run_training(load_config(config_path))
+    assert not (run_dir / "final" / "stale").exists() and not (run_dir / ".final.partial").exists()
+    assert finite_weights(run_dir / "final") and (run_dir / "final" / ".complete").is_file()
+
+
+def disk_usage(folder: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in [folder, *folder.rglob("*")])
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """Mount a tmpfs that will hold at most the bytes asked for (root only: skipped where mounting is not
+    allowed, e.g. CI without privileges); unmounted at the end."""
+    mounted = []
+
+    def mount(size: int) -> Path:
+        folder = tmp_path / "small-disk"
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: a log handler may still hold a file
+
+
+def test_a_really_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_causal_lm, tiny_chat_data,
+                                                                              tmp_path, write_config, capsys,
+                                                                              small_filesystem):
+    """A real full filesystem (no injected error): whichever writer hits it (safetensors, torch.save, json) and
+    however it reports it, the run stops with the disk-full line and checkpoint-1 survives."""
+    measure = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "measure", max_steps=1, save_steps=1)
+    code, stderr = train_cli(write_config(measure, "measure.yaml"), capsys)
+    assert code == 0, stderr
+    measured = tmp_path / "measure" / "tiny"
+    checkpoint = disk_usage(measured / "checkpoints" / "checkpoint-1")
+    # Room for the run directory with one checkpoint, and half of the second one.
+    disk = small_filesystem(disk_usage(measured) - disk_usage(measured / "final") + checkpoint // 2)
+
+    config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, disk, max_steps=2, save_steps=1,
+                                              save_total_limit=1))
+    code, stderr = train_cli(config_path, capsys)
+    assert code == EXIT_USER_ERROR, stderr
+    assert (f"sft: error: output.dir: disk full or quota exceeded while writing checkpoint-2 in {disk / 'tiny'} "
+            f"(checkpoint-1 is intact)") in stderr
+    assert [p.name for p in (disk / "tiny" / "checkpoints").iterdir()] == ["checkpoint-1"]
+    assert complete_checkpoints(disk / "tiny") == ["checkpoint-1"]
+    assert finite_weights(disk / "tiny" / "checkpoints" / "checkpoint-1")

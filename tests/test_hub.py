@@ -1,0 +1,49 @@
+"""Hub downloads (`sft fetch`): the files it takes, and one clear line when the hub cannot be reached.
+No hub here: a real download is not tested (docs/ say so); the file choice goes through huggingface_hub's own
+filter, the one snapshot_download applies."""
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+from sft.errors import EXIT_USER_ERROR
+
+# A model repository as the hub lists it: weights in several formats, sharded safetensors, tokenizer files.
+REPO_FILES = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+              "model-00002-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model-00001-of-00002.bin",
+              "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "training_args.bin",
+              "optimizer.pt", "consolidated.pth", "model.ckpt", "tf_model.h5", "flax_model.msgpack",
+              "onnx/model.onnx", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "spiece.model", "vocab.txt", "merges.txt", "vocab.json",
+              "chat_template.jinja", "modeling_custom.py", "README.md", ".gitattributes", "original/params.json"]
+
+
+def test_fetch_takes_safetensors_config_and_tokenizer_files_and_never_a_pickle():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from sft.hub import FETCH_PATTERNS
+
+    fetched = set(filter_repo_objects(REPO_FILES, allow_patterns=FETCH_PATTERNS))
+    assert fetched == {"config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+                       "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                       "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
+                       "special_tokens_map.json", "tokenizer.model", "spiece.model", "vocab.txt", "merges.txt",
+                       "vocab.json", "chat_template.jinja", "original/params.json"}
+
+
+def test_fetch_without_a_reachable_hub_says_so_in_one_line(tmp_path):
+    """Even where the environment says offline (as the container does): fetch is the command that goes online."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "fetch", "org/model", "--revision", "v2"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == EXIT_USER_ERROR and result.stdout == ""
+    assert result.stderr == ("sft: error: sft fetch org/model: cannot reach the hub at http://127.0.0.1:9; run it on "
+                             "a login node with internet access (compute nodes usually have none), or set "
+                             "HTTPS_PROXY\n")
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+    result = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "fetch", "./models/mine"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.startswith("sft: error: sft fetch ./models/mine: not a hub id")
+    assert result.stderr.count("\n") == 1
