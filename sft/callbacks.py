@@ -111,3 +111,18 @@ class PreemptionCallback(TrainerCallback):
         flag = torch.tensor([1 if self.received else 0])
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
         return stop
+
+
+class EvalMetricsCallback(TrainerCallback):
+    """eval_metrics.json after each evaluation (rank 0 writes; every rank computed the same metrics)."""
+
+    def __init__(self, run_dir: Path, compute_metrics):
+        self.run_dir = run_dir
+        self.compute_metrics = compute_metrics
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        from sft.metrics import eval_record, write_eval_metrics
+
+        if state.is_world_process_zero and metrics:
+            write_eval_metrics(self.run_dir, eval_record(state.global_step, state.epoch or 0, metrics,
+                                                         self.compute_metrics))

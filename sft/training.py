@@ -2,7 +2,6 @@
 checkpoint, and leave a finished run directory (config, manifest, log, metrics, final model)."""
 import json
 import logging
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,7 +237,8 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
     import torch
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
-    from sft.callbacks import CompleteCheckpointCallback, MetricsFileCallback
+    from sft.callbacks import CompleteCheckpointCallback, EvalMetricsCallback, MetricsFileCallback
+    from sft.metrics import ClassificationMetrics, CausalLMMetrics, predicted_token_ids
     from sft.model import training_dtype
 
     t = config.training
@@ -246,6 +246,10 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
     by_tokens = bool(t.max_tokens_per_batch) and config.task == "causal_lm"
     dtype = training_dtype(config)
     on_gpu = torch.cuda.is_available()
+    compute_metrics = None
+    if has_eval:
+        compute_metrics = ClassificationMetrics(prepared.label_names) if config.task == "classification" \
+            else CausalLMMetrics()
     args = TrainingArguments(
         output_dir=str(run.checkpoints),
         num_train_epochs=t.epochs,
@@ -291,8 +295,10 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
         data_collator=make_collator(config, tokenizer),
-        compute_metrics=classification_metrics if config.task == "classification" else None,
-        callbacks=[MetricsFileCallback(run.path), CompleteCheckpointCallback(t.save_total_limit), preemption],
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=predicted_token_ids if config.task == "causal_lm" else None,
+        callbacks=[MetricsFileCallback(run.path), EvalMetricsCallback(run.path, compute_metrics),
+                   CompleteCheckpointCallback(t.save_total_limit), preemption],
     )
     # Without a progress bar Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
     trainer.remove_callback(PrinterCallback)
@@ -319,22 +325,10 @@ def make_collator(config: Config, tokenizer):
     return flatten
 
 
-def classification_metrics(prediction) -> dict:
-    """Accuracy and macro/weighted F1 over every declared class (the logits' width), so a class that the eval set
-    lacks but the model predicts still counts, as in scikit-learn with `labels=` given."""
-    import numpy as np
-    from sklearn.metrics import accuracy_score, f1_score
-
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    predicted, labels = np.argmax(logits, axis=-1), prediction.label_ids
-    classes = list(range(logits.shape[-1]))
-    return {"accuracy": float(accuracy_score(labels, predicted)),
-            "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
-            "weighted_f1": float(f1_score(labels, predicted, labels=classes, average="weighted", zero_division=0))}
-
-
 def final_metrics(log_history: list[dict]) -> dict:
     """Last training loss and last evaluation, as the run's headline numbers."""
+    from sft.metrics import perplexity
+
     metrics = {}
     train_losses = [entry for entry in log_history if "loss" in entry]
     if train_losses:
@@ -344,7 +338,7 @@ def final_metrics(log_history: list[dict]) -> dict:
         metrics.update({k: v for k, v in evaluations[-1].items() if k.startswith("eval_") and "runtime" not in k
                         and "per_second" not in k})
         if "eval_accuracy" not in metrics:
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+            metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     summary = [entry for entry in log_history if "train_runtime" in entry]
     if summary:
         metrics["train_runtime_s"] = summary[-1]["train_runtime"]

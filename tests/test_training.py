@@ -535,25 +535,6 @@ def test_preempted_classifier_resumes_exactly(tmp_path, write_config):
     assert_identical_runs(run_dir, tmp_path / "runs" / "minilm")
 
 
-def test_classification_metrics_count_every_declared_class():
-    """The model predicts class 2, which the eval set lacks: macro-F1 must still average over all three classes."""
-    import numpy as np
-    from sklearn.metrics import f1_score
-    from transformers import EvalPrediction
-
-    from sft.training import classification_metrics
-
-    labels = np.array([0, 0, 1, 1, 1, 0])
-    predicted = np.array([0, 2, 1, 1, 0, 0])
-    logits = np.eye(3)[predicted]
-    metrics = classification_metrics(EvalPrediction(predictions=logits, label_ids=labels))
-    assert metrics["accuracy"] == 4 / 6
-    assert metrics["macro_f1"] == f1_score(labels, predicted, labels=[0, 1, 2], average="macro", zero_division=0)
-    # Averaging over the classes present in the eval set only (the old hand-computed F1) gives another number.
-    assert metrics["macro_f1"] != f1_score(labels, predicted, labels=[0, 1], average="macro", zero_division=0)
-    assert metrics["weighted_f1"] == f1_score(labels, predicted, labels=[0, 1, 2], average="weighted", zero_division=0)
-
-
 def test_fsdp_settings_that_cannot_work_are_refused(tiny_causal_lm, tiny_chat_data, tmp_path, write_config):
     from sft.errors import UserError
     from sft.training import _check_fsdp_settings
