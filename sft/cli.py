@@ -4,6 +4,7 @@
     sft check CONFIG [key.sub=value ...]   validate the config and every data row, no weights loaded
     sft prepare CONFIG [key.sub=value ...] validate and tokenize into the cache (CPU only, e.g. before the GPU job)
     sft info                               versions, GPUs and container provenance
+    sft report RUN_DIR                     plots and report.md of a run (also written when training finishes)
 """
 import argparse
 import os
@@ -11,7 +12,7 @@ import sys
 
 from sft.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = ("train", "check", "prepare", "info")
+COMMANDS = ("train", "check", "prepare", "info", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
                                            help="replace a finished run directory of the same name")
     commands.add_parser("info", help="show versions, GPUs and container provenance").add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    report = commands.add_parser("report", help="write plots and report.md of a run directory",
+                                 description="Write RUN_DIR/plots/*.png and RUN_DIR/report.md from the run's "
+                                             "manifest, metrics and evaluation (finished, running or stopped).")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/demo-2024-05-01")
+    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -55,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_terminal(args.debug)
     try:
-        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info}[args.command](args)
+        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info,
+                "report": _report}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
@@ -121,3 +128,9 @@ def _info(args) -> int:
     print_info()
     return 0
 
+
+def _report(args) -> int:
+    from sft.run_report import write_report
+
+    print(f"sft: wrote {write_report(args.run_dir)}")
+    return 0

@@ -161,8 +161,20 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     save_final(trainer, config, run.path)
     if is_main:
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
+        write_report_of(run.path)
     # No barrier here: the other ranks are done, and waiting for rank 0's writes would count against ddp_timeout.
     return RunResult(run.path, metrics, is_main)
+
+
+def write_report_of(run_dir: Path) -> None:
+    """report.md and plots at the end of a run. The model is saved by now: a failure here must not fail the run."""
+    from sft.run_report import write_report
+
+    try:
+        log.info("report: %s", write_report(run_dir))
+    except Exception as error:  # noqa: BLE001 - any plotting or rendering problem
+        log.warning("report.md not written (%s: %s); retry with `sft report %s`", type(error).__name__, error,
+                    run_dir)
 
 
 def _check_fsdp_settings(config: Config, num_processes: int) -> None:
