@@ -126,3 +126,15 @@ class EvalMetricsCallback(TrainerCallback):
         if state.is_world_process_zero and metrics:
             write_eval_metrics(self.run_dir, eval_record(state.global_step, state.epoch or 0, metrics,
                                                          self.compute_metrics))
+
+
+def tensorboard_callback(run_dir: Path, resume_step: int | None):
+    """Trainer's TensorBoard logging into RUN_DIR/tensorboard (`tensorboard --logdir runs/` shows every run).
+    A resumed run logs the steps after its checkpoint again: purge_step hides the earlier session's copies."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    folder = str(run_dir / "tensorboard")
+    callback = TensorBoardCallback(SummaryWriter(log_dir=folder, purge_step=resume_step + 1 if resume_step else None))
+    callback.logging_dir = folder  # where it reopens a writer for an evaluation after training, not checkpoints/
+    return callback

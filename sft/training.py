@@ -118,6 +118,7 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
 def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, manifest: dict, preemption,
            resume: str) -> RunResult:
     from sft import data, manifest as manifests, model as models
+    from sft.callbacks import tensorboard_callback
 
     is_main = state.is_main_process
     # Load data (tokenized once into the cache; under torchrun the other processes memory-map the result)
@@ -137,6 +138,8 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     _check_fsdp_settings(config, state.num_processes)
     model = models.load_model(config, prepared.label_names)
     trainer = build_trainer(config, run, model, tokenizer, prepared, preemption)
+    if is_main:
+        trainer.add_callback(tensorboard_callback(run.path, resume_from and rundir.checkpoint_step(resume_from)))
     if config.training.fsdp and not trainer.is_fsdp_enabled:
         raise UserError("training.fsdp: accelerate runs FSDP only on GPUs, and this run has none (it would train "
                         "with plain DDP instead); drop training.fsdp for CPU runs")

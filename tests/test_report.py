@@ -154,3 +154,23 @@ def test_sft_report_rewrites_the_report_and_refuses_a_folder_that_is_no_run(clas
     assert main(["report", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "not an sft run directory (no manifest.json)" in error
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in the run's TensorBoard events, read back as TensorBoard itself reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_events_hold_the_logged_losses(causal_lm_run):
+    scalars = tensorboard_scalars(causal_lm_run)
+    logged = records(causal_lm_run)
+    # TensorBoard stores float32.
+    assert scalars["train/loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in logged if "loss" in r]
+    assert scalars["eval/loss"] == [(r["step"], pytest.approx(r["eval_loss"], rel=1e-6)) for r in logged
+                                    if "eval_loss" in r]
+    assert "eval/token_accuracy" in scalars and "train/learning_rate" in scalars
+    assert not (causal_lm_run / "checkpoints" / "runs").exists()

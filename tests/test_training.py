@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, tiny_lm_config
+from test_report import tensorboard_scalars
 from sft.config import load_config
 from sft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 
@@ -246,6 +247,9 @@ def assert_identical_runs(run_dir: Path, reference_dir: Path) -> None:
     from safetensors.torch import load_file
 
     assert train_losses(run_dir) == train_losses(reference_dir)
+    # TensorBoard shows each step once: the interrupted session's steps after the checkpoint are purged.
+    assert [(step, pytest.approx(loss, rel=1e-6)) for step, loss in train_losses(run_dir)] == \
+        tensorboard_scalars(run_dir)["train/loss"]
     summaries = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "train_runtime" in line]
     assert len(summaries) == 1
     expected, actual = (load_file(d / "final" / "model.safetensors") for d in (reference_dir, run_dir))
