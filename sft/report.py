@@ -15,6 +15,32 @@ def print_summary(result) -> None:
     console.print(table)
 
 
+def print_run_start(config: Config, prepared, run_dir, precision: str, processes: int) -> None:
+    """The settings a user checks first in a job's output, printed once as training starts."""
+    from sft.logs import terminal_console
+
+    table = Table(title="sft train", show_header=False)
+    for name, value in run_start_rows(config, prepared, run_dir, precision, processes):
+        table.add_row(name, value)
+    terminal_console().print(table)
+
+
+def run_start_rows(config: Config, prepared, run_dir, precision: str, processes: int) -> list[tuple[str, str]]:
+    t, method = config.training, config.method
+    budget = (f"{t.max_tokens_per_batch} tokens" if t.max_tokens_per_batch else f"{t.batch_size} examples")
+    eval_rows = f"{len(prepared.eval)} eval" if prepared.eval is not None else "no eval"
+    data_unit = "token-budget batches" if t.max_tokens_per_batch else "examples"
+    return [("model", config.model.name),
+            ("task / method", f"{config.task} / " + (f"LoRA r={method.lora.r} alpha={method.lora.alpha}"
+                                                     if method.name == "lora" else "full fine-tuning")),
+            ("data", f"{prepared.data_format}: {len(prepared.train)} training {data_unit}, {eval_rows}"),
+            ("batch", f"{budget} per process x {processes} process{'es' if processes > 1 else ''} x "
+                      f"{t.gradient_accumulation_steps} accumulation step{'s' if t.gradient_accumulation_steps > 1 else ''}"),
+            ("length", f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"),
+            ("precision", precision), ("attention", config.model.attn_implementation),
+            ("run directory", str(run_dir))]
+
+
 def print_check(config: Config, loaded) -> None:
     """`sft check`: the data summary without tokens (no tokenizer, no torch: it answers in seconds)."""
     from sft.data.summary import rows_summary, summary_rows

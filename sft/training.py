@@ -2,7 +2,6 @@
 checkpoint, and leave a finished run directory (config, manifest, log, metrics, final model)."""
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +118,8 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
            resume: str) -> RunResult:
     from sft import data, manifest as manifests, model as models
     from sft.callbacks import tensorboard_callback
+    from sft.progress import terminal_progress
+    from sft.report import print_run_start
 
     is_main = state.is_main_process
     # Load data (tokenized once into the cache; under torchrun the other processes memory-map the result)
@@ -133,6 +134,9 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
              "token-budget batches" if config.training.max_tokens_per_batch else "examples", len(prepared.eval or []))
     for name, value in data.summary_rows(prepared.summary, prepared.files):
         log.info("data: %s: %s", name, value)
+    if is_main:
+        print_run_start(config, prepared, run.path, str(models.training_dtype(config)).removeprefix("torch."),
+                        state.num_processes)
 
     # Load model and train
     _check_fsdp_settings(config, state.num_processes)
@@ -140,6 +144,9 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     trainer = build_trainer(config, run, model, tokenizer, prepared, preemption)
     if is_main:
         trainer.add_callback(tensorboard_callback(run.path, resume_from and rundir.checkpoint_step(resume_from)))
+        progress = terminal_progress()
+        if progress:
+            trainer.add_callback(progress)
     if config.training.fsdp and not trainer.is_fsdp_enabled:
         raise UserError("training.fsdp: accelerate runs FSDP only on GPUs, and this run has none (it would train "
                         "with plain DDP instead); drop training.fsdp for CPU runs")
@@ -298,7 +305,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         fsdp=t.fsdp,
         report_to="none",
         remove_unused_columns=False,
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=True,  # sft.progress draws the bar on a terminal
         use_cpu=not on_gpu,
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
@@ -315,7 +322,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         callbacks=[MetricsFileCallback(run.path), EvalMetricsCallback(run.path, compute_metrics),
                    CompleteCheckpointCallback(t.save_total_limit), preemption],
     )
-    # Without a progress bar Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
+    # Without tqdm Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
     trainer.remove_callback(PrinterCallback)
     if config.task == "classification":
         # Sequence-classification forwards take **kwargs, so Trainer assumes their loss divides by the token count

@@ -174,3 +174,25 @@ def test_tensorboard_events_hold_the_logged_losses(causal_lm_run):
                                     if "eval_loss" in r]
     assert "eval/token_accuracy" in scalars and "train/learning_rate" in scalars
     assert not (causal_lm_run / "checkpoints" / "runs").exists()
+
+
+def test_run_start_table_names_the_settings_a_user_checks_first(tiny_causal_lm, tiny_chat_data, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from sft.logs import setup_terminal
+    from sft.report import print_run_start
+
+    config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path, max_tokens_per_batch=256,
+                            gradient_accumulation_steps=2)
+    config["model"]["attn_implementation"] = "flex_attention"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    prepared = SimpleNamespace(data_format="messages", train=[0] * 7, eval=[0] * 3)
+    setup_terminal()
+    print_run_start(load_config(path), prepared, tmp_path / "tiny", "bfloat16", 2)
+    shown = capsys.readouterr().err
+    for expected in (str(tiny_causal_lm), "causal_lm / full fine-tuning",
+                     "messages: 7 training token-budget batches, 3 eval",
+                     "256 tokens per process x 2 processes x 2 accumulation steps", "1 epochs", "bfloat16",
+                     "flex_attention", str(tmp_path / "tiny")):
+        assert expected in shown, expected
