@@ -138,3 +138,31 @@ def tensorboard_callback(run_dir: Path, resume_step: int | None):
     callback = TensorBoardCallback(SummaryWriter(log_dir=folder, purge_step=resume_step + 1 if resume_step else None))
     callback.logging_dir = folder  # where it reopens a writer for an evaluation after training, not checkpoints/
     return callback
+
+
+class OverfittingWarningCallback(TrainerCallback):
+    """A log warning when eval loss has risen for `evaluations` evaluations in a row while training loss fell. Reads
+    the run's earlier metrics on start, so a resumed run keeps counting."""
+
+    def __init__(self, run_dir: Path, evaluations: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.evaluations = evaluations
+        self.records: list[dict] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.path.is_file():  # already cut back to the checkpoint a resumed run starts from
+            self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from sft.metrics import overfitting_streak
+
+        if not state.is_world_process_zero or not logs:
+            return
+        self.records.append(logs)
+        if "eval_loss" not in logs:
+            return
+        streak = overfitting_streak(self.records)
+        if streak >= self.evaluations:
+            log.warning("eval loss has risen for %d evaluations in a row while training loss fell: the model may be "
+                        "overfitting (consider fewer epochs, training.early_stopping or "
+                        "training.load_best_model_at_end)", streak)

@@ -89,6 +89,24 @@ def write_eval_metrics(run_dir: Path, record: dict) -> None:
     write_json_atomic(run_dir / EVAL_METRICS, record)
 
 
+def overfitting_streak(records: list[dict]) -> int:
+    """How many of the latest evaluations in a row saw eval loss rise while the mean training loss logged since the
+    previous evaluation fell. Records as in metrics.jsonl, oldest first."""
+    intervals, train = [], []  # per evaluation: (eval loss, mean training loss since the previous one)
+    for record in records:
+        if "loss" in record:
+            train.append(record["loss"])
+        if "eval_loss" in record:
+            intervals.append((record["eval_loss"], sum(train) / len(train) if train else None))
+            train = []
+    streak = 0
+    for (eval_before, train_before), (eval_now, train_now) in zip(intervals, intervals[1:]):
+        overfitting = (eval_now > eval_before and train_before is not None and train_now is not None
+                       and train_now < train_before)
+        streak = streak + 1 if overfitting else 0
+    return streak
+
+
 def read_eval_metrics(run_dir: Path) -> dict | None:
     path = run_dir / EVAL_METRICS
     return read_json(path) if path.is_file() else None

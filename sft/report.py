@@ -34,11 +34,15 @@ def run_start_rows(config: Config, prepared, run_dir, precision: str, processes:
             ("task / method", f"{config.task} / " + (f"LoRA r={method.lora.r} alpha={method.lora.alpha}"
                                                      if method.name == "lora" else "full fine-tuning")),
             ("data", f"{prepared.data_format}: {len(prepared.train)} training {data_unit}, {eval_rows}"),
-            ("batch", f"{budget} per process x {processes} process{'es' if processes > 1 else ''} x "
-                      f"{t.gradient_accumulation_steps} accumulation step{'s' if t.gradient_accumulation_steps > 1 else ''}"),
+            ("batch", f"{budget} per process x {_count(processes, 'process', 'processes')} x "
+                      f"{_count(t.gradient_accumulation_steps, 'accumulation step', 'accumulation steps')}"),
             ("length", f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"),
             ("precision", precision), ("attention", config.model.attn_implementation),
             ("run directory", str(run_dir))]
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
 
 
 def print_check(config: Config, loaded) -> None:

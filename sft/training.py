@@ -166,8 +166,18 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
         state.wait_for_everyone()
         raise Preempted(resume if is_main else None)
 
+    if config.training.early_stopping and trainer.state.global_step < trainer.state.max_steps:
+        log.info("stopped early at step %d: %s did not improve for %d evaluations (training.early_stopping)",
+                 trainer.state.global_step, trainer.args.metric_for_best_model, config.training.early_stopping.patience)
+    if config.training.load_best_model_at_end and trainer.state.best_model_checkpoint:
+        # The final model is the best checkpoint: evaluate it, so the final metrics and eval_metrics.json describe it.
+        log.info("final model: the best checkpoint, %s", Path(trainer.state.best_model_checkpoint).name)
+        trainer.evaluate()
+
     # Save the final model: every rank takes part (gathering sharded weights is a collective), rank 0 writes.
     metrics = final_metrics(trainer.state.log_history)
+    if trainer.state.best_model_checkpoint:
+        metrics["best_checkpoint"] = Path(trainer.state.best_model_checkpoint).name
     save_final(trainer, config, run.path)
     if is_main:
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
@@ -257,9 +267,10 @@ def _drop_metrics_after(run_dir: Path, step: int) -> None:
 
 def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared, preemption):
     import torch
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
 
-    from sft.callbacks import CompleteCheckpointCallback, EvalMetricsCallback, MetricsFileCallback
+    from sft.callbacks import (CompleteCheckpointCallback, EvalMetricsCallback, MetricsFileCallback,
+                               OverfittingWarningCallback)
     from sft.metrics import ClassificationMetrics, CausalLMMetrics, predicted_token_ids
     from sft.model import training_dtype
 
@@ -268,6 +279,9 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
     by_tokens = bool(t.max_tokens_per_batch) and config.task == "causal_lm"
     dtype = training_dtype(config)
     on_gpu = torch.cuda.is_available()
+    stopping = t.early_stopping
+    # Trainer tracks the best checkpoint (kept by the rotation) whenever it has a metric for it.
+    best_metric = (stopping.metric if stopping else "eval_loss") if stopping or t.load_best_model_at_end else None
     compute_metrics = None
     if has_eval:
         compute_metrics = ClassificationMetrics(prepared.label_names) if config.task == "classification" \
@@ -290,6 +304,8 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
         save_total_limit=None,  # CompleteCheckpointCallback rotates, after the new checkpoint is complete
+        load_best_model_at_end=t.load_best_model_at_end,
+        metric_for_best_model=best_metric,
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         seed=t.seed,
@@ -320,7 +336,9 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=predicted_token_ids if config.task == "causal_lm" else None,
         callbacks=[MetricsFileCallback(run.path), EvalMetricsCallback(run.path, compute_metrics),
-                   CompleteCheckpointCallback(t.save_total_limit), preemption],
+                   OverfittingWarningCallback(run.path, t.overfitting_warning),
+                   CompleteCheckpointCallback(t.save_total_limit), preemption]
+                  + ([EarlyStoppingCallback(stopping.patience, stopping.threshold)] if stopping else []),
     )
     # Without tqdm Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
     trainer.remove_callback(PrinterCallback)

@@ -64,3 +64,41 @@ def test_causal_lm_metrics_from_logits():
         "token_accuracy": pytest.approx(2 / 3)}
     record = eval_record(3, 0.5, {"eval_loss": 2.0}, compute)
     assert record["eval_perplexity"] == pytest.approx(np.exp(2.0))
+
+
+def test_overfitting_streak_counts_evaluations_where_eval_loss_rose_while_training_loss_fell():
+    def run(*intervals):  # (training losses since the previous evaluation, eval loss)
+        return [record for train, eval_loss in intervals
+                for record in [{"loss": loss} for loss in train] + [{"eval_loss": eval_loss}]]
+
+    from sft.metrics import overfitting_streak
+
+    assert overfitting_streak(run(([3, 2], 2.0), ([1.5], 1.8), ([1.0], 1.9), ([0.5], 2.2))) == 2
+    assert overfitting_streak(run(([3, 2], 2.0), ([1.5], 2.1), ([1.0], 2.0), ([0.5], 2.2))) == 1  # fell in between
+    assert overfitting_streak(run(([3, 2], 2.0), ([2.5], 2.1), ([3.0], 2.2))) == 0  # training loss rose too
+    assert overfitting_streak(run(([3, 2], 2.0))) == 0
+
+
+def test_overfitting_warning_is_logged_once_the_streak_is_long_enough(tmp_path, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from sft.callbacks import OverfittingWarningCallback
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 1, "eval_loss": 2.0}\n')
+    callback = OverfittingWarningCallback(tmp_path, evaluations=2)
+    state = SimpleNamespace(is_world_process_zero=True)
+    callback.on_train_begin(None, state, None)  # a resumed run: the first evaluation is in metrics.jsonl
+    logger = logging.getLogger("sft")
+    logger.addHandler(caplog.handler)
+    try:
+        for logs in ({"loss": 2.0}, {"eval_loss": 2.1}, {"loss": 1.0}, {"eval_loss": 2.2}):
+            before = len(caplog.records)
+            callback.on_log(None, state, None, logs=logs)
+            warned = [r.getMessage() for r in caplog.records[before:] if r.levelno == logging.WARNING]
+            if logs.get("eval_loss") == 2.2:
+                assert warned and "eval loss has risen for 2 evaluations in a row while training loss fell" in warned[0]
+            else:
+                assert not warned
+    finally:
+        logger.removeHandler(caplog.handler)

@@ -124,7 +124,8 @@ def test_plots_are_pngs_of_the_logged_series(run, request):
 def test_throughput_is_plotted_when_logged(tmp_path):
     from sft.plots import write_plots
 
-    logged = [{"step": 1, "loss": 2.0, "real_tokens_per_s": 900.0}, {"step": 2, "loss": 1.5, "real_tokens_per_s": 1100.0}]
+    logged = [{"step": 1, "loss": 2.0, "real_tokens_per_s": 900.0},
+              {"step": 2, "loss": 1.5, "real_tokens_per_s": 1100.0}]
     written = write_plots(tmp_path, logged, None)
     assert set(written) == {"loss", "throughput"}
     assert written["throughput"].read_bytes()[:8] == PNG_MAGIC
