@@ -215,6 +215,9 @@ class OutputConfig(Section):
     dir: str = Field("runs", description="Parent of run directories; bind it read-write in the container.")
     name: str = Field("{config}-{date}", description="Run directory name; {config}, {date} and {time} are filled "
                                                     "once and recorded, so a requeued job finds the same directory.")
+    samples: int = Field(3, ge=0, description="causal_lm: this many eval prompts are answered greedily before and "
+                                              "after training and shown in report.md; 0 when eval data must not "
+                                              "appear in a report.")
 
 
 class Config(Section):

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 from sft.errors import UserError
 from sft.files import write_text_atomic
+from sft.samples import read_samples
 
 REPORT = "report.md"
 
@@ -74,6 +75,17 @@ def render(run_dir: Path, manifest: dict, config: dict, records: list[dict], eva
             lines += [f"![{title}]({path.relative_to(run_dir).as_posix()})", ""]
     if "throughput" not in plots:
         lines += ["", "Throughput was not recorded in metrics.jsonl."]
+    samples = read_samples(run_dir)
+    if samples:
+        lines += ["", "## Samples", "", f"Eval prompts answered greedily (at most {samples['max_new_tokens']} new "
+                                        f"tokens) before and after training.", ""]
+        for index, prompt in enumerate(samples["prompts"]):
+            lines += [f"**Prompt {index + 1}**", "", _quoted(prompt), "", "Reference:", "",
+                      _quoted(samples["references"][index])]
+            for stage in ("before", "after"):
+                if stage in samples:
+                    lines += ["", f"{stage.capitalize()} training:", "", _quoted(samples[stage][index])]
+            lines.append("")
     lines += ["", "## Config", ""] + _table(["setting", "value"], config_rows(config))
     lines += ["", "## Data", ""] + _table(["", ""], data_rows(manifest.get("data") or {}))
     lines += ["", "## Environment", ""] + _table(["", ""], environment_rows(manifest))
@@ -163,6 +175,12 @@ def _wall_time(manifest: dict) -> str:
         return "unknown"
     seconds = int((end - start).total_seconds())
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" + ("" if end_text else " so far")
+
+
+def _quoted(text: str) -> str:
+    """A fenced block: model output may contain Markdown or HTML that must show as written."""
+    fence = "````" if "```" in text else "```"
+    return f"{fence}text\n{text}\n{fence}"
 
 
 def _table(header: list[str], rows) -> list[str]:

@@ -116,7 +116,7 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
 
 def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, manifest: dict, preemption,
            resume: str) -> RunResult:
-    from sft import data, manifest as manifests, model as models
+    from sft import data, manifest as manifests, model as models, samples
     from sft.callbacks import tensorboard_callback
     from sft.progress import terminal_progress
     from sft.report import print_run_start
@@ -150,6 +150,11 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     if config.training.fsdp and not trainer.is_fsdp_enabled:
         raise UserError("training.fsdp: accelerate runs FSDP only on GPUs, and this run has none (it would train "
                         "with plain DDP instead); drop training.fsdp for CPU runs")
+    # Samples on rank 0 only, never under FSDP: after training no single process holds the whole model.
+    prompts = samples.prompts_of(prepared.eval, config.output.samples) \
+        if is_main and config.task == "causal_lm" and not config.training.fsdp else []
+    if prompts:
+        samples.record(run.path, trainer.model, tokenizer, prompts, "before")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if state.num_processes > 1:
         log.info("rank 0 holds %.1f%% of the model's parameter values (%s)", 100 * held_fraction(trainer.model),
@@ -179,6 +184,8 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     if trainer.state.best_model_checkpoint:
         metrics["best_checkpoint"] = Path(trainer.state.best_model_checkpoint).name
     save_final(trainer, config, run.path)
+    if prompts:
+        samples.record(run.path, trainer.model, tokenizer, prompts, "after")
     if is_main:
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
         write_report_of(run.path)

@@ -197,3 +197,31 @@ def test_run_start_table_names_the_settings_a_user_checks_first(tiny_causal_lm, 
                      "256 tokens per process x 2 processes x 2 accumulation steps", "1 epochs", "bfloat16",
                      "flex_attention", str(tmp_path / "tiny")):
         assert expected in shown, expected
+
+
+def test_causal_lm_samples_are_greedy_answers_of_the_base_and_final_model(causal_lm_run, tiny_causal_lm):
+    """samples.json against transformers' own greedy generation from the chat-template prompt, with the base model
+    (before) and the saved final model (after)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft.samples import MAX_NEW_TOKENS
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    samples = json.loads((causal_lm_run / "samples.json").read_text())
+    rows = CHAT_ROWS[16:19]
+    prompts = [tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True, tokenize=True,
+                                             return_dict=False) for row in rows]
+    assert samples["prompts"] == [tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
+    assert samples["references"][0].startswith(rows[0]["messages"][1]["content"])
+    for stage, folder in (("before", tiny_causal_lm), ("after", causal_lm_run / "final")):
+        model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+        with torch.no_grad():
+            expected = [tokenizer.decode(model.generate(torch.tensor([ids]), do_sample=False,
+                                                        max_new_tokens=MAX_NEW_TOKENS,
+                                                        pad_token_id=tokenizer.pad_token_id)[0, len(ids):],
+                                         skip_special_tokens=True) for ids in prompts]
+        assert samples[stage] == expected, stage
+    assert samples["before"] != samples["after"]
+    report = (causal_lm_run / "report.md").read_text()
+    assert "## Samples" in report and f"```text\n{samples['after'][0]}\n```" in report
