@@ -184,20 +184,22 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     if trainer.state.best_model_checkpoint:
         metrics["best_checkpoint"] = Path(trainer.state.best_model_checkpoint).name
     save_final(trainer, config, run.path)
-    if prompts:
-        samples.record(run.path, trainer.model, tokenizer, prompts, "after")
     if is_main:
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
-        write_report_of(run.path)
+        write_report_of(run.path, (lambda: samples.record(run.path, trainer.model, tokenizer, prompts, "after"))
+                        if prompts else None)
     # No barrier here: the other ranks are done, and waiting for rank 0's writes would count against ddp_timeout.
     return RunResult(run.path, metrics, is_main)
 
 
-def write_report_of(run_dir: Path) -> None:
-    """report.md and plots at the end of a run. The model is saved by now: a failure here must not fail the run."""
+def write_report_of(run_dir: Path, samples_after=None) -> None:
+    """Samples after training, then report.md and plots. The model is saved and the run marked finished by now: a
+    failure here must not fail the run."""
     from sft.run_report import write_report
 
     try:
+        if samples_after:
+            samples_after()
         log.info("report: %s", write_report(run_dir))
     except Exception as error:  # noqa: BLE001 - any plotting or rendering problem
         log.warning("report.md not written (%s: %s); retry with `sft report %s`", type(error).__name__, error,
