@@ -1,4 +1,5 @@
-"""Terminal reports: the end-of-run summary, `sft check` / `sft prepare` and `sft info`."""
+"""Terminal reports: the settings table as training starts, the end-of-run summary, `sft check` / `sft prepare`
+and `sft info` (report.md and plots: sft.run_report)."""
 from rich.console import Console
 from rich.table import Table
 
