@@ -3,14 +3,18 @@
 #   make test   create .venv if needed, then run the test suite (GPU tests too where CUDA is visible)
 #   make gpu-check  only the GPU tests; fails when no GPU is visible (run it on a GPU node)
 #   make lock   re-resolve requirements.in into requirements.lock, then the image's container/{jupyter,cuda}.lock
+#   make docs   regenerate docs/config.md from the config schema in sft/config.py
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# Test files run in 2 processes (pytest-xdist, a whole file per process: module fixtures such as the Slurm cluster
+# are built once). The Slurm and container files, most of the suite's time, go first so they overlap.
+TEST_WORKERS ?= 2
 
-.PHONY: venv demo test gpu-check lock
+.PHONY: venv demo test gpu-check lock docs
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock requirements-dev.txt container/jupyter.lock pyproject.toml
@@ -22,13 +26,17 @@ $(VENV)/.installed: requirements.lock requirements-dev.txt container/jupyter.loc
 
 demo: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/sft train configs/demo.yaml
+	@echo "sft is installed in $(VENV): 'source $(VENV)/bin/activate' puts the sft command on PATH (README)"
 
 test: venv
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 gpu-check: venv
 	@$(BIN)/python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "make gpu-check: no CUDA GPU visible; run it on a GPU node (e.g. srun --gres=gpu:1 make gpu-check)")'
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+
+docs: venv
+	$(BIN)/python -m sft.config_docs > docs/config.md
 
 lock: venv
 	$(BIN)/python -m pip install --quiet -r requirements.in

@@ -1,9 +1,13 @@
 """Command line: parse, dispatch, and turn user errors into one line + exit code 2 (tracebacks only with --debug).
 
     sft train CONFIG [key.sub=value ...]   fine-tune (a bare `sft CONFIG` means the same)
-    sft check CONFIG [key.sub=value ...]   validate the config and every data row, no weights loaded
+    sft check CONFIG [key.sub=value ...]   validate config, model files, every data row and output space (no GPU)
     sft prepare CONFIG [key.sub=value ...] validate and tokenize into the cache (CPU only, e.g. before the GPU job)
     sft info                               versions, GPUs and container provenance
+    sft predict RUN_DIR INPUT [--output F] a finished run's predictions on new rows, as JSONL
+    sft export RUN_DIR [--merge] [--to DIR] a standalone safetensors model + tokenizer
+    sft runs [OUTPUT_DIR]                  one line per run: status, steps, best metric, age, Slurm job
+    sft clean RUN_DIR [--dry-run]          remove a finished run's checkpoints and data cache
     sft report RUN_DIR                     plots and report.md of a run (also written when training finishes)
 """
 import argparse
@@ -12,7 +16,7 @@ import sys
 
 from sft.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = ("train", "check", "prepare", "info", "report")
+COMMANDS = ("train", "check", "prepare", "info", "predict", "export", "runs", "clean", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,12 +36,59 @@ def build_parser() -> argparse.ArgumentParser:
                                            help="replace a finished run directory of the same name")
     commands.add_parser("info", help="show versions, GPUs and container provenance").add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _add_tool_commands(commands)
     report = commands.add_parser("report", help="write plots and report.md of a run directory",
                                  description="Write RUN_DIR/plots/*.png and RUN_DIR/report.md from the run's "
                                              "manifest, metrics and evaluation (finished, running or stopped).")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/demo-2024-05-01")
     report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+RUN_STATUSES = """statuses:
+  running      a live process (or a Slurm job that will run again) owns the directory
+  preempted    stopped at a complete checkpoint by a signal; a requeued job or `sft train` resumes it
+  finished     final/ holds the trained model
+  failed       ended by an error (manifest.json: error); fix it and rerun to resume
+  interrupted  stopped by Ctrl-C; rerun to resume
+  killed       its process ended without recording why (time limit, out of memory, node failure); rerun to resume"""
+
+
+def _add_tool_commands(commands) -> None:
+    """predict, export, runs, clean: what to do with run directories (sft.predict, sft.export, sft.runs, sft.clean)."""
+    def add(name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=text, description=text, epilog=epilog,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return command
+
+    predict = add("predict", "predict with a finished run's model: one JSON line per input row (the row plus "
+                             "predicted_label and probabilities, or generated text)")
+    predict.add_argument("run_dir", help="a finished run directory, e.g. runs/demo-20261125")
+    predict.add_argument("input", help="rows to predict: .jsonl, .json, .csv, .parquet or a save_to_disk folder, "
+                                       "with the columns the run trained on (labels/answers may be absent)")
+    predict.add_argument("--output", help="JSONL file to write (must not exist; default: standard output)")
+    predict.add_argument("--batch-size", type=_positive, default=16, help="rows per forward pass (default 16)")
+    predict.add_argument("--max-new-tokens", type=_positive, default=128,
+                         help="causal LM: most tokens generated per row, greedy (default 128)")
+    export = add("export", "write a standalone model folder (safetensors + tokenizer, label names in config.json) "
+                           "that from_pretrained loads without sft or peft")
+    export.add_argument("run_dir", help="a finished run directory")
+    export.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights "
+                                                             "(needed for LoRA runs)")
+    export.add_argument("--to", help="new or empty folder to write (default: RUN_DIR/export)")
+    runs = add("runs", "list run directories: status, steps, best evaluation, age, Slurm job", epilog=RUN_STATUSES)
+    runs.add_argument("output_dir", nargs="?", default="runs", help="a config's output.dir (default: runs)")
+    clean = add("clean", "remove a finished run's checkpoints and tokenized data cache; keeps final/, config, "
+                         "manifest, metrics, logs and report")
+    clean.add_argument("run_dir", help="a finished run directory")
+    clean.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,14 +112,17 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_terminal(args.debug)
     try:
-        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info,
+        return {"train": _train, "check": _check, "prepare": _prepare, "info": _info, "predict": _predict,
+                "export": _export, "runs": _runs, "clean": _clean,
                 "report": _report}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
         from sft.secrets import mask
 
-        print(f"sft: error: {mask(str(error))}", file=sys.stderr)
+        # One line whatever the message quotes (a value with a line break, a data line): escape line breaks.
+        one_line = mask(str(error)).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"sft: error: {one_line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as stop:
         # Set once the run directory exists (sft.training.Interrupted); before that there is nothing to resume.
@@ -80,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     from sft.config import load_config
+    from sft.preflight import check_settings
     from sft.report import print_summary
     from sft.training import Preempted, run_training
 
     config = load_config(args.config, args.overrides, args.env_file)
+    check_settings(config)  # before a run directory exists: a bad setting costs a second, not a queue wait
     try:
         result = run_training(config, overwrite=args.overwrite, overrides=args.overrides, env_file=args.env_file)
     except Preempted as stop:
@@ -101,12 +157,12 @@ def _check(args) -> int:
     from pathlib import Path
 
     from sft.config import load_config
-    from sft.data import load_rows
+    from sft.preflight import run_checks
     from sft.report import print_check
 
     config = load_config(args.config, args.overrides, args.env_file)
     with tempfile.TemporaryDirectory(prefix="sft-check-") as work_dir:
-        print_check(config, load_rows(config, Path(work_dir)))
+        print_check(config, *run_checks(config, Path(work_dir)))
     return 0
 
 
@@ -127,6 +183,53 @@ def _info(args) -> int:
 
     print_info()
     return 0
+
+
+
+def _predict(args) -> int:
+    from sft.predict import predict
+
+    count = predict(args.run_dir, args.input, args.output, args.batch_size, args.max_new_tokens)
+    if args.output:
+        print(f"sft: wrote {count} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _export(args) -> int:
+    from sft.export import export
+
+    print(f"sft: exported to {export(args.run_dir, args.merge, args.to)}")
+    return 0
+
+
+def _runs(args) -> int:
+    from datetime import datetime
+
+    from sft.runs import format_runs, list_runs
+
+    runs = list_runs(args.output_dir)
+    print(format_runs(runs, datetime.now().astimezone()) if runs else f"sft: no runs in {args.output_dir}")
+    return 0
+
+
+def _clean(args) -> int:
+    from sft.clean import clean
+
+    result = clean(args.run_dir, args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for what, size in result.removed.items():
+        print(f"{verb} {what} ({_size(size)})")
+    for note in result.notes:
+        print(note)
+    print(f"{'would free' if args.dry_run else 'freed'} {_size(result.freed)}; kept {', '.join(result.kept)}")
+    return 0
+
+
+def _size(count: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
 
 
 def _report(args) -> int:

@@ -1,5 +1,8 @@
 """Config stage: YAML + .env + `key.sub=value` overrides → one validated `Config`, every problem reported at once."""
+import codecs
+import datetime
 import difflib
+import io
 import os
 import re
 import typing
@@ -29,6 +32,7 @@ Strategy = Annotated[Literal["epoch", "steps", "no"], BeforeValidator(_no_from_y
 
 
 class ModelConfig(Section):
+    """The pretrained model to start from and how to run it."""
     name: str = Field(description="Hub id, local directory, or `pkg:MODULE` for a Python package that ships weights "
                                   "(it must provide `get_model_path()`).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
@@ -104,18 +108,19 @@ SOURCE_TAGS = {"path", "paths", "file", "sql"}
 
 class Fields(Section):
     """Column names in the user's data, per format."""
-    text: str = "text"
+    text: str = Field("text", description="classification and text: the text.")
     text_pair: str | None = Field(None, description="classification: second text of a pair (e.g. NLI hypothesis).")
-    label: str = "label"
-    messages: str = "messages"
-    prompt: str = "prompt"
-    completion: str = "completion"
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
+    label: str = Field("label", description="classification: the label, an int id or a class name.")
+    messages: str = Field("messages", description="messages: the conversation, a list of {role, content}.")
+    prompt: str = Field("prompt", description="prompt_completion: the prompt (no loss on it).")
+    completion: str = Field("completion", description="prompt_completion: the answer the loss is computed on.")
+    instruction: str = Field("instruction", description="instruction: the task description.")
+    input: str = Field("input", description="instruction: optional context for the task.")
+    output: str = Field("output", description="instruction: the answer the loss is computed on.")
 
 
 class DataConfig(Section):
+    """Where the examples come from and how they become tokens (docs/data.md)."""
     train: Source = Field(description="Training data: file path(s), {path, split}, {database, query}, or a list "
                                       "mixing them.")
     eval: Source | None = Field(None, description="Evaluation data; when absent, eval_fraction of train is held out.")
@@ -137,14 +142,16 @@ class DataConfig(Section):
 
 
 class LoraSettings(Section):
+    """LoRA adapter settings (peft), used when method.name is lora."""
     r: int = Field(16, ge=1, description="Adapter rank.")
     alpha: int = Field(32, ge=1, description="Scaling numerator; usually 2*r.")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input during training.")
     target_modules: str | list[str] = Field("all-linear", description="Module names to adapt; all-linear = every linear "
                                                                        "layer except the output head.")
 
 
 class MethodConfig(Section):
+    """What is trained: LoRA adapters or all weights."""
     name: Literal["lora", "full"] = Field("lora", description="lora trains adapters (+ the classifier head); full trains all weights.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     merge: bool = Field(False, description="lora: also save the adapter merged into the base weights in final/merged/.")
@@ -164,24 +171,27 @@ class EarlyStopping(Section):
 
 
 class TrainingConfig(Section):
-    epochs: float = Field(3, gt=0)
+    """The Trainer recipe: steps, batches, optimizer, evaluation, checkpoints, processes."""
+    epochs: float = Field(3, gt=0, description="Passes over the training data; fractions allowed.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (overrides epochs when > 0).")
     batch_size: int = Field(8, ge=1, description="Examples per device per step.")
     eval_batch_size: int | None = Field(None, ge=1, description="Defaults to batch_size.")
     max_tokens_per_batch: int | None = Field(None, ge=8, description="causal_lm: size batches by tokens instead of "
                                                                      "examples (~8k filled an H100 well).")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Batches per optimizer step (a larger effective "
+                                                                  "batch in the same memory).")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming the rate up from 0.")
     lr_scheduler: str = Field("linear", description="Any transformers scheduler name (linear, cosine, constant, ...).")
-    max_grad_norm: float = 1.0
-    eval_strategy: Strategy = "epoch"
-    eval_steps: int | None = Field(None, ge=1)
-    save_strategy: Strategy = "epoch"
+    max_grad_norm: float = Field(1.0, description="Gradients are clipped to this total norm.")
+    eval_strategy: Strategy = Field("epoch", description="When to evaluate: each epoch, every eval_steps, or no.")
+    eval_steps: int | None = Field(None, ge=1, description="Setting it switches eval_strategy to steps.")
+    save_strategy: Strategy = Field("epoch", description="When to checkpoint: each epoch, every save_steps, or no "
+                                                         "(then preemption has nothing to resume from).")
     save_steps: int | None = Field(None, ge=1, description="Setting it switches save_strategy to steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept; the newest complete one is resumed from.")
-    logging_steps: int = Field(10, ge=1)
+    logging_steps: int = Field(10, ge=1, description="Optimizer steps between loss lines in the log and metrics.jsonl.")
     seed: int = Field(42, description="Seeds python, numpy and torch before the model is built: the same config, "
                                       "data and seed give the same run on the same hardware and image.")
     deterministic: bool = Field(False, description="GPUs: deterministic kernels (torch deterministic algorithms, "
@@ -195,7 +205,8 @@ class TrainingConfig(Section):
                                                             "save_strategy equal to eval_strategy.")
     overfitting_warning: int = Field(2, ge=1, description="Warn in the log when eval loss has risen this many "
                                                           "evaluations in a row while training loss fell.")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
+                                                           "memory for about one more forward pass of compute.")
     ddp_backend: Literal["nccl", "gloo"] | None = Field(None, description="Defaults to nccl on GPUs, gloo on CPU.")
     fsdp: str = Field("", description="Trainer's fsdp option, e.g. 'full_shard auto_wrap', for models beyond one GPU.")
     ddp_timeout: int = Field(1800, ge=1, description="Seconds a rank waits in a collective (a barrier, an all-reduce) "
@@ -212,6 +223,7 @@ class TrainingConfig(Section):
 
 
 class OutputConfig(Section):
+    """Where the run directory goes."""
     dir: str = Field("runs", description="Parent of run directories; bind it read-write in the container.")
     name: str = Field("{config}-{date}", description="Run directory name; {config}, {date} and {time} are filled "
                                                     "once and recorded, so a requeued job finds the same directory.")
@@ -221,7 +233,9 @@ class OutputConfig(Section):
 
 
 class Config(Section):
-    task: Literal["classification", "causal_lm"]
+    """A whole config file."""
+    task: Literal["classification", "causal_lm"] = Field(description="classification: a label per text; causal_lm: "
+                                                                      "learn to generate (chat, completions, text).")
     model: ModelConfig
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -333,8 +347,11 @@ def _parse_value(text: str) -> Any:
 def _load_env_file(env_file: str | None, config_path: Path) -> None:
     """Load .env into the process environment (tokens must reach huggingface_hub too); real env vars win."""
     from dotenv import dotenv_values
+    from dotenv.parser import parse_stream
 
     secrets.register_secrets_from(dict(os.environ))
+    if env_file is not None and not isinstance(env_file, str):
+        raise UserError(f"{config_path}: env_file: expected the path of a .env file, e.g. env_file: .env")
     if env_file:
         env_path = Path(os.path.expandvars(env_file))
         if not env_path.is_file():
@@ -343,11 +360,27 @@ def _load_env_file(env_file: str | None, config_path: Path) -> None:
         env_path = Path(".env")
         if not env_path.is_file():
             return
-    values = dotenv_values(env_path)
+    text = _env_text(env_path)
+    broken = [binding.original.line for binding in parse_stream(io.StringIO(text)) if binding.error]
+    if broken:  # dotenv would skip the line with a warning, and a variable the user set would be "not set"
+        raise UserError(f"{env_path}:{broken[0]}: cannot read this line; write NAME=value, one per line, with "
+                        f"quotes closed")
+    values = dotenv_values(stream=io.StringIO(text))
     secrets.register_secrets_from(values)
     for name, value in values.items():
         if value is not None:
             os.environ.setdefault(name, value)
+
+
+def _env_text(path: Path) -> str:
+    """A .env file as Windows editors save it too: a UTF-8 byte-order mark (it would become part of the first
+    name) or UTF-16."""
+    data = path.read_bytes()
+    encoding = "utf-16" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
 
 
 def _interpolate(node: Any, where: str, problems: list[str]) -> Any:
@@ -396,6 +429,8 @@ def _describe(error: dict) -> str:
     if isinstance(value, bool) and kind in ("string_type", "literal_error"):
         shown = (f" (got {value}: YAML reads unquoted yes/no/on/off/true/false as a boolean; quote the value, "
                  f"e.g. \"no\")")
+    if isinstance(value, datetime.date) and kind == "string_type":
+        shown = f" (got {value}: YAML reads an unquoted date as a date; quote it, e.g. \"{value}\")"
     return f"{where}: {error['msg'].lower()}{shown}"
 
 

@@ -46,8 +46,8 @@ def _count(number: int, one: str, many: str) -> str:
     return f"{number} {one if number == 1 else many}"
 
 
-def print_check(config: Config, loaded) -> None:
-    """`sft check`: the data summary without tokens (no tokenizer, no torch: it answers in seconds)."""
+def print_check(config: Config, loaded, checked: list[tuple[str, str]] = ()) -> None:
+    """`sft check`: the data summary without tokens (no torch: it answers in seconds), and what sft.preflight found."""
     from sft.data.summary import rows_summary, summary_rows
 
     table = Table(title=f"sft check: {config.config_path}", show_header=False)
@@ -55,8 +55,11 @@ def print_check(config: Config, loaded) -> None:
     files = loaded.train.files + (loaded.eval.files if loaded.eval else [])
     for name, value in summary_rows(rows_summary(loaded, config.data.fields.label), files):
         table.add_row(name, value)
+    for name, value in checked:
+        table.add_row(name, value)
     console.print(table)
-    console.print("[green]OK[/green]: config and every data row are valid; `sft prepare` adds token statistics")
+    console.print("[green]OK[/green]: config, model files, every data row and output space are valid; `sft prepare` "
+                  "adds token statistics")
 
 
 def print_prepare(config: Config, prepared) -> None:

@@ -158,6 +158,34 @@ def _lock(path: Path) -> IO:
     return lock
 
 
+def owner_running(path: Path) -> bool:
+    """Whether a live run owns PATH, judged as open_run_dir judges it but without owning it (`sft runs`): the flock
+    is only probed (shared, released at once) and nothing is written. A run that starts in the very microseconds of
+    the probe sees the flock held and is refused once; rerunning it starts it."""
+    lock_path = path / LOCK
+    try:
+        probe = lock_path.open("r")
+    except FileNotFoundError:
+        return False
+    with probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            held_elsewhere: bool | None = False
+        except BlockingIOError:
+            held_elsewhere = True
+        except OSError:  # no flock on this filesystem: the owner's pid decides, as in _lock
+            held_elsewhere = None
+    return _owner_running(_read_owner(lock_path), held_elsewhere)
+
+
+def take_over(path: Path) -> RunDir:
+    """Own an existing run directory without starting a run in it (`sft clean`), so no run starts in it meanwhile;
+    refused, naming the owner, while a live run owns it."""
+    run = RunDir(path, resumed=False, lock=_lock(path))
+    _record_owner(run.lock)
+    return run
+
+
 def _try_flock(lock: IO) -> bool | None:
     """False when this process now holds the flock, True when another one does, None when flock is unsupported."""
     try:

@@ -2,7 +2,8 @@
 # Shared by the sbatch scripts in slurm/ (sourced, not run): runtime choice, bind mounts, provenance,
 # signal forwarding and requeue. Settings, all environment variables with defaults:
 #   SFT_RUNTIME     auto | apptainer | singularity | none   auto: apptainer, else singularity.
-#                   none: no container, run the `sft` and `torchrun` found on PATH (a venv; what the tests use).
+#                   none: no container, run the `sft` and `torchrun` found on PATH (a venv; what the tests use),
+#                   else those of the .venv next to slurm/ (`make venv`).
 #   SFT_IMAGE       container image                                                 (default: sft.sif)
 #   SFT_DATA_DIR    project data, read-only at /data and at its own path            (default: ./data, if present)
 #   SFT_ENV_FILE    .env (DATA_PATH, tokens), read-only at /secrets/.env, --env-file (default: ./.env, if present)
@@ -15,6 +16,7 @@
 SFT_RUNTIME="${SFT_RUNTIME:-auto}"
 SFT_IMAGE="${SFT_IMAGE:-sft.sif}"
 sft_submit_dir="${SLURM_SUBMIT_DIR:-$PWD}"
+sft_venv_bin="$(realpath -m "$(dirname "${BASH_SOURCE[0]}")/../.venv/bin")"  # SFT_RUNTIME=none, sft not on PATH
 SFT_DATA_DIR="$(realpath -m "${SFT_DATA_DIR:-$sft_submit_dir/data}")"
 SFT_ENV_FILE="$(realpath -m "${SFT_ENV_FILE:-$sft_submit_dir/.env}")"
 SFT_OUTPUT_DIR="$(realpath -m "${SFT_OUTPUT_DIR:-$sft_submit_dir/runs}")"
@@ -44,6 +46,11 @@ sft_setup() {
   mkdir -p "$SFT_OUTPUT_DIR" "$SFT_CACHE_DIR/huggingface"
   SFT_OPTS=()
   if [[ -z "$container" ]]; then
+    # A shell that never activated the venv `make venv` built next to these scripts still finds its sft,
+    # torchrun and jupyter (without this, jupyter.sbatch died with "jupyter: command not found").
+    if ! command -v sft >/dev/null && [[ -x "$sft_venv_bin/sft" ]]; then
+      export PATH="$sft_venv_bin:$PATH"
+    fi
     export HF_HOME="${HF_HOME:-$SFT_CACHE_DIR/huggingface}"
     SFT_OVERRIDES=("output.dir=$SFT_OUTPUT_DIR")
     if [[ -f "$SFT_ENV_FILE" ]]; then SFT_OPTS+=(--env-file "$SFT_ENV_FILE"); fi

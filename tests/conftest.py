@@ -31,10 +31,17 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(os.environ["HF_HOME"], ignore_errors=True)
 
 
+# The files that take most of the suite's time: collected first, so that `make test`'s two workers run them side by
+# side instead of one after the other at the end.
+SLOWEST_FILES = ("test_container.py", "test_slurm.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run wherever CUDA is visible (`make test` on a GPU node, `make gpu-check`) and show up as skipped,
-    with the reason, everywhere else."""
+    """Slowest files first; GPU tests run wherever CUDA is visible (`make test` on a GPU node, `make gpu-check`) and
+    show up as skipped, with the reason, everywhere else."""
     import torch
+
+    items.sort(key=lambda item: item.path.name not in SLOWEST_FILES)  # stable: keeps the order within each file
 
     if torch.cuda.is_available():
         return
@@ -121,3 +128,66 @@ def tiny_lm_config(model: Path, data: Path, output: Path, **training) -> dict:
             "training": {"epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
                          "eval_strategy": "no", "save_strategy": "no", "seed": 42, **training},
             "output": {"dir": str(output), "name": "tiny"}}
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tiny_causal_lm, tiny_chat_data, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """Four finished tiny runs, (task, method) → run directory, each with two complete checkpoints: causal LM on the
+    chat data and a 3-class classifier (the tiny Llama with a new score head), each fully fine-tuned and with LoRA.
+    Shared by the predict, export and clean tests (which copy a run before changing it)."""
+    import yaml
+
+    from sft.config import load_config
+    from sft.training import run_training
+
+    folder = tmp_path_factory.mktemp("finished-runs")
+    classes = write_jsonl(folder / "classes.jsonl", [{"text": f"add {a} and {b}", "label": SIZES[min((a + b) // 3, 2)]}
+                                                     for a in range(6) for b in range(4)])
+    runs = {}
+    for task, data in (("causal_lm", tiny_chat_data), ("classification", classes)):
+        for method in ("full", "lora"):
+            config = tiny_lm_config(tiny_causal_lm, data, folder / "runs", max_steps=6, save_strategy="steps",
+                                    save_steps=3, learning_rate=3e-3 if method == "full" else 2e-2)
+            config |= {"task": task, "method": {"name": method, "lora": {"r": 8, "alpha": 32}}}
+            config["output"]["name"] = f"{task}-{method}"
+            path = folder / f"{task}-{method}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            runs[task, method] = run_training(load_config(path)).run_dir
+    return runs
+
+
+SIZES = ["small", "big", "huge"]  # the classifier's labels in finished_runs (sorted: big, huge, small)
+
+
+# Owns a run directory as a live run's rank 0 does (flock on run.lock, owner recorded inside) until killed.
+RUN_OWNER = """
+import sys, time
+from pathlib import Path
+from sft.rundir import take_over
+
+run = take_over(Path(sys.argv[1]))
+print("owner", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def run_owner():
+    """run_owner(run_dir): a live process (outside any Slurm job) that owns the run directory until the test ends."""
+    import subprocess
+    import sys
+
+    started: list[subprocess.Popen] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+    def own(run_dir: Path) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", RUN_OWNER, str(run_dir)], stdout=subprocess.PIPE,
+                                   text=True, cwd=REPO, env=env)
+        started.append(process)
+        assert process.stdout.readline() == "owner\n"
+        return process
+
+    yield own
+    for process in started:
+        process.kill()
+        process.wait()

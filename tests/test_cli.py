@@ -122,3 +122,22 @@ def test_ctrl_c_prints_the_resume_command_once_a_run_exists(capsys, monkeypatch)
     monkeypatch.setattr("sft.cli._train", interrupt(KeyboardInterrupt()))  # e.g. while the config loads
     assert main(["train", "c.yaml"]) == 130
     assert capsys.readouterr().err == "sft: interrupted before the run started\n"
+
+
+def test_run_directory_commands_have_help_and_runs_lists_without_torch(tmp_path):
+    """predict, export, runs, clean each answer --help; `sft runs` is a quick look that never imports torch."""
+    code = ("import sys, contextlib, io; from sft.cli import main\n"
+            "for command in ('predict', 'export', 'runs', 'clean'):\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        try: main([command, '--help'])\n"
+            "        except SystemExit as done: assert done.code == 0, command\n"
+            "    assert out.getvalue().startswith(f'usage: sft {command}'), out.getvalue()\n"
+            f"assert main(['runs', {str(tmp_path)!r}]) == 0\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    (tmp_path / "a-run").mkdir()
+    (tmp_path / "a-run" / "manifest.json").write_text('{"status": "running", "started": "2026-11-25T12:00:00+00:00"}')
+    (tmp_path / "a-run" / "run.lock").write_text('{"host": "elsewhere", "pid": 1}')
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].split()[:2] == ["a-run", "killed"]

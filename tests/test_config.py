@@ -1,4 +1,5 @@
 """Config stage: loading, interpolation, .env, overrides, every problem reported at once, secrets masked."""
+import codecs
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,17 @@ def test_dotenv_file_from_config_flag_or_working_directory(write_config, tmp_pat
     monkeypatch.delenv("SFT_TEST_DIR")
     with pytest.raises(UserError, match="env_file 'missing.env': file not found"):
         load_config(write_config({**MINIMAL, "env_file": "missing.env"}))
+
+
+@pytest.mark.parametrize("encode", [lambda text: codecs.BOM_UTF8 + text.encode(), lambda text: text.encode("utf-16"),
+                                    lambda text: text.replace("\n", "\r\n").encode()], ids=["utf8-bom", "utf16", "crlf"])
+def test_dotenv_files_saved_by_windows_editors(write_config, tmp_path, monkeypatch, encode):
+    monkeypatch.delenv("SFT_TEST_DIR", raising=False)
+    (tmp_path / "project.env").write_bytes(encode("SFT_TEST_DIR=/from/notepad\nOTHER=1\n"))
+    config_path = write_config({**MINIMAL, "data": {"train": "${SFT_TEST_DIR}/a.jsonl"}})
+    assert load_config(config_path, env_file=str(tmp_path / "project.env")).data.train == "/from/notepad/a.jsonl"
+    monkeypatch.delenv("SFT_TEST_DIR")
+    monkeypatch.delenv("OTHER")
 
 
 def test_command_line_overrides_parse_yaml_values(write_config):

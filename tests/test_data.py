@@ -1,4 +1,5 @@
 """Data stage: every source, file:line errors, labels, the eval split, and token-by-token masks per format."""
+import codecs
 import json
 import sqlite3
 
@@ -83,6 +84,56 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, content, expected):
         read_source(str(tmp_path / "bad.jsonl"), "data.train", tmp_path)
 
 
+def _as_text(kind: str, rows: list[dict]) -> str:
+    if kind == "jsonl":
+        return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return "text,label\n" + "".join(f"{row['text']},{row.get('label', '')}\n" for row in rows)
+
+
+# Files as spreadsheets, Windows tools and old Macs write them: byte-order marks, UTF-16, CRLF and CR line ends.
+SAVED_AS = {"utf8-bom": lambda text: codecs.BOM_UTF8 + text.encode(), "utf16": lambda text: text.encode("utf-16"),
+            "utf16-be": lambda text: codecs.BOM_UTF16_BE + text.encode("utf-16-be"),
+            "crlf": lambda text: text.replace("\n", "\r\n").encode(), "cr": lambda text: text.replace("\n", "\r").encode()}
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+@pytest.mark.parametrize("saved_as", SAVED_AS)
+def test_files_saved_by_other_tools_read_the_same_rows_and_lines(tmp_path, kind, saved_as):
+    rows = [{"text": f"café {i}", "label": "pos" if i % 2 else "neg"} for i in range(6)]
+    path = tmp_path / f"a.{kind}"
+    path.write_bytes(SAVED_AS[saved_as](_as_text(kind, rows)))
+    assert read_source(str(path), "data.train", tmp_path).dataset.to_list() == rows
+    rows[2] = {"text": "no label"}  # file line 3 (jsonl) or 4 (csv, after the header)
+    path.write_bytes(SAVED_AS[saved_as](_as_text(kind, rows)))
+    with pytest.raises(UserError, match=rf"a.{kind}:{3 if kind == 'jsonl' else 4}: missing field 'label'"):
+        load_rows(make_config(str(path), eval_fraction=0), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_a_byte_that_is_not_utf8_is_reported_at_its_line_with_the_fix(tmp_path, kind):
+    rows = [{"text": f"review {i}", "label": "pos"} for i in range(5)]
+    text = _as_text(kind, rows).replace("review 3", "caf\u00e9 3")
+    path = tmp_path / f"a.{kind}"
+    path.write_bytes(text.encode("cp1252"))
+    line = 4 if kind == "jsonl" else 5
+    with pytest.raises(UserError, match=rf"a.{kind}:{line}: byte 0xE9 .* is not UTF-8 .* iconv -f cp1252 -t utf-8"):
+        read_source(str(path), "data.train", tmp_path)
+    path.write_bytes(text.replace("\n", "\r").encode("cp1252"))  # old Mac line ends count too
+    with pytest.raises(UserError, match=rf"a.{kind}:{line}: byte 0xE9"):
+        read_source(str(path), "data.train", tmp_path)
+
+
+def test_a_cut_off_json_line_is_reported_at_its_real_column(tmp_path):
+    good = json.dumps(ROWS[0])
+    for cut_off in ('{"text": "abc", "label": ', '{"text": "abc", "label": "po'):
+        (tmp_path / "a.jsonl").write_text(f"{good}\n{cut_off}\n{good}\n")
+        with pytest.raises(UserError) as error:
+            read_source(str(tmp_path / "a.jsonl"), "data.train", tmp_path)
+        # Column 26: where the value is missing or the cut-off string starts (1-based), not column 1 of the next line.
+        assert "a.jsonl:2: invalid JSON" in str(error.value) and "at column 26" in str(error.value)
+        assert "the line ends before the object does" in str(error.value)
+
+
 def test_missing_files_and_unknown_types_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="data.train: .*nope.jsonl does not exist"):
         read_source(str(tmp_path / "nope.jsonl"), "data.train", tmp_path)
@@ -118,6 +169,52 @@ def test_labels_outside_the_declared_set_list_values_counts_and_first_lines(tmp_
     with pytest.raises(UserError) as error:
         load_rows(make_config(str(tmp_path / "a.jsonl"), label_names=["neg", "pos"], eval_fraction=0), tmp_path)
     assert f"'neutral' ×2 (first {tmp_path / 'a.jsonl'}:31)" in str(error.value)
+
+
+def test_integer_labels_from_csv_are_sorted_by_number(tmp_path):
+    (tmp_path / "a.csv").write_text("text,label\n" + "".join(f"t{i},{label}\n" for i, label in
+                                                             enumerate(["10", "2", "1", "2", "10", "1"])))
+    loaded = load_rows(make_config(str(tmp_path / "a.csv"), eval_fraction=0), tmp_path)
+    assert loaded.label_names == ["1", "2", "10"]
+
+
+def label_problems(tmp_path, train: list[dict], eval_rows: list[dict] | None = None, **settings) -> str:
+    write_jsonl(tmp_path / "train.jsonl", train)
+    data = {"eval_fraction": 0, **settings.pop("data", {})}
+    if eval_rows is not None:
+        data["eval"] = str(write_jsonl(tmp_path / "eval.jsonl", eval_rows))
+    config = Config.model_validate({"task": "classification", "model": {"name": "m", **settings},
+                                    "data": {"train": str(tmp_path / "train.jsonl"), **data}})
+    with pytest.raises(UserError) as error:
+        load_rows(config, tmp_path)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_label_mismatches_come_with_counts_and_first_rows(tmp_path):
+    train = [{"text": f"t{i}", "label": "pos" if i % 2 else "neg"} for i in range(6)]
+    path = tmp_path / "train.jsonl"
+    message = label_problems(tmp_path, train, data={"label_names": ["neg", "neutral", "pos"]})
+    assert message == ("data.train: no examples of class 'neutral' (declared in data.label_names); the model cannot "
+                       "learn a class it never sees: add examples or drop the class")
+    message = label_problems(tmp_path, train, [{"text": "e", "label": "pos"}, {"text": "e", "label": "meh"}] * 2)
+    assert message == (f"data.eval: labels not seen in data.train: 'meh' ×2 (first {tmp_path / 'eval.jsonl'}:2); "
+                       f"the model cannot learn them: add training examples or fix the labels")
+    message = label_problems(tmp_path, [{"text": "t", "label": "pos"}] * 3)
+    assert message.startswith(f"data.train: only one class ('pos' ×3 (first {path}:1)); classification needs two")
+    message = label_problems(tmp_path, train, num_labels=3)
+    assert message.startswith(f"model.num_labels: 3, but the labels give 2 classes ('neg' ×3 (first {path}:1), "
+                              f"'pos' ×3 (first {path}:2))")
+    integer_ids = [{"text": "a", "label": 0}, {"text": "b", "label": 2}, {"text": "c", "label": 2}]
+    assert "data.train: no examples of class '1' (integer labels run up to 2)" in label_problems(tmp_path, integer_ids)
+
+
+def test_label_problems_are_reported_together_with_bad_rows(tmp_path):
+    train = [{"text": "a", "label": "neg"}, {"text": "b"}, {"text": "c", "label": "pos"}, {"text": "d", "label": "meh"}]
+    message = label_problems(tmp_path, train, data={"label_names": ["neg", "pos"]})
+    path = tmp_path / "train.jsonl"
+    assert message == (f"data.train: 1 bad example(s): {path}:2: missing field 'label'; data.train: labels outside "
+                       f"data.label_names: 'meh' ×1 (first {path}:4); fix the data or data.label_names")
 
 
 def test_eval_fraction_split_is_deterministic_by_seed(tmp_path):

@@ -366,6 +366,19 @@ def test_jupyter_sbatch_without_jupyter_says_how_to_get_it(tmp_path):
     assert "jupyter is not on PATH" in result.stderr and "pip install -r container/jupyter.lock" in result.stderr
 
 
+def test_runtime_none_without_sft_on_path_uses_the_venv_next_to_the_scripts(tmp_path):
+    """A shell that never activated .venv (README: make demo, then sbatch) still gets its sft, torchrun and
+    jupyter: before, jupyter.sbatch died with `jupyter: command not found`."""
+    venv_bin = SLURM_DIR.parent / ".venv" / "bin"
+    if not (venv_bin / "jupyter").exists():
+        pytest.skip("no .venv with JupyterLab next to slurm/ (make venv builds it)")
+    found = subprocess.run(["bash", "-c", f"source {SLURM_DIR}/common.sh && sft_setup && command -v sft torchrun jupyter"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                           env={**_outside_slurm(), "PATH": "/usr/bin:/bin", "SFT_RUNTIME": "none"})
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.split() == [str(venv_bin / name) for name in ("sft", "torchrun", "jupyter")]
+
+
 def _listening_addresses(port: int) -> set[str]:
     """The local addresses of sockets listening on port, from /proc/net/tcp and tcp6 (0.0.0.0 / :: = all)."""
     found = set()

@@ -23,8 +23,7 @@ from sft.data.formats import (FULL_LENGTH, IGNORE_INDEX, TRAINABLE, tokenize_bat
                               tokenize_instruction, tokenize_messages, tokenize_prompt_completion, tokenize_text)
 from sft.data.sources import DataFile, Rows, concatenate, file_fingerprint, read_file, read_sql, source_items
 from sft.data.summary import summarize, summary_rows
-from sft.data.validation import (detect_format, duplicate_free, format_columns, resolve_labels, split_eval,
-                                 validate_rows)
+from sft.data.validation import detect_format, duplicate_free, format_columns, resolve_labels, row_problems, split_eval
 from sft.errors import UserError
 
 log = logging.getLogger("sft")
@@ -129,7 +128,8 @@ def _only_columns(rows: Rows, columns: list[str]) -> Rows:
     """The format's columns; an optional one a source lacks (e.g. instruction input) becomes empty."""
     import pyarrow as pa
 
-    dataset = rows.dataset.select_columns([c for c in columns if c in rows.dataset.column_names])
+    # Missing columns are added before selecting: a dataset of zero columns would also have zero rows.
+    dataset = rows.dataset
     for column in columns:
         if column not in dataset.column_names:
             dataset = dataset.add_column(column, pa.nulls(len(dataset), pa.string()))
@@ -153,9 +153,12 @@ def load_rows(config: Config, work_dir: Path, opened: dict[str, list[Opened]] | 
     columns = format_columns(data_format, config.data.fields)
     train = concatenate([_only_columns(p, columns) for p in parts["data.train"]])
     eval_rows = concatenate([_only_columns(p, columns) for p in parts["data.eval"]]) if parts["data.eval"] else None
-    validate_rows(train, data_format, config, "data.train")
+    # Every problem is collected and reported once: bad rows and label mismatches together.
+    problems = row_problems(train, data_format, config, "data.train")
+    if not len(train):
+        raise UserError(problems[0])
     if eval_rows is not None:
-        validate_rows(eval_rows, data_format, config, "data.eval")
+        problems += row_problems(eval_rows, data_format, config, "data.eval")
     if config.data.dedupe:
         train, duplicates = duplicate_free(train, columns)
         dropped["exact duplicates"] += duplicates
@@ -163,9 +166,17 @@ def load_rows(config: Config, work_dir: Path, opened: dict[str, list[Opened]] | 
             eval_rows, duplicates = duplicate_free(eval_rows, columns)
             dropped["exact duplicates"] += duplicates
     if eval_rows is None and config.data.eval_fraction > 0:
-        train, eval_rows = split_eval(train, config.data.eval_fraction, config.training.seed)
-        eval_rows = replace(eval_rows, files=[])  # the files are recorded once, under train
-    label_names = resolve_labels(config, train, eval_rows) if data_format == "classification" else None
+        try:
+            train, eval_rows = split_eval(train, config.data.eval_fraction, config.training.seed)
+            eval_rows = replace(eval_rows, files=[])  # the files are recorded once, under train
+        except UserError as error:  # too few rows: said together with what is wrong in them
+            problems.append(str(error))
+    label_names = None
+    if data_format == "classification":
+        label_names, label_problems = resolve_labels(config, train, eval_rows)
+        problems += label_problems
+    if problems:
+        raise UserError("; ".join(problems))
     return LoadedRows(train, eval_rows, data_format, label_names, dropped)
 
 

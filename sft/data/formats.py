@@ -91,6 +91,33 @@ def _answer_labels_by_prefix(tokenizer, conversations: list[list[dict]]) -> list
     return results
 
 
+def prompt_ids(tokenizer, record: dict, data_format: str, fields: Fields) -> list[int]:
+    """The tokens a causal-LM example of this format starts with before its answer, exactly as training tokenized
+    them: what a trained model continues from (`sft predict`). A trailing assistant turn in messages is the
+    expected answer and left out."""
+    if data_format == "messages":
+        messages = list(record[fields.messages])
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        return _conversation_start(tokenizer, messages)
+    if data_format == "instruction":
+        instruction, input_text = record[fields.instruction], record.get(fields.input) or ""
+        if tokenizer.chat_template:
+            user = f"{instruction}\n\n{input_text}" if input_text else instruction
+            return _conversation_start(tokenizer, [{"role": "user", "content": user}])
+        template = ALPACA_PROMPT_WITH_INPUT if input_text else ALPACA_PROMPT
+        return tokenizer(template.format(instruction=instruction, input=input_text))["input_ids"]
+    if data_format == "prompt_completion":
+        return tokenizer(record[fields.prompt])["input_ids"]
+    return tokenizer(record[fields.text])["input_ids"]  # text: continue it
+
+
+def _conversation_start(tokenizer, messages: list[dict]) -> list[int]:
+    # Rendered to text, then tokenized without special tokens: as tokenize_conversations does for training.
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def tokenize_classification(tokenizer, text: str, text_pair: str | None, label: int, max_length: int | None) -> dict:
     encoded = tokenizer(text, text_pair, truncation=max_length is not None, max_length=max_length)
     return {**encoded, "labels": label}

@@ -1,5 +1,6 @@
 """Read sources (files, save_to_disk folders, SQL queries) into memory-mapped Arrow datasets that remember where each
 row came from (file:line), so later stages can point at a bad row without keeping rows as Python objects."""
+import codecs
 import csv
 import hashlib
 import json
@@ -15,6 +16,10 @@ from sft.secrets import mask
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SQL_CHUNK_ROWS = 10_000  # rows fetched per round trip and written per Arrow batch: bounded memory, few round trips
+# Byte-order marks of the wide encodings Windows tools write (Excel's "Unicode text" is UTF-16). UTF-32 LE first:
+# its mark starts with UTF-16 LE's.
+WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+             (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 @dataclass
@@ -150,62 +155,139 @@ def _load_file(path: Path, kind: str, work_dir: Path):
 
     datasets.disable_progress_bars()
     options: dict[str, Any] = {}
+    encoding = text_encoding(path) if kind != "parquet" else None
+    if encoding in ("utf-16", "utf-32"):
+        source = _utf8_copy(path, encoding, work_dir)  # Arrow's readers take UTF-8 only; lines stay where they were
+    else:
+        source = path
+        if encoding:
+            _require_utf8(path)
     if kind == "csv":
         # Every column as text, empty cells as "" (pandas would guess numbers and NaN): the same values csv gives.
-        with path.open(encoding="utf-8", newline="") as f:
+        # utf-8-sig: drop the byte-order mark Excel writes, which would otherwise become part of the first name.
+        with source.open(encoding="utf-8-sig", newline="") as f:
             header = next(csv.reader(f), [])
-        options = {"features": Features({name: Value("string") for name in header}), "na_filter": False}
+        separator = next((sep for sep in ";\t|" if len(header) == 1 and sep in header[0]), None)
+        if separator:
+            raise UserError(f"{path}:1: the header is one column ({header[0]!r}): the file is separated by "
+                            f"{separator!r}, not commas (Excel does so in many locales); save it as comma-separated "
+                            f"CSV (Excel: CSV UTF-8)")
+        options = {"features": Features({name: Value("string") for name in header}), "na_filter": False,
+                   "encoding": "utf-8-sig"}
     builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}[kind]
     # datasets logs its own error before raising; ours (below) says where in the file and how to fix it.
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(logging.CRITICAL)
     try:
-        return load_dataset(builder, data_files=str(path), split="train", cache_dir=str(work_dir / "sources"),
+        return load_dataset(builder, data_files=str(source), split="train", cache_dir=str(work_dir / "sources"),
                             **options)
     except Exception as error:  # noqa: BLE001 - any parser failure; the line-by-line reader names the place
         if kind in ("jsonl", "json", "csv"):
-            for _ in iter_file_records(path, kind):
-                pass
+            if not sum(1 for _ in iter_file_records(path, kind)):  # every row read: the bad one raises
+                raise UserError(f"{path}: no rows in the file; check the path, or export the data again") from None
         cause = error.__cause__ or error
-        raise UserError(f"{path}: cannot read as {kind} ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
-                        f"fix the file or convert it") from None
+        detail = (str(cause).splitlines() or [""])[0]
+        raise UserError(f"{path}: cannot read as {kind} ({type(cause).__name__}: {detail}); fix the file or convert "
+                        f"it") from None
     finally:
         datasets.logging.set_verbosity(verbosity)
 
 
+def text_encoding(path: Path) -> str:
+    """utf-16 or utf-32 when the file starts with their byte-order mark, else utf-8-sig (UTF-8, with or without
+    the mark Excel and Notepad write)."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    return next((encoding for bom, encoding in WIDE_BOMS if head.startswith(bom)), "utf-8-sig")
+
+
+def _utf8_copy(path: Path, encoding: str, work_dir: Path) -> Path:
+    copy = work_dir / f"utf8-{path.name}"
+    try:
+        with path.open(encoding=encoding, newline="") as source, copy.open("w", encoding="utf-8", newline="") as out:
+            for block in iter(lambda: source.read(1 << 20), ""):
+                out.write(block)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: starts with a {encoding.upper()} byte-order mark but is not valid {encoding.upper()} "
+                        f"text; re-save it as UTF-8") from None
+    return copy
+
+
+def _require_utf8(path: Path) -> None:
+    """Arrow's JSON reader keeps bytes that are not UTF-8 and fails only when a later stage reads the text: check
+    the whole file first (decoding runs at about 1 GB/s, a fraction of the tokenizer's time)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(_not_utf8(path)) from None
+
+
 def iter_file_records(path: Path, kind: str) -> Iterator[tuple[str, dict]]:
     """(where, record) for each row, read the slow way: for the exact place of a syntax error."""
+    encoding = text_encoding(path)
+    try:
+        yield from _records(path, kind, encoding)
+    except UnicodeDecodeError:
+        raise UserError(_not_utf8(path) if encoding == "utf-8-sig" else
+                        f"{path}: not valid {encoding.upper()} text; re-save it as UTF-8") from None
+
+
+def _records(path: Path, kind: str, encoding: str) -> Iterator[tuple[str, dict]]:
     if kind == "jsonl":
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding=encoding) as f:
             for line_no, line in enumerate(f, 1):
+                line = line.rstrip("\n")  # else an error at the end of a cut-off line is reported at column 1
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise UserError(f"{path}:{line_no}: invalid JSON ({error.msg} at column {error.colno}); "
-                                    f"each line must be one JSON object") from None
+                    ends_early = error.pos >= len(line.rstrip()) or error.msg.startswith("Unterminated string")
+                    cut = "; the line ends before the object does (cut off?)" if ends_early else ""
+                    raise UserError(f"{path}:{line_no}: invalid JSON ({error.msg.removesuffix(' at')} at column "
+                                    f"{error.colno}{cut}); each line must be one complete JSON object") from None
                 _require_object(record, f"{path}:{line_no}")
                 yield f"{path}:{line_no}", record
     elif kind == "json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding=encoding))
         except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); fix the file or convert it to "
-                            f"JSONL") from None
+            raise UserError(f"{path}:{error.lineno}: invalid JSON ({error.msg.removesuffix(' at')} at column "
+                            f"{error.colno}); fix the file or convert it to JSONL") from None
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON array of objects at the top level")
         for index, record in enumerate(data):
             _require_object(record, f"{path}: item {index}")
             yield f"{path}: item {index}", record
     else:
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding=encoding, newline="") as f:
             reader = csv.DictReader(f)
             for record in reader:
                 if None in record:
                     raise UserError(f"{path}:{reader.line_num}: more values than header columns; quote fields "
                                     f"that contain commas")
                 yield f"{path}:{reader.line_num}", record
+
+
+def _not_utf8(path: Path) -> str:
+    """The first byte that is not UTF-8, as file:line (a line ends at LF, CRLF or CR, as Python counts)."""
+    line_no = 0
+    with path.open("rb") as f:
+        for chunk in f:
+            for line in chunk.removesuffix(b"\n").removesuffix(b"\r").split(b"\r"):
+                line_no += 1
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    return (f"{path}:{line_no}: byte 0x{line[error.start]:02X} at byte {error.start + 1} of the line "
+                            f"is not UTF-8 (saved as Windows-1252 or Latin-1, as Excel does for CSV?); re-save it "
+                            f"as UTF-8 (Excel: CSV UTF-8) or convert it: iconv -f cp1252 -t utf-8 {path.name} > "
+                            f"{path.stem}-utf8{path.suffix}")
+    return f"{path}: not valid UTF-8 text; re-save it as UTF-8"
 
 
 def _require_object(record: Any, where: str) -> None:
@@ -216,7 +298,7 @@ def _require_object(record: Any, where: str) -> None:
 def _jsonl_line(path: Path, row: int) -> int:
     """Line number of the row-th record (blank lines are skipped by the reader, so they are counted here)."""
     seen = -1
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding=text_encoding(path)) as f:
         for line_no, line in enumerate(f, 1):
             seen += bool(line.strip())
             if seen == row:
@@ -226,7 +308,7 @@ def _jsonl_line(path: Path, row: int) -> int:
 
 def _csv_line(path: Path, row: int) -> int:
     """Line on which the row-th record ends (quoted fields may span lines), as csv.reader counts."""
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding=text_encoding(path), newline="") as f:
         reader = csv.reader(f)
         for index, _ in enumerate(reader, -1):  # -1: the header
             if index == row:

@@ -1,6 +1,8 @@
 """Validate rows per format, streaming over the Arrow data: every problem counted, the first few shown with
 file:line, all in one line; then labels, duplicates and the held-out eval split."""
+import re
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from sft.config import Config, Fields
@@ -8,6 +10,8 @@ from sft.data.sources import Rows
 from sft.errors import UserError
 
 MAX_PROBLEMS_SHOWN = 3
+MAX_LABELS_SHOWN = 5
+INTEGER = re.compile(r"[+-]?\d+")
 BATCH_ROWS = 1000  # rows turned into Python objects at a time: memory stays flat however large the data
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -80,19 +84,21 @@ def record_problems(record: dict, data_format: str, fields: Fields) -> list[str]
     return problems
 
 
-def validate_rows(rows: Rows, data_format: str, config: Config, config_key: str) -> None:
+def row_problems(rows: Rows, data_format: str, config: Config, config_key: str) -> list[str]:
+    """The bad rows of one source as one problem: every one counted, the first few shown with file:line."""
     fields = config.data.fields
     if not len(rows):
-        raise UserError(f"{config_key}: no examples found; check the file or query")
+        return [f"{config_key}: no examples found; check the file or query"]
     count, shown = 0, []
     for index, record in iter_records(rows, format_columns(data_format, fields)):
         problems = record_problems(record, data_format, fields)
         count += len(problems)
         for problem in problems[:MAX_PROBLEMS_SHOWN - len(shown)]:
             shown.append(f"{rows.where(index)}: {problem}")
-    if count:
-        more = f" (and {count - len(shown)} more)" if count > len(shown) else ""
-        raise UserError(f"{config_key}: {count} bad example(s): {'; '.join(shown)}{more}")
+    if not count:
+        return []
+    more = f" (and {count - len(shown)} more)" if count > len(shown) else ""
+    return [f"{config_key}: {count} bad example(s): {'; '.join(shown)}{more}"]
 
 
 def _message_problems(messages: list) -> list[str]:
@@ -114,43 +120,92 @@ def _kind_name(kind: type | tuple) -> str:
 
 # Labels
 
-def resolve_labels(config: Config, train: Rows, eval_rows: Rows | None) -> list[str]:
-    """Class names in id order: given, or inferred (sorted) from train; every label must map to one."""
+def resolve_labels(config: Config, train: Rows, eval_rows: Rows | None) -> tuple[list[str], list[str]]:
+    """Class names in id order (given, or inferred from train) and every mismatch between them and the data, each
+    with counts and first rows. Labels that are not a string or an integer are bad rows, reported by row_problems."""
     name = config.data.fields.label
-    values = {record[name] for _, record in iter_records(train, [name])}
-    label_names = config.data.label_names
-    if label_names is None:
-        if all(isinstance(v, int) for v in values):
-            count = config.model.num_labels or max(values) + 1
-            label_names = [str(i) for i in range(count)]
-        elif all(isinstance(v, str) for v in values):
-            label_names = sorted(values)
-        else:
-            raise UserError(f"data.train: field '{name}' mixes integers and strings; use one kind, or set data.label_names")
+    train_labels = _count_labels(train, name)
+    eval_labels = _count_labels(eval_rows, name) if eval_rows is not None else None
+    if not train_labels.counts:  # no usable label at all: row_problems names the rows
+        return [], []
+    declared = config.data.label_names
+    values = set(train_labels.counts) | set(eval_labels.counts if eval_labels else ())
+    if declared is None and {type(v) for v in values} == {int, str}:
+        return [], [f"data.train: field '{name}' mixes integers and strings; use one kind, or set data.label_names"]
+    label_names = declared if declared is not None else _inferred_names(train_labels, config.model.num_labels)
+    problems = []
     num_labels = config.model.num_labels
     if num_labels is not None and num_labels != len(label_names):
-        raise UserError(f"model.num_labels: {num_labels}, but the labels give {len(label_names)} classes "
-                        f"({', '.join(label_names)}); fix num_labels or data.label_names")
+        problems.append(f"model.num_labels: {num_labels}, but the labels give {len(label_names)} classes "
+                        f"({train_labels.listed(train)}); fix num_labels or data.label_names")
     if len(label_names) < 2:
-        raise UserError(f"data.train: only one label value ({label_names[0]}) found; classification needs two or more")
-    for key, rows in (("data.train", train), ("data.eval", eval_rows)):
-        if rows is not None:
-            _check_labels_known(rows, name, label_names, key)
-    return label_names
+        where = "data.label_names" if declared is not None else "data.train"
+        problems.append(f"{where}: only one class ({train_labels.listed(train)}); classification needs two or more "
+                        f"(is data.fields.label the right column?)")
+    outside = "data.label_names" if declared is not None else f"ids 0..{len(label_names) - 1}"
+    unknown = train_labels.outside(label_names)
+    if unknown.counts:
+        problems.append(f"data.train: labels outside {outside}: {unknown.listed(train)}; fix the data or "
+                        f"data.label_names")
+    unknown = eval_labels.outside(label_names) if eval_labels else None
+    if unknown and unknown.counts:
+        if declared is None and all(isinstance(v, str) for v in unknown.counts):
+            problems.append(f"data.eval: labels not seen in data.train: {unknown.listed(eval_rows)}; the model "
+                            f"cannot learn them: add training examples or fix the labels")
+        else:
+            problems.append(f"data.eval: labels outside {outside}: {unknown.listed(eval_rows)}; fix the data or "
+                            f"data.label_names")
+    seen = {_class_id(value, label_names) for value in train_labels.counts}
+    missing = [label for i, label in enumerate(label_names) if i not in seen]
+    if missing and len(label_names) >= 2:
+        given = "declared in data.label_names" if declared is not None else \
+            f"model.num_labels {num_labels}" if num_labels else f"integer labels run up to {len(label_names) - 1}"
+        problems.append(f"data.train: no examples of class {', '.join(map(repr, missing))} ({given}); the model "
+                        f"cannot learn a class it never sees: add examples or drop the class")
+    return label_names, problems
 
 
-def _check_labels_known(rows: Rows, name: str, label_names: list[str], config_key: str) -> None:
-    unknown: Counter = Counter()
-    first_seen: dict[Any, int] = {}
+@dataclass
+class LabelCounts:
+    """How often each label value occurs, and the row it first occurs in."""
+    counts: Counter = field(default_factory=Counter)
+    first: dict[Any, int] = field(default_factory=dict)
+
+    def listed(self, rows: Rows) -> str:
+        values = self.counts.most_common()
+        shown = ", ".join(f"{v!r} ×{n} (first {rows.where(self.first[v])})" for v, n in values[:MAX_LABELS_SHOWN])
+        return shown + (f", and {len(values) - MAX_LABELS_SHOWN} more" if len(values) > MAX_LABELS_SHOWN else "")
+
+    def outside(self, label_names: list[str]) -> "LabelCounts":
+        unknown = [v for v in self.counts if _class_id(v, label_names) is None]
+        return LabelCounts(Counter({v: self.counts[v] for v in unknown}), {v: self.first[v] for v in unknown})
+
+
+def _count_labels(rows: Rows, name: str) -> LabelCounts:
+    labels = LabelCounts()
     for index, record in iter_records(rows, [name]):
-        value = record[name]
-        known = value in label_names if isinstance(value, str) else 0 <= value < len(label_names)
-        if not known:
-            unknown[value] += 1
-            first_seen.setdefault(value, index)
-    if unknown:
-        listed = ", ".join(f"{v!r} ×{n} (first {rows.where(first_seen[v])})" for v, n in unknown.most_common())
-        raise UserError(f"{config_key}: labels outside {label_names}: {listed}; fix the data or data.label_names")
+        value = record.get(name)
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and value != "":
+            labels.counts[value] += 1
+            labels.first.setdefault(value, index)
+    return labels
+
+
+def _inferred_names(labels: LabelCounts, num_labels: int | None) -> list[str]:
+    """Integer labels are class ids; strings are names, sorted (by number when every one is an integer, as CSV
+    files give them: "2" before "10")."""
+    values = list(labels.counts)
+    if values and all(isinstance(v, int) for v in values):
+        return [str(i) for i in range(num_labels or max(values) + 1)]
+    if all(INTEGER.fullmatch(v) for v in values):
+        return sorted(values, key=lambda v: (int(v), v))
+    return sorted(values)
+
+
+def _class_id(value: str | int, label_names: list[str]) -> int | None:
+    if isinstance(value, int):
+        return value if 0 <= value < len(label_names) else None
+    return label_names.index(value) if value in label_names else None
 
 
 # Duplicates and the eval split

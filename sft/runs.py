@@ -1,0 +1,97 @@
+"""`sft runs [OUTPUT_DIR]`: one line per run directory — status, steps, best evaluation, age, Slurm job — read from
+each run's manifest.json, metrics.jsonl and run.lock (nothing is written, no lock is taken).
+
+    sft runs            # the runs under ./runs (output.dir's default)
+    sft runs /scratch/$USER/runs
+"""
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sft import manifest as manifests
+from sft import rundir
+from sft.errors import UserError
+
+@dataclass
+class RunInfo:
+    name: str
+    status: str
+    steps: int | None
+    best: str  # e.g. "eval_accuracy 0.912 @ 40", empty before the first evaluation
+    started: datetime | None
+    slurm_job: str | None
+
+
+def list_runs(output_dir: str | Path) -> list[RunInfo]:
+    """Every run directory under OUTPUT_DIR, oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such directory; pass your config's output.dir (default: runs)")
+    runs = [read_run(path) for path in sorted(folder.iterdir()) if (path / manifests.MANIFEST).is_file()]
+    return sorted(runs, key=lambda run: (run.started is None, run.started or datetime.min, run.name))
+
+
+def read_run(path: Path) -> RunInfo:
+    try:
+        manifest = manifests.read_manifest(path) or {}
+    except (OSError, ValueError):
+        return RunInfo(path.name, "unreadable manifest", None, "", None, None)
+    steps, best = progress(path / "metrics.jsonl")
+    restarts = manifest.get("restarts") or []
+    # A resume in a new job (not a requeue) records its own job: show the one that ran last.
+    job = restarts[-1].get("slurm_job") if restarts else manifest.get("slurm_job")
+    return RunInfo(path.name, status(path, manifest), steps, best, _time(manifest.get("started")), job)
+
+
+def status(path: Path, manifest: dict) -> str:
+    recorded = manifest.get("status") or "unknown"
+    if recorded in ("starting", "running"):
+        # A run records how it ended, except when it is killed outright: then only run.lock tells.
+        return "running" if rundir.owner_running(path) else "killed"
+    return recorded
+
+
+def progress(metrics_file: Path) -> tuple[int | None, str]:
+    """Optimizer steps so far and the best evaluation: highest accuracy for classifiers, else lowest eval loss."""
+    if not metrics_file.is_file():
+        return None, ""
+    records = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # the line being written while we read
+            continue
+    steps = max((r.get("step", 0) for r in records), default=None)
+    for metric, better in (("eval_accuracy", max), ("eval_loss", min)):
+        evaluations = [r for r in records if isinstance(r.get(metric), (int, float))]
+        if evaluations:
+            best = better(evaluations, key=lambda r: r[metric])
+            return steps, f"{metric} {best[metric]:.4g} @ {best.get('step')}"
+    return steps, ""
+
+
+def _time(text: str | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+
+
+def age(started: datetime | None, now: datetime) -> str:
+    if started is None:
+        return "?"
+    seconds = max(0, (now - started).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def format_runs(runs: list[RunInfo], now: datetime) -> str:
+    """Aligned plain columns (grep- and awk-friendly, also in a Slurm log)."""
+    header = ("RUN", "STATUS", "STEPS", "BEST", "AGE", "SLURM_JOB")
+    rows = [header] + [(run.name, run.status, "-" if run.steps is None else str(run.steps), run.best or "-",
+                        age(run.started, now), run.slurm_job or "-") for run in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

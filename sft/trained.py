@@ -1,0 +1,100 @@
+"""A finished run's model and tokenizer, loaded back from its run directory for `sft predict` and `sft export`:
+the run's own resolved config.yaml, the tokenizer (and chat template) saved in final/, and LoRA adapters put on
+the base model without merging."""
+from dataclasses import dataclass
+from pathlib import Path
+
+from sft import manifest as manifests
+from sft.config import Config
+from sft.errors import UserError
+
+
+@dataclass
+class TrainedRun:
+    path: Path
+    config: Config  # as the run resolved it (config.yaml), not as the YAML on disk reads today
+    data_format: str
+    label_names: list[str] | None
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final"
+
+
+def open_trained_run(run_dir: str | Path) -> TrainedRun:
+    """A run directory whose training finished, or UserError saying why it cannot be used yet."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such run directory; pass a folder under output.dir (list them with `sft runs`)")
+    try:
+        manifest = manifests.read_manifest(path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path / manifests.MANIFEST}: unreadable ({error}); is this an sft run directory?") from None
+    if manifest is None:
+        raise UserError(f"{path}: not an sft run directory (no {manifests.MANIFEST}); pass a folder under output.dir")
+    status = manifest.get("status")
+    if status != "finished":
+        raise UserError(f"{path}: the run is {status}, not finished, so it has no final model yet; let it finish "
+                        f"(or resume it), then retry")
+    if not (path / "final").is_dir():
+        raise UserError(f"{path}: final/ is missing (moved or deleted?); put the trained model back in final/")
+    data = manifest.get("data") or {}
+    return TrainedRun(path, run_config(path), data.get("format"), data.get("label_names"))
+
+
+def run_config(run_dir: Path) -> Config:
+    """The config the run resolved and recorded in config.yaml."""
+    import yaml
+
+    try:
+        return Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except (OSError, ValueError) as error:  # pydantic's ValidationError is a ValueError
+        raise UserError(f"{run_dir / 'config.yaml'}: cannot read the run's config ({str(error).splitlines()[0]}); "
+                        f"it was written by sft train and should not be edited") from None
+
+
+def load_tokenizer(run: TrainedRun):
+    """The tokenizer the run trained with, chat template included (saved beside the model in final/)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run.final)
+    if tokenizer.pad_token is None:  # as sft.model.load_tokenizer set it for training
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(run: TrainedRun, dtype="auto", attention: str = "sdpa"):
+    """The trained model in eval mode: final/ itself after full fine-tuning; after LoRA the base model with the
+    adapter (and classifier head) from final/ on top, unmerged (peft PeftModel)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from sft.model import resolve_model_path
+
+    config = run.config
+    classification = config.task == "classification"
+    auto_class = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
+    options = {"dtype": dtype, "attn_implementation": attention}
+    if classification:  # label names travel in the model config, so exported models and pipelines show them
+        options |= {"num_labels": len(run.label_names), "id2label": dict(enumerate(run.label_names)),
+                    "label2id": {name: i for i, name in enumerate(run.label_names)}}
+    if config.method.name != "lora":
+        return auto_class.from_pretrained(run.final, **options).eval()
+
+    from peft import PeftModel
+
+    from transformers.utils import logging as transformers_logging
+
+    base_path = resolve_model_path(config.model.name)
+    # The base lacks the trained classifier head (the adapter brings it): its load report would only alarm.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        base = auto_class.from_pretrained(base_path, revision=config.model.revision,
+                                          trust_remote_code=config.model.trust_remote_code, **options)
+    except OSError as error:
+        raise UserError(f"model.name: the LoRA adapter in {run.final} needs its base model {base_path}, which cannot "
+                        f"be loaded ({str(error).splitlines()[0]}); make it available offline as for training"
+                        ) from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    return PeftModel.from_pretrained(base, run.final).eval()
