@@ -10,7 +10,7 @@ from conftest import CHAT_ROWS, tiny_lm_config, write_jsonl
 from sft.config import load_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-LABELS = ["negative", "neutral", "positive"]  # "neutral" is declared but absent from the data
+LABELS = ["negative", "neutral", "positive"]  # "neutral" is trained on but absent from the eval set
 REVIEWS = [{"text": f"{word} {thing}", "label": label} for thing in ("fox", "dog", "model", "answer", "job", "slurm")
            for word, label in (("quick", "positive"), ("lazy", "negative"), ("capital", "positive"))]
 
@@ -21,11 +21,12 @@ def records(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def classification_run(tiny_causal_lm, tmp_path_factory) -> Path:
-    """The tiny Llama with a new 3-class head (one class never occurs), 2 epochs, evaluated each epoch."""
+    """The tiny Llama with a new 3-class head (one class only in the training set), 2 epochs, evaluated each epoch."""
     from sft.training import run_training
 
     folder = tmp_path_factory.mktemp("classification")
-    train = write_jsonl(folder / "train.jsonl", REVIEWS[:12])
+    train = write_jsonl(folder / "train.jsonl", REVIEWS[:12] + [{"text": f"plain {thing}", "label": "neutral"}
+                                                                for thing in ("fox", "dog")])
     evaluation = write_jsonl(folder / "eval.jsonl", REVIEWS[12:])
     config = tiny_lm_config(tiny_causal_lm, train, folder / "runs", epochs=2, eval_strategy="epoch")
     config["task"] = "classification"
@@ -143,7 +144,7 @@ def test_report_md_summarises_the_run(classification_run):
     for image in ("plots/loss.png", "plots/learning_rate.png", "plots/confusion_matrix.png"):
         assert f"]({image})" in text and (classification_run / image).is_file()
     assert "| model | " in text and "| method | full |" in text and "| attention | sdpa |" in text
-    assert "| classes | negative, neutral, positive |" in text and "| training examples | 12 |" in text
+    assert "| classes | negative, neutral, positive |" in text and "| training examples | 14 |" in text
     assert f"| torch | {manifest['versions']['torch']} |" in text and "| wall time | " in text
 
 
