@@ -199,7 +199,12 @@ class TrainingConfig(Section):
                                                    "match bit for bit; costs speed (docs/slurm.md). CPU runs are "
                                                    "deterministic without it.")
     early_stopping: EarlyStopping | None = Field(None, description="Stop when the eval metric has not improved for "
-                                                                   "`patience` evaluations (e.g. {patience: 3}).")
+                                                                   "`patience` evaluations: {patience: 3, metric: "
+                                                                   "eval_loss, threshold: 0.0} (the defaults). "
+                                                                   "metric: eval_loss (lower is better), or "
+                                                                   "eval_accuracy, eval_macro_f1, eval_weighted_f1 "
+                                                                   "(classification), eval_token_accuracy (causal_lm); "
+                                                                   "threshold: the smallest change that counts.")
     load_best_model_at_end: bool = Field(False, description="Keep the best checkpoint (by early_stopping.metric, "
                                                             "else eval_loss) and save it as final/; needs "
                                                             "save_strategy equal to eval_strategy.")
