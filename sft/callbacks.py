@@ -159,3 +159,58 @@ class NonFiniteLossCallback(TrainerCallback):
     def _log_before_saving(control) -> None:
         if control.should_save:
             control.should_log = True
+
+
+class EvalMetricsCallback(TrainerCallback):
+    """eval_metrics.json after each evaluation (rank 0 writes; every rank computed the same metrics)."""
+
+    def __init__(self, run_dir: Path, compute_metrics):
+        self.run_dir = run_dir
+        self.compute_metrics = compute_metrics
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        from sft.metrics import eval_record, write_eval_metrics
+
+        if state.is_world_process_zero and metrics:
+            write_eval_metrics(self.run_dir, eval_record(state.global_step, state.epoch or 0, metrics,
+                                                         self.compute_metrics))
+
+
+def tensorboard_callback(run_dir: Path, resume_step: int | None):
+    """Trainer's TensorBoard logging into RUN_DIR/tensorboard (`tensorboard --logdir runs/` shows every run).
+    A resumed run logs the steps after its checkpoint again: purge_step hides the earlier session's copies."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    folder = str(run_dir / "tensorboard")
+    callback = TensorBoardCallback(SummaryWriter(log_dir=folder, purge_step=resume_step + 1 if resume_step else None))
+    callback.logging_dir = folder  # where it reopens a writer for an evaluation after training, not checkpoints/
+    return callback
+
+
+class OverfittingWarningCallback(TrainerCallback):
+    """A log warning when eval loss has risen for `evaluations` evaluations in a row while training loss fell. Reads
+    the run's earlier metrics on start, so a resumed run keeps counting."""
+
+    def __init__(self, run_dir: Path, evaluations: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.evaluations = evaluations
+        self.records: list[dict] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.path.is_file():  # already cut back to the checkpoint a resumed run starts from
+            self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from sft.metrics import overfitting_streak
+
+        if not state.is_world_process_zero or not logs:
+            return
+        self.records.append(logs)
+        if "eval_loss" not in logs:
+            return
+        streak = overfitting_streak(self.records)
+        if streak >= self.evaluations:
+            log.warning("eval loss has risen for %d evaluations in a row while training loss fell: the model may be "
+                        "overfitting (consider fewer epochs, training.early_stopping or "
+                        "training.load_best_model_at_end)", streak)

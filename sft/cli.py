@@ -9,6 +9,7 @@
     sft runs [OUTPUT_DIR]                  one line per run: status, steps, best metric, age, Slurm job
     sft clean RUN_DIR [--dry-run]          remove a finished run's checkpoints and data cache
     sft fetch MODEL [--revision R]         download a hub model and its tokenizer into the cache (login node)
+    sft report RUN_DIR                     plots and report.md of a run (also written when training finishes)
 """
 import argparse
 import os
@@ -16,7 +17,7 @@ import sys
 
 from sft.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = ("train", "check", "prepare", "info", "fetch", "predict", "export", "runs", "clean")
+COMMANDS = ("train", "check", "prepare", "info", "fetch", "predict", "export", "runs", "clean", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--revision", help="branch, tag or commit to pin (as model.revision)")
     fetch.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_tool_commands(commands)
+    report = commands.add_parser("report", help="write plots and report.md of a run directory",
+                                 description="Write RUN_DIR/plots/*.png and RUN_DIR/report.md from the run's "
+                                             "manifest, metrics and evaluation (finished, running or stopped).")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/demo-2024-05-01")
+    report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -114,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_terminal(args.debug)
     try:
         return {"train": _train, "check": _check, "prepare": _prepare, "info": _info, "fetch": _fetch,
-                "predict": _predict, "export": _export, "runs": _runs, "clean": _clean}[args.command](args)
+                "predict": _predict, "export": _export, "runs": _runs, "clean": _clean,
+                "report": _report}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
@@ -236,3 +243,10 @@ def _size(count: int) -> str:
         if count >= size:
             return f"{count / size:.1f} {unit}"
     return f"{count} B"
+
+
+def _report(args) -> int:
+    from sft.run_report import write_report
+
+    print(f"sft: wrote {write_report(args.run_dir)}")
+    return 0

@@ -160,6 +160,19 @@ class MethodConfig(Section):
     merge: bool = Field(False, description="lora: also save the adapter merged into the base weights in final/merged/.")
 
 
+EVAL_METRICS = {"classification": ("loss", "accuracy", "macro_f1", "weighted_f1"),
+                "causal_lm": ("loss", "token_accuracy")}
+
+
+class EarlyStopping(Section):
+    patience: int = Field(3, ge=1, description="Evaluations in a row without improvement before training stops.")
+    metric: str = Field("eval_loss", description="Eval metric to watch: eval_loss (lower is better); classification "
+                                                 "eval_accuracy, eval_macro_f1, eval_weighted_f1, causal_lm "
+                                                 "eval_token_accuracy (higher is better). Also picks the best "
+                                                 "checkpoint for load_best_model_at_end.")
+    threshold: float = Field(0.0, ge=0, description="Smallest change of the metric that counts as an improvement.")
+
+
 class TrainingConfig(Section):
     """The Trainer recipe: steps, batches, optimizer, evaluation, checkpoints, processes."""
     epochs: float = Field(3, gt=0, description="Passes over the training data; fractions allowed.")
@@ -188,6 +201,18 @@ class TrainingConfig(Section):
                                                    "cuDNN deterministic, fixed cuBLAS workspace) so reruns and resumes "
                                                    "match bit for bit; costs speed (docs/slurm.md). CPU runs are "
                                                    "deterministic without it.")
+    early_stopping: EarlyStopping | None = Field(None, description="Stop when the eval metric has not improved for "
+                                                                   "`patience` evaluations: {patience: 3, metric: "
+                                                                   "eval_loss, threshold: 0.0} (the defaults). "
+                                                                   "metric: eval_loss (lower is better), or "
+                                                                   "eval_accuracy, eval_macro_f1, eval_weighted_f1 "
+                                                                   "(classification), eval_token_accuracy (causal_lm); "
+                                                                   "threshold: the smallest change that counts.")
+    load_best_model_at_end: bool = Field(False, description="Keep the best checkpoint (by early_stopping.metric, "
+                                                            "else eval_loss) and save it as final/; needs "
+                                                            "save_strategy equal to eval_strategy.")
+    overfitting_warning: int = Field(2, ge=1, description="Warn in the log when eval loss has risen this many "
+                                                          "evaluations in a row while training loss fell.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
                                                            "memory for about one more forward pass of compute.")
     ddp_backend: Literal["nccl", "gloo"] | None = Field(None, description="Defaults to nccl on GPUs, gloo on CPU.")
@@ -210,6 +235,9 @@ class OutputConfig(Section):
     dir: str = Field("runs", description="Parent of run directories; bind it read-write in the container.")
     name: str = Field("{config}-{date}", description="Run directory name; {config}, {date} and {time} are filled "
                                                     "once and recorded, so a requeued job finds the same directory.")
+    samples: int = Field(3, ge=0, description="causal_lm: this many eval prompts are answered greedily before and "
+                                              "after training and shown in report.md; 0 when eval data must not "
+                                              "appear in a report.")
 
 
 class Config(Section):
@@ -235,10 +263,33 @@ class Config(Section):
             # 0.14 or NaN, and padded classification batches gain nothing from it.
             raise ValueError("model.attn_implementation: flex_attention is for packed causal_lm batches; "
                              "use sdpa for classification")
+        self._check_best_model_settings()
         if budget is not None and budget < self.data.max_length:
             raise ValueError(f"training.max_tokens_per_batch: {budget} is below data.max_length "
                              f"{self.data.max_length}; a long example would not fit in any batch")
         return self
+
+    def _check_best_model_settings(self) -> None:
+        t = self.training
+        if t.early_stopping is None and not t.load_best_model_at_end:
+            return
+        what = "training.early_stopping" if t.early_stopping else "training.load_best_model_at_end"
+        if t.eval_strategy == "no" or (self.data.eval is None and self.data.eval_fraction == 0):
+            raise ValueError(f"{what}: needs evaluations; set data.eval or data.eval_fraction, and "
+                             f"training.eval_strategy")
+        if t.early_stopping:
+            allowed = EVAL_METRICS[self.task]
+            if t.early_stopping.metric.removeprefix("eval_") not in allowed:
+                raise ValueError(f"training.early_stopping.metric: {t.early_stopping.metric} is not an eval metric of "
+                                 f"{self.task}; use one of {', '.join('eval_' + name for name in allowed)}")
+        if t.load_best_model_at_end:
+            # Trainer can only go back to a checkpoint saved where it evaluated.
+            if t.save_strategy != t.eval_strategy:
+                raise ValueError(f"training.load_best_model_at_end: save_strategy ({t.save_strategy}) must equal "
+                                 f"eval_strategy ({t.eval_strategy})")
+            if t.save_strategy == "steps" and t.save_steps and t.eval_steps and t.save_steps % t.eval_steps:
+                raise ValueError(f"training.load_best_model_at_end: save_steps ({t.save_steps}) must be a multiple "
+                                 f"of eval_steps ({t.eval_steps})")
 
 
 VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")

@@ -10,6 +10,7 @@ from sft.secrets import MaskingFilter
 LOGGERS = ("sft", "transformers", "peft", "accelerate")  # transformers/peft warnings belong in the run's record too
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_terminal = None  # set by setup_terminal
 
 
 class PlainFormatter(logging.Formatter):
@@ -22,7 +23,9 @@ class PlainFormatter(logging.Formatter):
 def setup_terminal(debug: bool = False) -> None:
     from rich.logging import RichHandler
 
-    handler = RichHandler(show_path=False, rich_tracebacks=debug, console=_stderr_console())
+    global _terminal
+    _terminal = _stderr_console()
+    handler = RichHandler(show_path=False, rich_tracebacks=debug, console=_terminal)
     handler.addFilter(MaskingFilter())
     logger = logging.getLogger("sft")
     logger.handlers[:] = [handler]
@@ -45,6 +48,11 @@ def add_run_log(run_dir: Path, resumed: bool) -> Path:
 
         transformers_logging.disable_progress_bar()
     return path
+
+
+def terminal_console():
+    """The console the log lines go to: a progress bar must share it, or the two overwrite each other."""
+    return _terminal or _stderr_console()
 
 
 def _stderr_console():

@@ -1,6 +1,7 @@
 """Model stage: resolve where the weights live, load tokenizer and model, wrap in LoRA when asked."""
 import importlib
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from sft.config import Config
@@ -107,12 +108,18 @@ def _wrap_lora(model, config: Config):
 def _from_pretrained(auto_class, path: str, config: Config, **options):
     """Load from a folder or the hub, turning 'not found / offline' into one actionable line."""
     kwargs = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code}
-    if "Tokenizer" not in auto_class.__name__:
-        kwargs["dtype"] = weights_dtype(config)
+    is_model = "Tokenizer" not in auto_class.__name__
+    if is_model:
+        kwargs |= {"dtype": weights_dtype(config), "output_loading_info": True}
         # Safetensors only: transformers would otherwise fall back to pytorch_model.bin, a pickle.
         kwargs["use_safetensors"] = None if config.model.allow_pickle else True
     try:
-        return auto_class.from_pretrained(path, **kwargs, **options)
+        if not is_model:
+            return auto_class.from_pretrained(path, **kwargs, **options)
+        with _without_load_report():
+            model, loading_info = auto_class.from_pretrained(path, **kwargs, **options)
+        _log_loading(model, loading_info)
+        return model
     except ImportError as error:  # e.g. flash_attention_2 without the flash-attn package, or on CPU
         raise UserError(f"model.attn_implementation: {config.model.attn_implementation}: "
                         f"{str(error).splitlines()[0]} Use sdpa or flex_attention instead.") from None
@@ -141,3 +148,39 @@ def _pickle_weights_only(path: str, error: OSError) -> bool:
         return not any(folder.glob("*.safetensors*")) and any(
             folder.glob(pattern) for pattern in ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt"))
     return "cannot be loaded with `safetensors`" in str(error)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def _without_load_report():
+    """transformers logs a many-line table of missing/unused weights; _log_loading says the same in a line or two."""
+    logger, drop = logging.getLogger("transformers.modeling_utils"), _DropLoadReport()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _log_loading(model, loading_info: dict) -> None:
+    """A new task head (weights outside the base model) is expected; missing base weights are not."""
+    prefix = f"{model.base_model_prefix}."
+    missing = sorted(loading_info["missing_keys"])
+    head = [key for key in missing if not key.startswith(prefix)]
+    base = [key for key in missing if key.startswith(prefix)]
+    if head:
+        log.info("new classifier head initialised (%s), trained from scratch", ", ".join(head))
+    if base:
+        log.warning("%d weights of the base model are not in the checkpoint and were initialised randomly: %s",
+                    len(base), _some(base))
+    if loading_info["unexpected_keys"]:
+        log.info("%d checkpoint weights are not used by this model (e.g. a pretraining head): %s",
+                 len(loading_info["unexpected_keys"]), _some(sorted(loading_info["unexpected_keys"])))
+
+
+def _some(keys: list[str], shown: int = 4) -> str:
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")

@@ -1,4 +1,5 @@
-"""Terminal reports: the end-of-run summary, `sft check` / `sft prepare` and `sft info`."""
+"""Terminal reports: the settings table as training starts, the end-of-run summary, `sft check` / `sft prepare`
+and `sft info` (report.md and plots: sft.run_report)."""
 from rich.console import Console
 from rich.table import Table
 
@@ -13,6 +14,36 @@ def print_summary(result) -> None:
         table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
     table.add_row("run directory", str(result.run_dir))
     console.print(table)
+
+
+def print_run_start(config: Config, prepared, run_dir, precision: str, processes: int) -> None:
+    """The settings a user checks first in a job's output, printed once as training starts."""
+    from sft.logs import terminal_console
+
+    table = Table(title="sft train", show_header=False)
+    for name, value in run_start_rows(config, prepared, run_dir, precision, processes):
+        table.add_row(name, value)
+    terminal_console().print(table)
+
+
+def run_start_rows(config: Config, prepared, run_dir, precision: str, processes: int) -> list[tuple[str, str]]:
+    t, method = config.training, config.method
+    budget = (f"{t.max_tokens_per_batch} tokens" if t.max_tokens_per_batch else f"{t.batch_size} examples")
+    eval_rows = f"{len(prepared.eval)} eval" if prepared.eval is not None else "no eval"
+    data_unit = "token-budget batches" if t.max_tokens_per_batch else "examples"
+    return [("model", config.model.name),
+            ("task / method", f"{config.task} / " + (f"LoRA r={method.lora.r} alpha={method.lora.alpha}"
+                                                     if method.name == "lora" else "full fine-tuning")),
+            ("data", f"{prepared.data_format}: {len(prepared.train)} training {data_unit}, {eval_rows}"),
+            ("batch", f"{budget} per process x {_count(processes, 'process', 'processes')} x "
+                      f"{_count(t.gradient_accumulation_steps, 'accumulation step', 'accumulation steps')}"),
+            ("length", f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"),
+            ("precision", precision), ("attention", config.model.attn_implementation),
+            ("run directory", str(run_dir))]
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
 
 
 def print_check(config: Config, loaded, checked: list[tuple[str, str]] = ()) -> None:

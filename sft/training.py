@@ -2,8 +2,6 @@
 checkpoint, and leave a finished run directory (config, manifest, log, metrics, final model)."""
 import json
 import logging
-import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,7 +119,10 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
 
 def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, manifest: dict, preemption,
            resume: str) -> RunResult:
-    from sft import data, manifest as manifests, model as models
+    from sft import data, manifest as manifests, model as models, samples
+    from sft.callbacks import tensorboard_callback
+    from sft.progress import terminal_progress
+    from sft.report import print_run_start
 
     is_main = state.is_main_process
     # Load data (tokenized once into the cache; under torchrun the other processes memory-map the result)
@@ -136,14 +137,27 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
              "token-budget batches" if config.training.max_tokens_per_batch else "examples", len(prepared.eval or []))
     for name, value in data.summary_rows(prepared.summary, prepared.files):
         log.info("data: %s: %s", name, value)
+    if is_main:
+        print_run_start(config, prepared, run.path, str(models.training_dtype(config)).removeprefix("torch."),
+                        state.num_processes)
 
     # Load model and train
     _check_fsdp_settings(config, state.num_processes)
     model = models.load_model(config, prepared.label_names)
     trainer = build_trainer(config, run, model, tokenizer, prepared, preemption)
+    if is_main:
+        trainer.add_callback(tensorboard_callback(run.path, resume_from and rundir.checkpoint_step(resume_from)))
+        progress = terminal_progress()
+        if progress:
+            trainer.add_callback(progress)
     if config.training.fsdp and not trainer.is_fsdp_enabled:
         raise UserError("training.fsdp: accelerate runs FSDP only on GPUs, and this run has none (it would train "
                         "with plain DDP instead); drop training.fsdp for CPU runs")
+    # Samples on rank 0 only, never under FSDP: after training no single process holds the whole model.
+    prompts = samples.prompts_of(prepared.eval, config.output.samples) \
+        if is_main and config.task == "causal_lm" and not config.training.fsdp else []
+    if prompts:
+        samples.record(run.path, trainer.model, tokenizer, prompts, "before")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if state.num_processes > 1:
         log.info("rank 0 holds %.1f%% of the model's parameter values (%s)", 100 * held_fraction(trainer.model),
@@ -160,13 +174,39 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
         state.wait_for_everyone()
         raise Preempted(resume if is_main else None)
 
+    if config.training.early_stopping and trainer.state.global_step < trainer.state.max_steps:
+        log.info("stopped early at step %d: %s did not improve for %d evaluations (training.early_stopping)",
+                 trainer.state.global_step, trainer.args.metric_for_best_model, config.training.early_stopping.patience)
+    if config.training.load_best_model_at_end and trainer.state.best_model_checkpoint:
+        # The final model is the best checkpoint: evaluate it, so the final metrics and eval_metrics.json describe it.
+        log.info("final model: the best checkpoint, %s", Path(trainer.state.best_model_checkpoint).name)
+        trainer.evaluate()
+
     # Save the final model: every rank takes part (gathering sharded weights is a collective), rank 0 writes.
     metrics = final_metrics(trainer.state.log_history)
+    if trainer.state.best_model_checkpoint:
+        metrics["best_checkpoint"] = Path(trainer.state.best_model_checkpoint).name
     save_final(trainer, config, run.path)
     if is_main:
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
+        write_report_of(run.path, (lambda: samples.record(run.path, trainer.model, tokenizer, prompts, "after"))
+                        if prompts else None)
     # No barrier here: the other ranks are done, and waiting for rank 0's writes would count against ddp_timeout.
     return RunResult(run.path, metrics, is_main)
+
+
+def write_report_of(run_dir: Path, samples_after=None) -> None:
+    """Samples after training, then report.md and plots. The model is saved and the run marked finished by now: a
+    failure here must not fail the run."""
+    from sft.run_report import write_report
+
+    try:
+        if samples_after:
+            samples_after()
+        log.info("report: %s", write_report(run_dir))
+    except Exception as error:  # noqa: BLE001 - any plotting or rendering problem
+        log.warning("report.md not written (%s: %s); retry with `sft report %s`", type(error).__name__, error,
+                    run_dir)
 
 
 def _check_fsdp_settings(config: Config, num_processes: int) -> None:
@@ -239,9 +279,11 @@ def _drop_metrics_after(run_dir: Path, step: int) -> None:
 
 def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared, preemption):
     import torch
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
 
-    from sft.callbacks import CompleteCheckpointCallback, MetricsFileCallback, NonFiniteLossCallback
+    from sft.callbacks import (CompleteCheckpointCallback, EvalMetricsCallback, MetricsFileCallback,
+                               NonFiniteLossCallback, OverfittingWarningCallback)
+    from sft.metrics import ClassificationMetrics, CausalLMMetrics, predicted_token_ids
     from sft.model import training_dtype
 
     t = config.training
@@ -249,6 +291,13 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
     by_tokens = bool(t.max_tokens_per_batch) and config.task == "causal_lm"
     dtype = training_dtype(config)
     on_gpu = torch.cuda.is_available()
+    stopping = t.early_stopping
+    # Trainer tracks the best checkpoint (kept by the rotation) whenever it has a metric for it.
+    best_metric = (stopping.metric if stopping else "eval_loss") if stopping or t.load_best_model_at_end else None
+    compute_metrics = None
+    if has_eval:
+        compute_metrics = ClassificationMetrics(prepared.label_names) if config.task == "classification" \
+            else CausalLMMetrics()
     args = TrainingArguments(
         output_dir=str(run.checkpoints),
         num_train_epochs=t.epochs,
@@ -267,6 +316,8 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
         save_total_limit=None,  # CompleteCheckpointCallback rotates, after the new checkpoint is complete
+        load_best_model_at_end=t.load_best_model_at_end,
+        metric_for_best_model=best_metric,
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a non-finite loss must reach the log: NonFiniteLossCallback stops on it
@@ -283,7 +334,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         fsdp=t.fsdp,
         report_to="none",
         remove_unused_columns=False,
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=True,  # sft.progress draws the bar on a terminal
         use_cpu=not on_gpu,
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
@@ -295,11 +346,14 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
         data_collator=make_collator(config, tokenizer),
-        compute_metrics=classification_metrics if config.task == "classification" else None,
-        callbacks=[MetricsFileCallback(run.path), CompleteCheckpointCallback(t.save_total_limit), preemption,
-                   NonFiniteLossCallback()],
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=predicted_token_ids if config.task == "causal_lm" else None,
+        callbacks=[MetricsFileCallback(run.path), EvalMetricsCallback(run.path, compute_metrics),
+                   OverfittingWarningCallback(run.path, t.overfitting_warning),
+                   CompleteCheckpointCallback(t.save_total_limit), preemption, NonFiniteLossCallback()]
+                  + ([EarlyStoppingCallback(stopping.patience, stopping.threshold)] if stopping else []),
     )
-    # Without a progress bar Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
+    # Without tqdm Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
     trainer.remove_callback(PrinterCallback)
     if config.task == "classification":
         # Sequence-classification forwards take **kwargs, so Trainer assumes their loss divides by the token count
@@ -324,22 +378,10 @@ def make_collator(config: Config, tokenizer):
     return flatten
 
 
-def classification_metrics(prediction) -> dict:
-    """Accuracy and macro/weighted F1 over every declared class (the logits' width), so a class that the eval set
-    lacks but the model predicts still counts, as in scikit-learn with `labels=` given."""
-    import numpy as np
-    from sklearn.metrics import accuracy_score, f1_score
-
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    predicted, labels = np.argmax(logits, axis=-1), prediction.label_ids
-    classes = list(range(logits.shape[-1]))
-    return {"accuracy": float(accuracy_score(labels, predicted)),
-            "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
-            "weighted_f1": float(f1_score(labels, predicted, labels=classes, average="weighted", zero_division=0))}
-
-
 def final_metrics(log_history: list[dict]) -> dict:
     """Last training loss and last evaluation, as the run's headline numbers."""
+    from sft.metrics import perplexity
+
     metrics = {}
     train_losses = [entry for entry in log_history if "loss" in entry]
     if train_losses:
@@ -349,7 +391,7 @@ def final_metrics(log_history: list[dict]) -> dict:
         metrics.update({k: v for k, v in evaluations[-1].items() if k.startswith("eval_") and "runtime" not in k
                         and "per_second" not in k})
         if "eval_accuracy" not in metrics:
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+            metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
     summary = [entry for entry in log_history if "train_runtime" in entry]
     if summary:
         metrics["train_runtime_s"] = summary[-1]["train_runtime"]

@@ -86,3 +86,37 @@ def test_float16_without_a_gpu_is_a_user_error(tiny_causal_lm):
     config.model.dtype = "float16"
     with pytest.raises(UserError, match="model.dtype: float16 needs a CUDA GPU"):
         load_model(config)
+
+
+def test_a_new_classifier_head_is_one_line_instead_of_the_load_report(tiny_causal_lm):
+    """transformers alone logs a LOAD REPORT table for the new head; sft says it in one line of its own."""
+    import logging
+
+    from transformers import AutoModelForSequenceClassification
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    collect = Collect()
+    loggers = [logging.getLogger("transformers"), logging.getLogger("sft")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(collect)
+        logger.setLevel(logging.INFO)
+    try:
+        AutoModelForSequenceClassification.from_pretrained(tiny_causal_lm, num_labels=3)
+        assert any("LOAD REPORT" in message for message in collect.messages)  # what we replace
+        collect.messages.clear()
+        load_model(make_config(str(tiny_causal_lm), method="full"), label_names=["a", "b", "c"])
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(collect)
+            logger.setLevel(level)
+    assert not any("LOAD REPORT" in message for message in collect.messages)
+    assert "new classifier head initialised (score.weight), trained from scratch" in collect.messages
+    assert not any("initialised randomly" in message for message in collect.messages)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, tiny_lm_config
+from test_report import tensorboard_scalars
 from sft.config import load_config
 from sft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 
@@ -246,6 +247,9 @@ def assert_identical_runs(run_dir: Path, reference_dir: Path) -> None:
     from safetensors.torch import load_file
 
     assert train_losses(run_dir) == train_losses(reference_dir)
+    # TensorBoard shows each step once: the interrupted session's steps after the checkpoint are purged.
+    assert [(step, pytest.approx(loss, rel=1e-6)) for step, loss in train_losses(run_dir)] == \
+        tensorboard_scalars(run_dir)["train/loss"]
     summaries = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "train_runtime" in line]
     assert len(summaries) == 1
     expected, actual = (load_file(d / "final" / "model.safetensors") for d in (reference_dir, run_dir))
@@ -566,25 +570,6 @@ def test_preempted_classifier_resumes_exactly(tmp_path, write_config):
     assert_identical_runs(run_dir, tmp_path / "runs" / "minilm")
 
 
-def test_classification_metrics_count_every_declared_class():
-    """The model predicts class 2, which the eval set lacks: macro-F1 must still average over all three classes."""
-    import numpy as np
-    from sklearn.metrics import f1_score
-    from transformers import EvalPrediction
-
-    from sft.training import classification_metrics
-
-    labels = np.array([0, 0, 1, 1, 1, 0])
-    predicted = np.array([0, 2, 1, 1, 0, 0])
-    logits = np.eye(3)[predicted]
-    metrics = classification_metrics(EvalPrediction(predictions=logits, label_ids=labels))
-    assert metrics["accuracy"] == 4 / 6
-    assert metrics["macro_f1"] == f1_score(labels, predicted, labels=[0, 1, 2], average="macro", zero_division=0)
-    # Averaging over the classes present in the eval set only (the old hand-computed F1) gives another number.
-    assert metrics["macro_f1"] != f1_score(labels, predicted, labels=[0, 1], average="macro", zero_division=0)
-    assert metrics["weighted_f1"] == f1_score(labels, predicted, labels=[0, 1, 2], average="weighted", zero_division=0)
-
-
 def test_fsdp_settings_that_cannot_work_are_refused(tiny_causal_lm, tiny_chat_data, tmp_path, write_config):
     from sft.errors import UserError
     from sft.training import _check_fsdp_settings
@@ -596,3 +581,60 @@ def test_fsdp_settings_that_cannot_work_are_refused(tiny_causal_lm, tiny_chat_da
     config["method"] = {"name": "lora", "merge": True}
     with pytest.raises(UserError, match="method.merge: under training.fsdp no process holds the whole"):
         _check_fsdp_settings(load_config(write_config(config)), num_processes=2)
+
+
+def test_early_stopping_stops_and_the_best_checkpoint_becomes_the_final_model(tiny_causal_lm, tmp_path,
+                                                                               write_config):
+    """A threshold no evaluation can beat stops training after patience + 1 evaluations; the final model is the
+    best checkpoint (the first: answer-token accuracy does not improve on it here), which the rotation kept despite
+    save_total_limit 1, and the final metrics are its own."""
+    from safetensors.torch import load_file
+
+    from conftest import CHAT_ROWS, write_jsonl
+    from sft.training import run_training
+
+    train, evaluation = (write_jsonl(tmp_path / f"{name}.jsonl", rows)
+                         for name, rows in (("train", CHAT_ROWS[:16]), ("eval", CHAT_ROWS[16:])))
+    config = tiny_lm_config(tiny_causal_lm, train, tmp_path / "runs", epochs=6, eval_strategy="epoch",
+                            save_strategy="epoch", save_total_limit=1, learning_rate=3e-3,
+                            early_stopping={"patience": 1, "threshold": 100.0, "metric": "eval_token_accuracy"},
+                            load_best_model_at_end=True)
+    config["data"]["eval"] = str(evaluation)
+    result = run_training(load_config(write_config(config)))
+
+    assert result.metrics["steps"] == 8  # 2 of 6 epochs, 4 steps each
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in logged if "eval_loss" in r]
+    first, second = evaluations[:2]
+    assert second["eval_token_accuracy"] <= first["eval_token_accuracy"]
+    assert result.metrics["best_checkpoint"] == "checkpoint-4"
+    checkpoints = result.run_dir / "checkpoints"
+    final, best, last = (load_file(folder / "model.safetensors") for folder in
+                         (result.run_dir / "final", checkpoints / "checkpoint-4", checkpoints / "checkpoint-8"))
+    assert final.keys() == best.keys() and all((final[k] == best[k]).all() for k in final)
+    assert not all((final[k] == last[k]).all() for k in final)
+    # The last evaluation is of the final model: it repeats the best checkpoint's numbers.
+    assert len(evaluations) == 3 and evaluations[-1]["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
+    assert result.metrics["eval_loss"] == evaluations[-1]["eval_loss"]
+
+
+@pytest.mark.parametrize("training,message", [
+    ({"early_stopping": {"metric": "eval_macro_f1"}},
+     "training.early_stopping.metric: eval_macro_f1 is not an eval metric of causal_lm; use one of eval_loss, "
+     "eval_token_accuracy"),
+    ({"early_stopping": {"patience": 2}, "eval_strategy": "no"}, "training.early_stopping: needs evaluations"),
+    ({"load_best_model_at_end": True, "eval_strategy": "epoch", "save_strategy": "no"},
+     "training.load_best_model_at_end: save_strategy (no) must equal eval_strategy (epoch)"),
+    ({"load_best_model_at_end": True, "eval_steps": 4, "save_steps": 6},
+     "training.load_best_model_at_end: save_steps (6) must be a multiple of eval_steps (4)"),
+])
+def test_best_model_settings_that_cannot_work_are_refused(tiny_causal_lm, tiny_chat_data, tmp_path, write_config,
+                                                          training, message):
+    from sft.errors import UserError
+
+    config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs",
+                            **{"eval_strategy": "epoch", **training})
+    config["data"]["eval_fraction"] = 0.25
+    with pytest.raises(UserError) as refused:
+        load_config(write_config(config))
+    assert message in str(refused.value)
