@@ -61,8 +61,7 @@ def _answer_labels_by_prefix(tokenizer, conversations: list[list[dict]]) -> list
     conversation up to its generation prompt and the rendering that includes the turn. Returns (input_ids, labels)."""
     def render(turn_lists: list[list[dict]], generation_prompt: bool = False) -> list[str]:
         filled = [turns for turns in turn_lists if turns]
-        rendered = iter(tokenizer.apply_chat_template(filled, tokenize=False, add_generation_prompt=generation_prompt)
-                        if filled else [])
+        rendered = iter(render_chats(tokenizer, filled, generation_prompt) if filled else [])
         return [next(rendered) if turns else "" for turns in turn_lists]
 
     texts = render(conversations)
@@ -89,6 +88,20 @@ def _answer_labels_by_prefix(tokenizer, conversations: list[list[dict]]) -> list
             labels[first:end] = input_ids[first:end]
         results.append((input_ids, labels))
     return results
+
+
+def render_chats(tokenizer, conversations: list[list[dict]], generation_prompt: bool) -> list[str]:
+    """`tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=...)` for rows read from
+    Arrow. apply_chat_template first deep-copies every message to turn message objects into dicts and drop the fields
+    that are None; rows from Arrow are plain dicts already, so dropping the None fields is all that copy does here,
+    and it cost a fifth of the masking CPU (rendering runs about 2.4 times per conversation)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [[{key: value for key, value in message.items() if value is not None} for message in conversation]
+                for conversation in conversations]
+    rendered, _ = render_jinja_template(messages, chat_template=tokenizer.get_chat_template(),
+                                        add_generation_prompt=generation_prompt, **tokenizer.special_tokens_map)
+    return rendered
 
 
 def tokenize_classification(tokenizer, text: str, text_pair: str | None, label: int, max_length: int | None) -> dict:
