@@ -77,7 +77,9 @@ def _answer_labels_by_prefix(tokenizer, conversations: list[list[dict]]) -> list
             raise UserError("the tokenizer's chat template renders earlier turns differently once later turns exist; "
                             "add {% generation %} markers to the template (tokenizer.chat_template) to mark answers")
         spans[c].append((len(start), len(through)))
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    # Ids and offsets only: the attention mask nobody reads here measured ~5% of the masked tokenization.
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
+                        return_token_type_ids=False)
     results = []
     for input_ids, offsets, answer_spans in zip(encoded["input_ids"], encoded["offset_mapping"], spans):
         # A token belongs to an answer when its first character does. Offsets ascend, so bisect finds the range
