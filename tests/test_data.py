@@ -162,6 +162,18 @@ def test_chat_loss_covers_assistant_turns_and_their_end_tokens_only(tokenizer):
         assert label in (IGNORE_INDEX, token)
 
 
+def test_chat_masking_ignores_truncation_set_in_the_tokenizer_file(tmp_path):
+    """Masking reads the Rust tokenizer directly unless it truncates or pads (as a tokenizer.json may say), where
+    tokenizer(...) would switch that off: the ids stay those of apply_chat_template either way."""
+    tokenizer = build_tiny_tokenizer(tmp_path)
+    messages = [{"role": "user", "content": "add 2 and 3 " * 4}, {"role": "assistant", "content": "five"}]
+    plain = tokenize_messages(tokenizer, messages, max_length=None)
+    tokenizer.backend_tokenizer.enable_truncation(8)
+    truncating = tokenize_messages(tokenizer, messages, max_length=None)
+    assert truncating == plain and len(plain["input_ids"]) > 8
+    assert plain["input_ids"] == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+
+
 def test_chat_rendering_equals_apply_chat_template_on_rows_read_from_arrow(tmp_path):
     """render_chats skips apply_chat_template's message copy; a null field read from Arrow is None, and the template
     must see it as undefined, as apply_chat_template shows it."""

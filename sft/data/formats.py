@@ -77,11 +77,9 @@ def _answer_labels_by_prefix(tokenizer, conversations: list[list[dict]]) -> list
             raise UserError("the tokenizer's chat template renders earlier turns differently once later turns exist; "
                             "add {% generation %} markers to the template (tokenizer.chat_template) to mark answers")
         spans[c].append((len(start), len(through)))
-    # Ids and offsets only: the attention mask nobody reads here measured ~5% of the masked tokenization.
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False,
-                        return_token_type_ids=False)
     results = []
-    for input_ids, offsets, answer_spans in zip(encoded["input_ids"], encoded["offset_mapping"], spans):
+    for encoding, answer_spans in zip(_encode(tokenizer, texts), spans):
+        input_ids, offsets = encoding.ids, encoding.offsets
         # A token belongs to an answer when its first character does. Offsets ascend, so bisect finds the range
         # ((start,) sorts before every (start, end)), and the labels are copied by slices: no per-token Python.
         labels = [IGNORE_INDEX] * len(input_ids)
@@ -90,6 +88,17 @@ def _answer_labels_by_prefix(tokenizer, conversations: list[list[dict]]) -> list
             labels[first:end] = input_ids[first:end]
         results.append((input_ids, labels))
     return results
+
+
+def _encode(tokenizer, texts: list[str]) -> list:
+    """The Rust tokenizer's encodings of `texts` (no special tokens added). Straight from the Rust tokenizer when it is
+    set up as `tokenizer(texts)` would set it (no truncation, no padding): the Python wrapper turns every encoding into
+    lists of ids, attention mask and offsets, which measured ~15% of the masked tokenization's CPU."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is None and backend.padding is None \
+            and backend.encode_special_tokens == tokenizer.split_special_tokens:
+        return backend.encode_batch(texts, add_special_tokens=False)
+    return tokenizer(texts, add_special_tokens=False).encodings
 
 
 def render_chats(tokenizer, conversations: list[list[dict]], generation_prompt: bool) -> list[str]:
