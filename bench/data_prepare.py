@@ -127,8 +127,11 @@ def main() -> None:
             "sft_prepare_warm": [python, str(REPO / "entrypoint.py"), "prepare", str(config)]}
     results: dict = {"rows": args.rows, "jsonl_mb": round(data.stat().st_size / 1e6, 1)}
     for name, command in runs.items():
+        # The machine is shared: the 1-minute load average before each run says how far to trust its wall time.
+        load_before = round(os.getloadavg()[0], 1)
         seconds, cpu_seconds, tree_gb, largest_gb, output = measure(command)
-        results[name] = {"seconds": round(seconds, 1), "rows_per_s": round(args.rows / seconds),
+        results[name] = {"load_average_before": load_before, "seconds": round(seconds, 1),
+                         "rows_per_s": round(args.rows / seconds),
                          "cpu_seconds": round(cpu_seconds, 1),
                          "peak_rss_tree_gb": round(tree_gb, 2), "peak_rss_largest_process_gb": round(largest_gb, 2)}
         if name == "sft_prepare_cold":

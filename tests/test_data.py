@@ -9,6 +9,7 @@ from conftest import CHAT_TEMPLATE, build_tiny_tokenizer, write_jsonl
 from sft.config import Config
 from sft.data import (IGNORE_INDEX, group_by_tokens, load_rows, read_source, split_eval, tokenize_classification,
                       tokenize_instruction, tokenize_messages, tokenize_prompt_completion, tokenize_rows, tokenize_text)
+from sft.data.formats import render_chats
 from sft.errors import UserError
 
 ROWS = [{"text": f"review {i}", "label": "pos" if i % 3 else "neg"} for i in range(30)]
@@ -256,6 +257,38 @@ def test_chat_loss_covers_assistant_turns_and_their_end_tokens_only(tokenizer):
     assert example["input_ids"] == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     for token, label in zip(example["input_ids"], example["labels"]):
         assert label in (IGNORE_INDEX, token)
+
+
+def test_chat_masking_ignores_truncation_set_in_the_tokenizer_file(tmp_path):
+    """Masking reads the Rust tokenizer directly unless it truncates or pads (as a tokenizer.json may say), where
+    tokenizer(...) would switch that off: the ids stay those of apply_chat_template either way."""
+    tokenizer = build_tiny_tokenizer(tmp_path)
+    messages = [{"role": "user", "content": "add 2 and 3 " * 4}, {"role": "assistant", "content": "five"}]
+    plain = tokenize_messages(tokenizer, messages, max_length=None)
+    tokenizer.backend_tokenizer.enable_truncation(8)
+    truncating = tokenize_messages(tokenizer, messages, max_length=None)
+    assert truncating == plain and len(plain["input_ids"]) > 8
+    assert plain["input_ids"] == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_chat_rendering_equals_apply_chat_template_on_rows_read_from_arrow(tmp_path):
+    """render_chats skips apply_chat_template's message copy; a null field read from Arrow is None, and the template
+    must see it as undefined, as apply_chat_template shows it."""
+    template = CHAT_TEMPLATE.replace("{{ m['role'] }}", "{{ m['role'] }}{% if m.name is defined %} ({{ m.name }}){% endif %}")
+    tokenizer = build_tiny_tokenizer(tmp_path, chat_template=template)
+    turns = [("system", "be brief", None), ("user", "add 2 and 3", "ann"), ("assistant", "five", None),
+             ("user", "and 4 ?", None), ("assistant", "seven", None), ("user", "and 5 ?", "bo")]
+    messages = [{"role": role, "content": content, "name": name} for role, content, name in turns]
+    rows = [{"messages": messages[1:3]}, {"messages": messages}]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    config = make_config(str(tmp_path / "a.jsonl"), task="causal_lm", eval_fraction=0)
+    conversations = load_rows(config, tmp_path).train.dataset[:]["messages"]  # a batch, as the map gets it
+    assert conversations[0][1]["name"] is None
+    for generation_prompt in (False, True):
+        rendered = render_chats(tokenizer, conversations, generation_prompt)
+        assert rendered == tokenizer.apply_chat_template(conversations, tokenize=False,
+                                                         add_generation_prompt=generation_prompt)
+        assert "user (ann)" in rendered[0] and "None" not in "".join(rendered)
 
 
 def test_chat_templates_with_generation_markers_use_the_assistant_mask(tmp_path):

@@ -11,8 +11,8 @@ def summarize(tokenized, max_length: int, dropped: dict[str, int], label_names: 
     """Statistics over the tokenized training examples (before rows without answer tokens are removed)."""
     import numpy as np
 
-    table = tokenized.data
-    full = np.asarray(table.column(FULL_LENGTH).to_numpy(), dtype=np.int64)
+    table = tokenized.with_format("arrow")  # columns through the row selection, if the dataset has one
+    full = np.asarray(table[FULL_LENGTH].to_numpy(), dtype=np.int64)
     summary: dict[str, Any] = {
         "token_lengths": {**{f"p{p}": int(np.percentile(full, p)) for p in PERCENTILES}, "max": int(full.max())}
         if len(full) else {},
@@ -21,11 +21,11 @@ def summarize(tokenized, max_length: int, dropped: dict[str, int], label_names: 
         "dropped": {reason: count for reason, count in dropped.items() if count},
     }
     if label_names is None:
-        trainable = np.asarray(table.column(TRAINABLE).to_numpy(), dtype=np.int64)
+        trainable = np.asarray(table[TRAINABLE].to_numpy(), dtype=np.int64)
         kept = np.minimum(full, max_length).sum()
         summary["trainable_token_share"] = round(float(trainable.sum() / kept), 4) if kept else 0.0
     else:
-        counts = np.bincount(np.asarray(table.column("labels").to_numpy()), minlength=len(label_names))
+        counts = np.bincount(np.asarray(table["labels"].to_numpy()), minlength=len(label_names))
         summary["labels"] = {name: int(count) for name, count in zip(label_names, counts)}
     return summary
 

@@ -229,10 +229,16 @@ def duplicate_free(rows: Rows, columns: list[str]) -> tuple[Rows, int]:
 
 def split_eval(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
     """Deterministic held-out split: the same seed and data always give the same eval examples."""
+    train, held_out = eval_split_rows(len(rows), fraction, seed)
+    return rows.select(train), rows.select(held_out)
+
+
+def eval_split_rows(count: int, fraction: float, seed: int) -> tuple[Any, Any]:
+    """(train row numbers, eval row numbers), each sorted: the split_eval of `count` rows."""
     import numpy as np
 
-    order = np.random.default_rng(seed).permutation(len(rows))
-    n_eval = max(1, round(len(rows) * fraction))
-    if n_eval >= len(rows):
-        raise UserError(f"data.eval_fraction: {fraction} of {len(rows)} examples leaves none to train on")
-    return rows.select(np.sort(order[n_eval:])), rows.select(np.sort(order[:n_eval]))
+    order = np.random.default_rng(seed).permutation(count)
+    n_eval = max(1, round(count * fraction))
+    if n_eval >= count:
+        raise UserError(f"data.eval_fraction: {fraction} of {count} examples leaves none to train on")
+    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
