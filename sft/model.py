@@ -49,6 +49,67 @@ def weights_dtype(config: Config):
     return torch.float32 if config.method.name == "full" else compute_dtype
 
 
+# On CPU, flex_attention has no backward (torch 2.13), and eager beat sdpa on packed batches in `make bench`'s
+# model (bench/RESULTS.md): both build the same (sum of lengths)^2 block mask from position_ids.
+CPU_ATTENTION = "eager"
+# Tokens per causal_lm batch when training.max_tokens_per_batch is auto: ~8k filled an H100 (../shared/bench);
+# on CPU a smaller batch keeps the (sum of lengths)^2 attention of a packed batch in check (bench/RESULTS.md).
+GPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET = 8192, 4096
+
+
+def choose_attention(config: Config) -> tuple[str, str]:
+    """model.attn_implementation resolved for this device and task, and why."""
+    import torch
+
+    requested = config.model.attn_implementation
+    if requested != "auto":
+        return requested, "set in the config"
+    if config.task == "classification":
+        return "sdpa", "classification batches are padded, not packed"
+    if not torch.cuda.is_available():
+        return CPU_ATTENTION, "fastest measured on CPU (flex_attention has no CPU backward)"
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    if is_flash_attn_3_available() and torch.cuda.get_device_capability()[0] == 9:
+        return "flash_attention_3", "varlen flash attention (flash-attn 3, Hopper) is installed"
+    if is_flash_attn_2_available():
+        return "flash_attention_2", "varlen flash attention (flash-attn 2) is installed"
+    if hasattr(torch.nn.attention, "flex_attention"):
+        return "flex_attention", "document masking for packed batches (2.3x sdpa on an H100)"
+    return "sdpa", "no flash-attn or flex_attention in this torch; cuDNN SDPA off for variable shapes"
+
+
+def token_budget(config: Config) -> int | None:
+    """training.max_tokens_per_batch resolved for this device: None means batch_size examples per batch."""
+    import torch
+
+    budget = config.training.max_tokens_per_batch
+    if budget != "auto":
+        return budget
+    if config.task != "causal_lm":
+        return None
+    device_budget = GPU_TOKEN_BUDGET if torch.cuda.is_available() else CPU_TOKEN_BUDGET
+    return max(device_budget, config.data.max_length)
+
+
+def for_this_device(config: Config) -> Config:
+    """A copy of the config with `auto` attention and token budget resolved (logged; the manifest records them).
+    With sdpa on a GPU the cuDNN backend is switched off: it re-plans for every new shape, and padding-free
+    batches all differ (0.55x on an H100, ../shared/bench/NOTES.md)."""
+    import torch
+
+    attention, why = choose_attention(config)
+    resolved = config.model_copy(deep=True)
+    resolved.model.attn_implementation = attention
+    resolved.training.max_tokens_per_batch = token_budget(config)
+    if attention == "sdpa" and torch.cuda.is_available() and config.model.attn_implementation == "auto":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    log.info("attention: %s (%s); batches: %s", attention, why,
+             f"{resolved.training.max_tokens_per_batch} tokens" if resolved.training.max_tokens_per_batch
+             else f"{config.training.batch_size} examples")
+    return resolved
+
+
 def load_tokenizer(config: Config):
     from transformers import AutoTokenizer
 
@@ -65,7 +126,7 @@ def load_model(config: Config, label_names: list[str] | None = None):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(config.model.name)
-    options = {"attn_implementation": config.model.attn_implementation}
+    options = {"attn_implementation": choose_attention(config)[0]}
     if config.task == "classification":
         options |= {"num_labels": len(label_names),
                     "id2label": dict(enumerate(label_names)),

@@ -121,6 +121,9 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     from sft import data, manifest as manifests, model as models
 
     is_main = state.is_main_process
+    config = models.for_this_device(config)
+    manifest["performance"] = {"attention": config.model.attn_implementation,
+                               "max_tokens_per_batch": config.training.max_tokens_per_batch}
     # Load data (tokenized once into the cache; under torchrun the other processes memory-map the result)
     tokenizer = models.load_tokenizer(config)
     prepared = data.prepare_for_run(config, tokenizer, run.path, state)
@@ -158,7 +161,7 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
         raise Preempted(resume if is_main else None)
 
     # Save the final model: every rank takes part (gathering sharded weights is a collective), rank 0 writes.
-    metrics = final_metrics(trainer.state.log_history)
+    metrics = {**final_metrics(trainer.state.log_history), **run_throughput(trainer)}
     save_final(trainer, config, run.path)
     if is_main:
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
@@ -240,6 +243,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
 
     from sft.callbacks import CompleteCheckpointCallback, MetricsFileCallback
     from sft.model import training_dtype
+    from sft.throughput import ThroughputCallback
 
     t = config.training
     has_eval = prepared.eval is not None
@@ -292,7 +296,8 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         processing_class=tokenizer,
         data_collator=make_collator(config, tokenizer),
         compute_metrics=classification_metrics if config.task == "classification" else None,
-        callbacks=[MetricsFileCallback(run.path), CompleteCheckpointCallback(t.save_total_limit), preemption],
+        # ThroughputCallback first: it adds tokens/s to the logs that MetricsFileCallback writes.
+        callbacks=[ThroughputCallback(), MetricsFileCallback(run.path), CompleteCheckpointCallback(t.save_total_limit), preemption],
     )
     # Without a progress bar Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
     trainer.remove_callback(PrinterCallback)
@@ -350,6 +355,13 @@ def final_metrics(log_history: list[dict]) -> dict:
         metrics["train_runtime_s"] = summary[-1]["train_runtime"]
     metrics["steps"] = max((entry.get("step", 0) for entry in log_history), default=0)
     return metrics
+
+
+def run_throughput(trainer) -> dict:
+    """Real tokens, tokens/s, token efficiency (and MFU) of this session, for the end summary and manifest."""
+    from sft.throughput import ThroughputCallback
+
+    return next(c.summary for c in trainer.callback_handler.callbacks if isinstance(c, ThroughputCallback))
 
 
 def save_final(trainer, config: Config, run_dir: Path) -> None:

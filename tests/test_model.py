@@ -3,7 +3,7 @@ import pytest
 
 from sft.config import Config
 from sft.errors import UserError
-from sft.model import load_model, resolve_model_path
+from sft.model import CPU_ATTENTION, choose_attention, load_model, resolve_model_path
 
 
 def make_config(name: str, task: str = "classification", method: str = "lora") -> Config:
@@ -41,7 +41,7 @@ def test_lora_classifier_trains_adapters_and_the_new_head_only():
 def test_full_fine_tuning_trains_every_weight(tiny_causal_lm):
     model = load_model(make_config(str(tiny_causal_lm), task="causal_lm", method="full"))
     assert all(p.requires_grad for p in model.parameters())
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == CPU_ATTENTION  # attn_implementation auto, on CPU
 
 
 def test_unavailable_attention_kernel_is_a_user_error(tiny_causal_lm):
@@ -81,3 +81,25 @@ def test_float16_without_a_gpu_is_a_user_error(tiny_causal_lm):
     config.model.dtype = "float16"
     with pytest.raises(UserError, match="model.dtype: float16 needs a CUDA GPU"):
         load_model(config)
+
+
+def test_auto_attention_picks_the_fastest_exact_kernel_for_the_device(monkeypatch):
+    import torch
+    import transformers.utils
+
+    causal = make_config("m", task="causal_lm", method="full")
+    classifier = make_config("m", task="classification", method="full")
+    assert choose_attention(causal)[0] == CPU_ATTENTION  # no GPU here: flex_attention has no CPU backward
+    assert choose_attention(classifier)[0] == "sdpa"
+    causal.model.attn_implementation = "flex_attention"
+    assert choose_attention(causal) == ("flex_attention", "set in the config")
+    causal.model.attn_implementation = "auto"
+    # On a GPU: varlen flash attention when flash-attn is installed, else flex_attention.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_3_available", lambda: False)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert choose_attention(causal)[0] == "flash_attention_2"
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    assert choose_attention(causal)[0] == "flex_attention"
+    assert choose_attention(classifier)[0] == "sdpa"
