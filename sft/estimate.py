@@ -90,8 +90,10 @@ class Estimate:
 
 def estimate_memory(shape: ModelShape, method: str, tokens: int, *, half_precision: bool = True,
                     gradient_checkpointing: bool = False, lora_rank: int = 16, num_gpus: int = 1,
-                    classification: bool = False) -> Estimate:
-    """Peak bytes of one process. method: full, lora or qlora; num_gpus > 1 means FSDP (full_shard) over them."""
+                    classification: bool = False, score_entries: int = 0) -> Estimate:
+    """Peak bytes of one process. method: full, lora or qlora; num_gpus > 1 means FSDP (full_shard) over them.
+    score_entries: attention-score entries per head and layer when the kernel materialises them (eager, and sdpa
+    on CPU: tokens² for a flattened batch); 0 for flash/flex/efficient kernels, which never hold them."""
     precision = "half" if half_precision else "fp32"
     base_bytes = 2 if half_precision else 4  # LoRA/QLoRA keep the frozen base in the compute dtype
     trainable = shape.params if method == "full" else shape.lora_params(lora_rank)
@@ -108,9 +110,11 @@ def estimate_memory(shape: ModelShape, method: str, tokens: int, *, half_precisi
     if gradient_checkpointing:  # one layer's full activations exist again while it is recomputed
         activations += tokens * ACTIVATION_BYTES[precision] * shape.hidden
     logits = 0 if classification else tokens * shape.vocab * LOGIT_BYTES[precision]
+    # Softmax probabilities, kept for the backward pass in the compute dtype (fp32 under eager on CPU).
+    scores = shape.layers * shape.heads * score_entries * (4 if not half_precision else 2)
     return Estimate({"weights": weights / sharded, "gradients": 4 * trainable / sharded,
-                     "optimizer states": 8 * trainable / sharded, "activations": activations, "logits": logits},
-                    tokens)
+                     "optimizer states": 8 * trainable / sharded, "activations": activations, "logits": logits,
+                     "attention scores": scores}, tokens)
 
 
 def fits(estimate: Estimate, gpu_bytes: float) -> bool:
@@ -157,7 +161,7 @@ def what_fits(config: Config, shape: ModelShape, tokens: int, gpu_bytes: float) 
                                estimate(num_gpus=gpus)))
     for change, candidate in candidates:
         if fits(candidate, gpu_bytes):
-            return f"{change} ({candidate.total / GIB:.1f} GiB)"
+            return f"{change} ({size(candidate.total)})"
     return None
 
 
@@ -205,15 +209,30 @@ def preflight(config: Config, gpu_bytes: float | None) -> list[tuple[str, str]]:
     estimate = estimate_memory(shape, config.method.name, tokens, half_precision=config.model.dtype != "float32",
                                gradient_checkpointing=config.training.gradient_checkpointing,
                                lora_rank=config.method.lora.r, classification=config.task == "classification")
-    parts = ", ".join(f"{name} {value / GIB:.1f}" for name, value in estimate.parts.items())
-    rows = [("memory estimate", f"{estimate.total / GIB:.1f} GiB per GPU for {tokens:,} tokens per batch "
-                                f"({shape.params / 1e9:.2f} B parameters; GiB: {parts})")]
+    parts = ", ".join(f"{name} {size(value)}" for name, value in estimate.parts.items() if value)
+    rows = [("memory estimate", f"{size(estimate.total)} per GPU for {tokens:,} tokens per batch "
+                                f"({shape.params / 1e9:.2f} B parameters: {parts})")]
     if gpu_bytes is None:
         rows.append(("fits the GPU?", "no GPU visible; pass --gpu-mem 80GB to check"))
     elif fits(estimate, gpu_bytes):
-        rows.append(("fits the GPU?", f"fits in {gpu_bytes / GIB:.0f} GiB (keeping {HEADROOM:.0%} free)"))
+        rows.append(("fits the GPU?", f"fits in {size(gpu_bytes)} (keeping {HEADROOM:.0%} free)"))
     else:
         change = what_fits(config, shape, tokens, gpu_bytes)
-        rows.append(("fits the GPU?", f"does not fit in {gpu_bytes / GIB:.0f} GiB (keeping {HEADROOM:.0%} free); "
+        rows.append(("fits the GPU?", f"does not fit in {size(gpu_bytes)} (keeping {HEADROOM:.0%} free); "
                                       + (f"fits with {change}" if change else "no single change makes it fit")))
     return rows
+
+
+def size(value: float) -> str:
+    return f"{value / GIB:.1f} GiB" if value >= GIB else f"{value / 2**20:.0f} MiB"
+
+
+def print_preflight(config: Config, gpu_bytes: float | None) -> None:
+    """`sft check`: the memory estimate, and whether it fits --gpu-mem or the visible GPU."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="memory (estimated from config.json)", show_header=False)
+    for name, value in preflight(config, gpu_bytes):
+        table.add_row(name, value)
+    Console().print(table)
