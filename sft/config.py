@@ -148,7 +148,10 @@ class LoraSettings(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["lora", "full"] = Field("lora", description="lora trains adapters (+ the classifier head); full trains all weights.")
+    name: Literal["lora", "full", "qlora"] = Field(
+        "lora", description="lora trains adapters (+ the classifier head); full trains all weights; qlora trains LoRA "
+                            "adapters over a 4-bit (NF4) base through bitsandbytes, for models that do not fit "
+                            "otherwise (CUDA GPUs only; `sft check --gpu-mem` says when it is needed).")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     merge: bool = Field(False, description="lora: also save the adapter merged into the base weights in final/merged/.")
 
@@ -224,6 +227,9 @@ class Config(Section):
             # 0.14 or NaN, and padded classification batches gain nothing from it.
             raise ValueError("model.attn_implementation: flex_attention is for packed causal_lm batches; "
                              "use sdpa for classification")
+        if self.method.name == "qlora" and self.method.merge:
+            raise ValueError("method.merge: not with qlora (its base weights are 4-bit); merge the saved adapter into "
+                             "the original base model afterwards")
         if budget is not None and budget < self.data.max_length:
             raise ValueError(f"training.max_tokens_per_batch: {budget} is below data.max_length "
                              f"{self.data.max_length}; a long example would not fit in any batch")

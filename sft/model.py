@@ -1,5 +1,6 @@
 """Model stage: resolve where the weights live, load tokenizer and model, wrap in LoRA when asked."""
 import importlib
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def choose_attention(config: Config) -> tuple[str, str]:
         return "flash_attention_3", "varlen flash attention (flash-attn 3, Hopper) is installed"
     if is_flash_attn_2_available():
         return "flash_attention_2", "varlen flash attention (flash-attn 2) is installed"
-    if hasattr(torch.nn.attention, "flex_attention"):
+    if importlib.util.find_spec("torch.nn.attention.flex_attention"):
         return "flex_attention", "document masking for packed batches (2.3x sdpa on an H100)"
     return "sdpa", "no flash-attn or flex_attention in this torch; cuDNN SDPA off for variable shapes"
 
@@ -110,6 +111,20 @@ def for_this_device(config: Config) -> Config:
     return resolved
 
 
+def check_method_runs_here(config: Config) -> None:
+    """qlora needs a CUDA GPU and bitsandbytes: say so before any data is tokenized or weights are read."""
+    import torch
+
+    if config.method.name != "qlora":
+        return
+    if not torch.cuda.is_available():
+        raise UserError("method.name: qlora quantizes the base model with bitsandbytes on a CUDA GPU, and no GPU is "
+                        "visible; use lora (or full) on CPU, or run on a GPU node")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("method.name: qlora needs the bitsandbytes package, which is not installed; "
+                        "pip install bitsandbytes (the GPU image ships it), or use lora")
+
+
 def load_tokenizer(config: Config):
     from transformers import AutoTokenizer
 
@@ -127,6 +142,9 @@ def load_model(config: Config, label_names: list[str] | None = None):
 
     path = resolve_model_path(config.model.name)
     options = {"attn_implementation": choose_attention(config)[0]}
+    if config.method.name == "qlora":
+        check_method_runs_here(config)
+        options["quantization_config"] = qlora_quantization(config)
     if config.task == "classification":
         options |= {"num_labels": len(label_names),
                     "id2label": dict(enumerate(label_names)),
@@ -136,13 +154,27 @@ def load_model(config: Config, label_names: list[str] | None = None):
         model = _from_pretrained(AutoModelForCausalLM, path, config, **options)
     if config.training.gradient_checkpointing:
         model.config.use_cache = False
-    if config.method.name == "lora":
+    if config.method.name == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms and the head to fp32 and enables input gradients, which a frozen 4-bit base needs for the
+        # adapters' gradients to flow; checkpointing as configured (not peft's default of always on).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.training.gradient_checkpointing)
+    if config.method.name in ("lora", "qlora"):
         model = _wrap_lora(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("model %s: %s parameters, %s trainable (%.2f%%)", path, f"{total:,}", f"{trainable:,}",
              100 * trainable / total)
     return model
+
+
+def qlora_quantization(config: Config):
+    """NF4 with double quantization (the QLoRA paper's settings), computing in the training dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=training_dtype(config))
 
 
 def _wrap_lora(model, config: Config):

@@ -45,7 +45,9 @@ def run_training(config: Config, overwrite: bool = False, overrides: list[str] =
     """Train; `overrides` and `env_file` as given on the command line, for the command that resumes the run."""
     from sft.callbacks import PreemptionCallback
     from sft.logs import close_run_log
+    from sft.model import check_method_runs_here
 
+    check_method_runs_here(config)  # before a run directory exists: nothing to clean up
     preemption = PreemptionCallback()
     preemption.install()
     try:
@@ -375,4 +377,4 @@ def save_final(trainer, config: Config, run_dir: Path) -> None:
         merged = trainer.model.merge_and_unload()
         merged.save_pretrained(str(final / "merged"))
         trainer.processing_class.save_pretrained(str(final / "merged"))
-    log.info("saved %s to %s", "adapter" if config.method.name == "lora" else "model", final)
+    log.info("saved %s to %s", "model" if config.method.name == "full" else "adapter", final)

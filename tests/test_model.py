@@ -103,3 +103,46 @@ def test_auto_attention_picks_the_fastest_exact_kernel_for_the_device(monkeypatc
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
     assert choose_attention(causal)[0] == "flex_attention"
     assert choose_attention(classifier)[0] == "sdpa"
+
+
+def test_qlora_without_a_gpu_or_bitsandbytes_is_one_clear_line(tiny_causal_lm, monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from sft.model import check_method_runs_here
+
+    config = make_config(str(tiny_causal_lm), task="causal_lm", method="qlora")
+    with pytest.raises(UserError, match=r"^method.name: qlora .* no GPU is visible; use lora"):
+        check_method_runs_here(config)
+    with pytest.raises(UserError, match=r"^method.name: qlora .* no GPU is visible"):
+        load_model(config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else object())
+    with pytest.raises(UserError, match=r"^method.name: qlora needs the bitsandbytes package"):
+        check_method_runs_here(config)
+
+
+@pytest.mark.gpu
+def test_qlora_trains_lora_adapters_over_a_4bit_base(tiny_causal_lm):
+    """Unverified here (no GPU in the development machine): the base's linear layers are bitsandbytes 4-bit, only
+    the adapters train, and a step lowers the loss."""
+    import bitsandbytes as bnb
+    import torch
+
+    config = make_config(str(tiny_causal_lm), task="causal_lm", method="qlora")
+    model = load_model(config).cuda()
+    quantized = [m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(not p.requires_grad for m in quantized for p in m.base_layer.parameters()
+                             if hasattr(m, "base_layer"))
+    assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60, 70, 80]], device="cuda")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
