@@ -89,8 +89,25 @@ def token_budget(config: Config) -> int | None:
         return budget
     if config.task != "causal_lm":
         return None
-    device_budget = GPU_TOKEN_BUDGET if torch.cuda.is_available() else CPU_TOKEN_BUDGET
-    return max(device_budget, config.data.max_length)
+    if not torch.cuda.is_available():
+        return max(CPU_TOKEN_BUDGET, config.data.max_length)
+    return max(gpu_token_budget(config, torch.cuda.get_device_properties(0).total_memory), config.data.max_length)
+
+
+def gpu_token_budget(config: Config, gpu_bytes: float) -> int:
+    """GPU_TOKEN_BUDGET, halved while the memory estimate says a batch that size would not fit."""
+    from sft import estimate
+
+    model_config = estimate.read_model_config(config)
+    budget = GPU_TOKEN_BUDGET
+    if model_config is None:
+        return budget
+    shape = estimate.shape_from_config(model_config)
+    while budget > config.data.max_length and not estimate.fits(estimate.estimate_memory(
+            shape, config.method.name, budget, gradient_checkpointing=config.training.gradient_checkpointing,
+            lora_rank=config.method.lora.r), gpu_bytes):
+        budget //= 2
+    return budget
 
 
 def for_this_device(config: Config) -> Config:

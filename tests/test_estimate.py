@@ -117,9 +117,23 @@ def test_sft_check_reports_the_estimate_and_the_fit_from_config_json_alone(tiny_
                            capture_output=True, text=True, timeout=300, env=wide)
     assert check.returncode == 0, check.stderr
     assert "memory estimate" in check.stdout and "fits in 80.0 GiB" in check.stdout
-    tiny = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "check", str(config), "--gpu-mem", "8MB"],
+    tiny = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "check", str(config), "--gpu-mem", "2MB"],
                           capture_output=True, text=True, timeout=300, env=wide)
-    assert "does not fit in 8 MiB" in tiny.stdout
+    assert "does not fit in 2 MiB" in tiny.stdout
     bad = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "check", str(config), "--gpu-mem", "lots"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--gpu-mem lots: expected a size like 80GB" in bad.stderr
+
+
+def test_auto_token_budget_on_a_gpu_shrinks_until_the_estimate_fits(tmp_path):
+    from sft.config import Config
+    from sft.model import GPU_TOKEN_BUDGET, gpu_token_budget
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_15B))
+    config = Config.model_validate({"task": "causal_lm", "model": {"name": str(tmp_path)},
+                                    "data": {"train": "t", "max_length": 1024}, "method": {"name": "full"}})
+    assert gpu_token_budget(config, parse_memory("141GB")) == GPU_TOKEN_BUDGET  # H200
+    budget = gpu_token_budget(config, parse_memory("40GB"))  # A100 40GB
+    assert budget < GPU_TOKEN_BUDGET
+    assert fits(estimate_memory(shape_from_config(QWEN2_15B), "full", budget), parse_memory("40GB"))
+    assert not fits(estimate_memory(shape_from_config(QWEN2_15B), "full", budget * 2), parse_memory("40GB"))
