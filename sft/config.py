@@ -163,7 +163,7 @@ class TrainingConfig(Section):
     eval_batch_size: int | None = Field(None, ge=1, description="Defaults to batch_size.")
     max_tokens_per_batch: Annotated[int, Field(ge=8)] | Literal["auto"] | None = Field(
         "auto", description="causal_lm: size batches by tokens instead of examples (~8k filled an H100 well). auto: "
-                            "sized for the device (GPU: 8192, fewer when the memory estimate says so; CPU: 4096); "
+                            "sized for the device (GPU: 8192, fewer when the memory estimate says so; CPU: data.max_length); "
                             "null: batch_size examples per batch. Classification always uses batch_size.")
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-5, gt=0)

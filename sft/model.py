@@ -53,9 +53,10 @@ def weights_dtype(config: Config):
 # On CPU, flex_attention has no backward (torch 2.13), and eager beat sdpa on packed batches in `make bench`'s
 # model (bench/RESULTS.md): both build the same (sum of lengths)^2 block mask from position_ids.
 CPU_ATTENTION = "eager"
-# Tokens per causal_lm batch when training.max_tokens_per_batch is auto: ~8k filled an H100 (../shared/bench);
-# on CPU a smaller batch keeps the (sum of lengths)^2 attention of a packed batch in check (bench/RESULTS.md).
-GPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET = 8192, 4096
+# Tokens per causal_lm batch when training.max_tokens_per_batch is auto: ~8k filled an H100 (../shared/bench).
+# On CPU a packed batch's attention costs (sum of lengths)^2, so the smallest budget (data.max_length wins when
+# larger) is fastest: 4096 tokens ran at 1.0x the classic recipe in `make bench` (bench/RESULTS.md).
+GPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET = 8192, 1024
 
 
 def choose_attention(config: Config) -> tuple[str, str]:
