@@ -109,6 +109,14 @@ push:
 	$(if $(SIF_REGISTRY),$(APPTAINER) push "$(SIF)" "$(SIF_REGISTRY)")
 	$(if $(SHARE_DIR),install -m 0644 "$(SIF)" "$(SHARE_DIR)/" && cd "$(SHARE_DIR)" && sha256sum "$(notdir $(SIF))" > "$(notdir $(SIF)).sha256")
 
+# Training-throughput benchmark (bench/train_throughput.py; not a test): the classic recipe, TRL SFTTrainer
+# (packing, padding-free) and sft's defaults on one model and data set; writes bench/throughput.{md,json} and
+# prints one JSON line last. TRL is installed into .venv from bench/requirements.txt (never into the lock).
+.PHONY: bench
+bench: venv
+	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/train_throughput.py $(BENCH_ARGS)
+
 # Data-stage benchmark (bench/data_prepare.py; not a test): `sft prepare` vs a plain datasets.map on 200,000
 # synthetic chat rows; results go in bench/RESULTS.md by hand.
 .PHONY: bench-data

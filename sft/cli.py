@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands.choices["train"].add_argument("--overwrite", action="store_true",
                                            help="replace a finished run directory of the same name")
+    commands.choices["check"].add_argument("--gpu-mem", metavar="SIZE",
+                                           help="GPU memory to check the run's estimated peak against, e.g. 80GB "
+                                                "(default: the visible GPU)")
     commands.add_parser("info", help="show versions, GPUs and container provenance").add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     fetch = commands.add_parser("fetch", help="download a hub model and its tokenizer into the cache (needs network)",
@@ -164,12 +167,15 @@ def _check(args) -> int:
     from pathlib import Path
 
     from sft.config import load_config
+    from sft.estimate import parse_memory, print_preflight, visible_gpu_memory
     from sft.preflight import run_checks
     from sft.report import print_check
 
     config = load_config(args.config, args.overrides, args.env_file)
+    gpu_bytes = parse_memory(args.gpu_mem) if args.gpu_mem else visible_gpu_memory()
     with tempfile.TemporaryDirectory(prefix="sft-check-") as work_dir:
         print_check(config, *run_checks(config, Path(work_dir)))
+    print_preflight(config, gpu_bytes)
     return 0
 
 

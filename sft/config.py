@@ -37,8 +37,11 @@ class ModelConfig(Section):
                                   "(it must provide `get_model_path()`).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     num_labels: int | None = Field(None, ge=2, description="classification: number of classes; checked against the data.")
-    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel. flex_attention masks packed documents exactly (fastest measured on H100).")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel. auto: the fastest exact one for this device and task (docs/performance.md): "
+                            "on GPUs varlen flash attention if installed, else flex_attention for packed causal_lm "
+                            "batches, else sdpa without the cuDNN backend; on CPU the fastest measured by `make bench`; "
+                            "sdpa for classification. The choice is logged and recorded in manifest.json.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Compute precision (autocast); trained weights stay fp32, LoRA's frozen base is stored in "
                             "it. auto: bf16 on GPUs that support it, else fp32. float16 needs a GPU; bfloat16 on "
@@ -155,7 +158,10 @@ class LoraSettings(Section):
 
 class MethodConfig(Section):
     """What is trained: LoRA adapters or all weights."""
-    name: Literal["lora", "full"] = Field("lora", description="lora trains adapters (+ the classifier head); full trains all weights.")
+    name: Literal["lora", "full", "qlora"] = Field(
+        "lora", description="lora trains adapters (+ the classifier head); full trains all weights; qlora trains LoRA "
+                            "adapters over a 4-bit (NF4) base through bitsandbytes, for models that do not fit "
+                            "otherwise (CUDA GPUs only; `sft check --gpu-mem` says when it is needed).")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     merge: bool = Field(False, description="lora: also save the adapter merged into the base weights in final/merged/.")
 
@@ -179,8 +185,10 @@ class TrainingConfig(Section):
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (overrides epochs when > 0).")
     batch_size: int = Field(8, ge=1, description="Examples per device per step.")
     eval_batch_size: int | None = Field(None, ge=1, description="Defaults to batch_size.")
-    max_tokens_per_batch: int | None = Field(None, ge=8, description="causal_lm: size batches by tokens instead of "
-                                                                     "examples (~8k filled an H100 well).")
+    max_tokens_per_batch: Annotated[int, Field(ge=8)] | Literal["auto"] | None = Field(
+        "auto", description="causal_lm: size batches by tokens instead of examples (~8k filled an H100 well). auto: "
+                            "sized for the device (GPU: 8192, fewer when the memory estimate says so; CPU: data.max_length); "
+                            "null: batch_size examples per batch. Classification always uses batch_size.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Batches per optimizer step (a larger effective "
                                                                   "batch in the same memory).")
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW.")
@@ -256,6 +264,7 @@ class Config(Section):
     @model_validator(mode="after")
     def _settings_agree(self) -> "Config":
         budget = self.training.max_tokens_per_batch
+        budget = None if budget == "auto" else budget
         if budget is not None and self.task != "causal_lm":
             raise ValueError("training.max_tokens_per_batch: only for task causal_lm; use training.batch_size")
         if self.model.attn_implementation == "flex_attention" and self.task != "causal_lm":
@@ -264,6 +273,9 @@ class Config(Section):
             raise ValueError("model.attn_implementation: flex_attention is for packed causal_lm batches; "
                              "use sdpa for classification")
         self._check_best_model_settings()
+        if self.method.name == "qlora" and self.method.merge:
+            raise ValueError("method.merge: not with qlora (its base weights are 4-bit); merge the saved adapter into "
+                             "the original base model afterwards")
         if budget is not None and budget < self.data.max_length:
             raise ValueError(f"training.max_tokens_per_batch: {budget} is below data.max_length "
                              f"{self.data.max_length}; a long example would not fit in any batch")

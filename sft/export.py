@@ -24,7 +24,7 @@ def export(run_dir: str, merge: bool, to: str | None) -> Path:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"--to {target}: already exists and is not empty; choose a new folder (export never "
                         f"overwrites)")
-    lora = run.config.method.name == "lora"
+    lora = run.config.method.name != "full"  # lora or qlora: an adapter over the base
     if lora and not merge:
         raise UserError(f"{run.path}: a LoRA run, whose final/ holds only the adapter; pass --merge to merge it into "
                         f"the base weights for a standalone model")

@@ -1,5 +1,6 @@
 """Model stage: resolve where the weights live, load tokenizer and model, wrap in LoRA when asked."""
 import importlib
+import importlib.util
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +51,100 @@ def weights_dtype(config: Config):
     return torch.float32 if config.method.name == "full" else compute_dtype
 
 
+# On CPU, flex_attention has no backward (torch 2.13), and eager beat sdpa on packed batches in `make bench`'s
+# model (bench/RESULTS.md): both build the same (sum of lengths)^2 block mask from position_ids.
+CPU_ATTENTION = "eager"
+# Tokens per causal_lm batch when training.max_tokens_per_batch is auto: ~8k filled an H100 (../shared/bench).
+# On CPU a packed batch's attention costs (sum of lengths)^2, so the smallest budget (data.max_length wins when
+# larger) is the default: 1024 measured 13.9x the classic recipe in `make bench`, 4096 1.0x in a run that other
+# processes disturbed (bench/RESULTS.md; a clean 4096-vs-1024 comparison is still to do).
+GPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET = 8192, 1024
+
+
+def choose_attention(config: Config) -> tuple[str, str]:
+    """model.attn_implementation resolved for this device and task, and why."""
+    import torch
+
+    requested = config.model.attn_implementation
+    if requested != "auto":
+        return requested, "set in the config"
+    if config.task == "classification":
+        return "sdpa", "classification batches are padded, not packed"
+    if not torch.cuda.is_available():
+        return CPU_ATTENTION, "fastest measured on CPU (flex_attention has no CPU backward)"
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    if is_flash_attn_3_available() and torch.cuda.get_device_capability()[0] == 9:
+        return "flash_attention_3", "varlen flash attention (flash-attn 3, Hopper) is installed"
+    if is_flash_attn_2_available():
+        return "flash_attention_2", "varlen flash attention (flash-attn 2) is installed"
+    if importlib.util.find_spec("torch.nn.attention.flex_attention"):
+        return "flex_attention", "document masking for packed batches (2.3x sdpa on an H100)"
+    return "sdpa", "no flash-attn or flex_attention in this torch; cuDNN SDPA off for variable shapes"
+
+
+def token_budget(config: Config) -> int | None:
+    """training.max_tokens_per_batch resolved for this device: None means batch_size examples per batch."""
+    import torch
+
+    budget = config.training.max_tokens_per_batch
+    if budget != "auto":
+        return budget
+    if config.task != "causal_lm":
+        return None
+    if not torch.cuda.is_available():
+        return max(CPU_TOKEN_BUDGET, config.data.max_length)
+    return max(gpu_token_budget(config, torch.cuda.get_device_properties(0).total_memory), config.data.max_length)
+
+
+def gpu_token_budget(config: Config, gpu_bytes: float) -> int:
+    """GPU_TOKEN_BUDGET, halved while the memory estimate says a batch that size would not fit."""
+    from sft import estimate
+
+    model_config = estimate.read_model_config(config)
+    budget = GPU_TOKEN_BUDGET
+    if model_config is None:
+        return budget
+    shape = estimate.shape_from_config(model_config)
+    while budget > config.data.max_length and not estimate.fits(estimate.estimate_memory(
+            shape, config.method.name, budget, gradient_checkpointing=config.training.gradient_checkpointing,
+            lora_rank=config.method.lora.r), gpu_bytes):
+        budget //= 2
+    return budget
+
+
+def for_this_device(config: Config) -> Config:
+    """A copy of the config with `auto` attention and token budget resolved (logged; the manifest records them).
+    With sdpa on a GPU the cuDNN backend is switched off: it re-plans for every new shape, and padding-free
+    batches all differ (0.55x on an H100, ../shared/bench/NOTES.md)."""
+    import torch
+
+    attention, why = choose_attention(config)
+    resolved = config.model_copy(deep=True)
+    resolved.model.attn_implementation = attention
+    resolved.training.max_tokens_per_batch = token_budget(config)
+    if attention == "sdpa" and torch.cuda.is_available() and config.model.attn_implementation == "auto":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    log.info("attention: %s (%s); batches: %s", attention, why,
+             f"{resolved.training.max_tokens_per_batch} tokens" if resolved.training.max_tokens_per_batch
+             else f"{config.training.batch_size} examples")
+    return resolved
+
+
+def check_method_runs_here(config: Config) -> None:
+    """qlora needs a CUDA GPU and bitsandbytes: say so before any data is tokenized or weights are read."""
+    import torch
+
+    if config.method.name != "qlora":
+        return
+    if not torch.cuda.is_available():
+        raise UserError("method.name: qlora quantizes the base model with bitsandbytes on a CUDA GPU, and no GPU is "
+                        "visible; use lora (or full) on CPU, or run on a GPU node")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("method.name: qlora needs the bitsandbytes package, which is not installed; "
+                        "pip install bitsandbytes (the GPU image ships it), or use lora")
+
+
 def load_tokenizer(config: Config):
     from transformers import AutoTokenizer
 
@@ -66,7 +161,10 @@ def load_model(config: Config, label_names: list[str] | None = None):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(config.model.name)
-    options = {"attn_implementation": config.model.attn_implementation}
+    options = {"attn_implementation": choose_attention(config)[0]}
+    if config.method.name == "qlora":
+        check_method_runs_here(config)
+        options["quantization_config"] = qlora_quantization(config)
     if config.task == "classification":
         options |= {"num_labels": len(label_names),
                     "id2label": dict(enumerate(label_names)),
@@ -76,13 +174,27 @@ def load_model(config: Config, label_names: list[str] | None = None):
         model = _from_pretrained(AutoModelForCausalLM, path, config, **options)
     if config.training.gradient_checkpointing:
         model.config.use_cache = False
-    if config.method.name == "lora":
+    if config.method.name == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms and the head to fp32 and enables input gradients, which a frozen 4-bit base needs for the
+        # adapters' gradients to flow; checkpointing as configured (not peft's default of always on).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.training.gradient_checkpointing)
+    if config.method.name in ("lora", "qlora"):
         model = _wrap_lora(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("model %s: %s parameters, %s trainable (%.2f%%)", path, f"{total:,}", f"{trainable:,}",
              100 * trainable / total)
     return model
+
+
+def qlora_quantization(config: Config):
+    """NF4 with double quantization (the QLoRA paper's settings), computing in the training dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=training_dtype(config))
 
 
 def _wrap_lora(model, config: Config):

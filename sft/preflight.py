@@ -174,7 +174,7 @@ def _weight_shapes(folder: Path) -> dict[str, list[int]]:
 def lora_problems(config: Config, model: ModelFiles) -> list[str]:
     """method.lora.target_modules that name no layer of the model (peft fails on them after the job starts)."""
     targets = config.method.lora.target_modules
-    if config.method.name != "lora" or isinstance(targets, str) or not model.shapes:
+    if config.method.name == "full" or isinstance(targets, str) or not model.shapes:
         return []
     layers = {key.removesuffix(".weight") for key, shape in model.shapes.items() if len(shape) == 2}
     unknown = [t for t in targets if not any(layer == t or layer.endswith(f".{t}") for layer in layers)]

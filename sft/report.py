@@ -32,8 +32,8 @@ def run_start_rows(config: Config, prepared, run_dir, precision: str, processes:
     eval_rows = f"{len(prepared.eval)} eval" if prepared.eval is not None else "no eval"
     data_unit = "token-budget batches" if t.max_tokens_per_batch else "examples"
     return [("model", config.model.name),
-            ("task / method", f"{config.task} / " + (f"LoRA r={method.lora.r} alpha={method.lora.alpha}"
-                                                     if method.name == "lora" else "full fine-tuning")),
+            ("task / method", f"{config.task} / " + (f"{'QLoRA' if method.name == 'qlora' else 'LoRA'} r={method.lora.r} alpha={method.lora.alpha}"
+                                                     if method.name != "full" else "full fine-tuning")),
             ("data", f"{prepared.data_format}: {len(prepared.train)} training {data_unit}, {eval_rows}"),
             ("batch", f"{budget} per process x {_count(processes, 'process', 'processes')} x "
                       f"{_count(t.gradient_accumulation_steps, 'accumulation step', 'accumulation steps')}"),

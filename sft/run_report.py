@@ -118,7 +118,7 @@ def config_rows(config: dict) -> list[tuple[str, object]]:
     lora = method.get("lora", {})
     steps = training.get("max_steps", -1)
     rows = [("task", config.get("task")), ("model", model.get("name")),
-            ("method", f"LoRA r={lora.get('r')} alpha={lora.get('alpha')}" if method.get("name") == "lora"
+            ("method", f"LoRA r={lora.get('r')} alpha={lora.get('alpha')}" if method.get("name") in ("lora", "qlora")
              else method.get("name")),
             ("length", f"{steps} steps" if steps and steps > 0 else f"{training.get('epochs')} epochs"),
             ("batch", f"{training['max_tokens_per_batch']} tokens per device" if training.get("max_tokens_per_batch")

@@ -77,7 +77,7 @@ def load_model(run: TrainedRun, dtype="auto", attention: str = "sdpa"):
     if classification:  # label names travel in the model config, so exported models and pipelines show them
         options |= {"num_labels": len(run.label_names), "id2label": dict(enumerate(run.label_names)),
                     "label2id": {name: i for i, name in enumerate(run.label_names)}}
-    if config.method.name != "lora":
+    if config.method.name == "full":
         return auto_class.from_pretrained(run.final, **options).eval()
 
     from peft import PeftModel

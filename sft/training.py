@@ -43,7 +43,9 @@ def run_training(config: Config, overwrite: bool = False, overrides: list[str] =
     """Train; `overrides` and `env_file` as given on the command line, for the command that resumes the run."""
     from sft.callbacks import PreemptionCallback
     from sft.logs import close_run_log
+    from sft.model import check_method_runs_here
 
+    check_method_runs_here(config)  # before a run directory exists: nothing to clean up
     preemption = PreemptionCallback()
     preemption.install()
     try:
@@ -125,6 +127,9 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     from sft.report import print_run_start
 
     is_main = state.is_main_process
+    config = models.for_this_device(config)
+    manifest["performance"] = {"attention": config.model.attn_implementation,
+                               "max_tokens_per_batch": config.training.max_tokens_per_batch}
     # Load data (tokenized once into the cache; under torchrun the other processes memory-map the result)
     tokenizer = models.load_tokenizer(config)
     prepared = data.prepare_for_run(config, tokenizer, run.path, state)
@@ -183,7 +188,7 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
         trainer.evaluate()
 
     # Save the final model: every rank takes part (gathering sharded weights is a collective), rank 0 writes.
-    metrics = final_metrics(trainer.state.log_history)
+    metrics = {**final_metrics(trainer.state.log_history), **run_throughput(trainer)}
     if trainer.state.best_model_checkpoint:
         metrics["best_checkpoint"] = Path(trainer.state.best_model_checkpoint).name
     save_final(trainer, config, run.path)
@@ -285,6 +290,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
                                NonFiniteLossCallback, OverfittingWarningCallback)
     from sft.metrics import ClassificationMetrics, CausalLMMetrics, predicted_token_ids
     from sft.model import training_dtype
+    from sft.throughput import ThroughputCallback
 
     t = config.training
     has_eval = prepared.eval is not None
@@ -348,7 +354,8 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         data_collator=make_collator(config, tokenizer),
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=predicted_token_ids if config.task == "causal_lm" else None,
-        callbacks=[MetricsFileCallback(run.path), EvalMetricsCallback(run.path, compute_metrics),
+        # ThroughputCallback first: it adds tokens/s to the logs that MetricsFileCallback writes.
+        callbacks=[ThroughputCallback(), MetricsFileCallback(run.path), EvalMetricsCallback(run.path, compute_metrics),
                    OverfittingWarningCallback(run.path, t.overfitting_warning),
                    CompleteCheckpointCallback(t.save_total_limit), preemption, NonFiniteLossCallback()]
                   + ([EarlyStoppingCallback(stopping.patience, stopping.threshold)] if stopping else []),
@@ -399,6 +406,13 @@ def final_metrics(log_history: list[dict]) -> dict:
     return metrics
 
 
+def run_throughput(trainer) -> dict:
+    """Real tokens, tokens/s, token efficiency (and MFU) of this session, for the end summary and manifest."""
+    from sft.throughput import ThroughputCallback
+
+    return next(c.summary for c in trainer.callback_handler.callbacks if isinstance(c, ThroughputCallback))
+
+
 def save_final(trainer, config: Config, run_dir: Path) -> None:
     """final/: model (or LoRA adapter) + tokenizer in safetensors; final/merged/ when method.merge is set.
     Written like a checkpoint: into a temporary folder, marked complete, then moved into place.
@@ -414,4 +428,4 @@ def save_final(trainer, config: Config, run_dir: Path) -> None:
     # A pickle of TrainingArguments (torch.load runs code to read it): config.yaml already records every setting.
     (partial / "training_args.bin").unlink(missing_ok=True)
     final = rundir.publish_final(partial)
-    log.info("saved %s to %s", "adapter" if config.method.name == "lora" else "model", final)
+    log.info("saved %s to %s", "model" if config.method.name == "full" else "adapter", final)

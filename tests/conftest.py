@@ -125,7 +125,9 @@ def tiny_lm_config(model: Path, data: Path, output: Path, **training) -> dict:
     return {"task": "causal_lm", "model": {"name": str(model)},
             "data": {"train": str(data), "eval_fraction": 0.0, "max_length": 64},
             "method": {"name": "full"},
-            "training": {"epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+            # Batches of batch_size examples (not the token-budget default): tests count steps per example.
+            "training": {"epochs": 1, "batch_size": 4, "max_tokens_per_batch": None, "learning_rate": 1e-3,
+                         "logging_steps": 1,
                          "eval_strategy": "no", "save_strategy": "no", "seed": 42, **training},
             "output": {"dir": str(output), "name": "tiny"}}
 

@@ -162,3 +162,13 @@ def test_yaml_as_people_write_it(write_config, tmp_path):
                                         'a boolean; quote the value'):
         load_config(path)
     assert load_config(write_config(MINIMAL), overrides=["training.eval_strategy=no"]).training.eval_strategy == "no"
+
+
+def test_qlora_cannot_merge_into_its_4bit_base(tmp_path):
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"task": "causal_lm", "model": {"name": "m"}, "data": {"train": "a"},
+                                    "method": {"name": "qlora", "merge": True}}))
+    with pytest.raises(UserError, match="method.merge: not with qlora"):
+        load_config(path)

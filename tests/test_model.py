@@ -3,7 +3,7 @@ import pytest
 
 from sft.config import Config
 from sft.errors import UserError
-from sft.model import load_model, resolve_model_path
+from sft.model import CPU_ATTENTION, choose_attention, load_model, resolve_model_path
 
 
 def make_config(name: str, task: str = "classification", method: str = "lora") -> Config:
@@ -46,7 +46,7 @@ def test_lora_classifier_trains_adapters_and_the_new_head_only():
 def test_full_fine_tuning_trains_every_weight(tiny_causal_lm):
     model = load_model(make_config(str(tiny_causal_lm), task="causal_lm", method="full"))
     assert all(p.requires_grad for p in model.parameters())
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == CPU_ATTENTION  # attn_implementation auto, on CPU
 
 
 def test_unavailable_attention_kernel_is_a_user_error(tiny_causal_lm):
@@ -120,3 +120,68 @@ def test_a_new_classifier_head_is_one_line_instead_of_the_load_report(tiny_causa
     assert not any("LOAD REPORT" in message for message in collect.messages)
     assert "new classifier head initialised (score.weight), trained from scratch" in collect.messages
     assert not any("initialised randomly" in message for message in collect.messages)
+
+
+def test_auto_attention_picks_the_fastest_exact_kernel_for_the_device(monkeypatch):
+    import torch
+    import transformers.utils
+
+    causal = make_config("m", task="causal_lm", method="full")
+    classifier = make_config("m", task="classification", method="full")
+    assert choose_attention(causal)[0] == CPU_ATTENTION  # no GPU here: flex_attention has no CPU backward
+    assert choose_attention(classifier)[0] == "sdpa"
+    causal.model.attn_implementation = "flex_attention"
+    assert choose_attention(causal) == ("flex_attention", "set in the config")
+    causal.model.attn_implementation = "auto"
+    # On a GPU: varlen flash attention when flash-attn is installed, else flex_attention.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_3_available", lambda: False)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert choose_attention(causal)[0] == "flash_attention_2"
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    assert choose_attention(causal)[0] == "flex_attention"
+    assert choose_attention(classifier)[0] == "sdpa"
+
+
+def test_qlora_without_a_gpu_or_bitsandbytes_is_one_clear_line(tiny_causal_lm, monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from sft.model import check_method_runs_here
+
+    config = make_config(str(tiny_causal_lm), task="causal_lm", method="qlora")
+    with pytest.raises(UserError, match=r"^method.name: qlora .* no GPU is visible; use lora"):
+        check_method_runs_here(config)
+    with pytest.raises(UserError, match=r"^method.name: qlora .* no GPU is visible"):
+        load_model(config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else object())
+    with pytest.raises(UserError, match=r"^method.name: qlora needs the bitsandbytes package"):
+        check_method_runs_here(config)
+
+
+@pytest.mark.gpu
+def test_qlora_trains_lora_adapters_over_a_4bit_base(tiny_causal_lm):
+    """Unverified here (no GPU in the development machine): the base's linear layers are bitsandbytes 4-bit, only
+    the adapters train, and a step lowers the loss."""
+    import bitsandbytes as bnb
+    import torch
+
+    config = make_config(str(tiny_causal_lm), task="causal_lm", method="qlora")
+    model = load_model(config).cuda()
+    quantized = [m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(not p.requires_grad for m in quantized for p in m.base_layer.parameters()
+                             if hasattr(m, "base_layer"))
+    assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60, 70, 80]], device="cuda")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

@@ -28,16 +28,29 @@ def run_cli(*args: str, cwd: Path | None = None, **popen) -> subprocess.Complete
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex_attention"])
+# Every kernel that model.attn_implementation auto can choose (sft.model.choose_attention), on every device.
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex_attention",
+                                       pytest.param("flash_attention_2", marks=pytest.mark.gpu),
+                                       pytest.param("flash_attention_3", marks=pytest.mark.gpu)])
 def test_packed_loss_equals_per_example_loss(tiny_causal_lm, attention, device):
     """Flattened examples must not attend to each other: the packed batch's logits and loss under each kernel equal
     those of each example run alone through eager attention (the independent reference). The reference is never
     flex_attention on a lone unmasked sequence: on some CPU builds that path gave logits off by 0.14, or NaN."""
     import torch
     from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm, attn_implementation=attention).eval().to(device)
-    reference = AutoModelForCausalLM.from_pretrained(tiny_causal_lm, attn_implementation="eager").eval().to(device)
+    dtype = torch.float32
+    if attention.startswith("flash"):
+        if device == "cpu":
+            pytest.skip("flash attention runs on CUDA only")
+        if not {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}[attention]():
+            pytest.skip(f"{attention}: flash-attn is not installed")
+        dtype = torch.bfloat16  # flash kernels take half precision only
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm, attn_implementation=attention,
+                                                 dtype=dtype).eval().to(device)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_causal_lm, attn_implementation="eager",
+                                                     dtype=dtype).eval().to(device)
     examples = [{"input_ids": [1, 20, 30, 40, 50, 60], "labels": [-100, -100, 30, 40, 50, 60]},
                 {"input_ids": [1, 70, 80, 90], "labels": [-100, 70, 80, 90]},
                 {"input_ids": [1, 25, 35, 45, 55, 65, 75, 85], "labels": [-100, -100, -100, 45, 55, 65, 75, 85]}]
@@ -49,6 +62,8 @@ def test_packed_loss_equals_per_example_loss(tiny_causal_lm, attention, device):
     answer_tokens = [sum(label != -100 for label in e["labels"][1:]) for e in examples]
     per_example_loss = sum(out.loss * n for out, n in zip(separate, answer_tokens)) / sum(answer_tokens)
     tolerance = 1e-5 if device == "cpu" else 1e-4  # different GPU kernels sum in different orders
+    if dtype == torch.bfloat16:
+        tolerance = 2e-2  # bf16 keeps 8 bits of mantissa
     torch.testing.assert_close(packed_output.logits[0], torch.cat([out.logits[0] for out in separate]),
                                atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(packed_output.loss, per_example_loss, atol=tolerance / 10, rtol=tolerance)
@@ -168,6 +183,7 @@ def test_token_budget_batches_train(tiny_causal_lm, tiny_chat_data, tmp_path, wr
 
     from conftest import CHAT_ROWS
     from sft.data import group_by_tokens, tokenize_messages
+    from sft.model import CPU_ATTENTION
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
     lengths = [len(tokenize_messages(tokenizer, row["messages"], 64)["input_ids"]) for row in CHAT_ROWS]
@@ -178,8 +194,17 @@ def test_token_budget_batches_train(tiny_causal_lm, tiny_chat_data, tmp_path, wr
     result = run_training(load_config(write_config(config)))
     # One optimizer step per token-budget batch (one epoch), far fewer than one per example.
     assert result.metrics["steps"] == len(expected_batches) < len(CHAT_ROWS) / 3
-    counts = json.loads((result.run_dir / "manifest.json").read_text())["data"]
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    counts = manifest["data"]
     assert (counts["train_examples"], counts["train_batches"]) == (len(CHAT_ROWS), len(expected_batches))
+    # Throughput: every token of the flattened batches is real, each example counted once; in every log line too.
+    results = manifest["results"]
+    assert results["real_tokens"] == results["processed_tokens"] == sum(lengths)
+    assert results["token_efficiency"] == 1.0 and results["real_tokens_per_s"] > 0
+    assert manifest["performance"] == {"attention": CPU_ATTENTION, "max_tokens_per_batch": 128}
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in logged if "loss" in line]
+    assert all(line["token_efficiency"] == 1.0 and line["real_tokens_per_s"] > 0 for line in steps[1:])
 
 
 @pytest.mark.slow

@@ -1,0 +1,238 @@
+"""Preflight memory estimate (`sft check`): peak memory of one training process from the model's config.json alone
+(no weights, no torch), whether it fits the GPU, and the change that makes it fit.
+
+Peak = weights + gradients + optimizer states (AdamW: two fp32 moments) + activations and logits for the
+largest batch. Per-token costs were read off the measured H100 peaks in ../shared/bench/NOTES.md (0.5B Qwen2,
+bf16 autocast over fp32 weights; tests/test_estimate.py checks them, and a measured CPU peak, within 15%):
+  activations  64 bytes x hidden size, per layer and token (what autograd keeps for the backward pass)
+  logits       14 bytes x vocabulary, per token: the bf16 logits the output holds, their fp32 copy for the loss,
+               the saved log-softmax and its gradient. At a 152k vocabulary that is 2.1 MB a token: most of
+               the peak, which is why a fused/chunked cross-entropy (never materialising them) matters.
+In fp32 (CPU) training every activation is 4 bytes instead of (mostly) 2, and the logits lose the bf16 copy.
+"""
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sft.config import Config
+from sft.errors import UserError
+
+GIB = 2**30
+ACTIVATION_BYTES = {"half": 64, "fp32": 128}  # x hidden, per layer and token
+LOGIT_BYTES = {"half": 14, "fp32": 12}  # x vocabulary, per token
+CHECKPOINTED_BYTES = {"half": 4, "fp32": 4}  # x hidden, per layer and token: only each layer's fp32 input is kept
+# Leave this share of the GPU free: the CUDA context, and the caching allocator's fragmentation when every batch
+# has another shape (the 1.5B row of NOTES.md ran out of memory at an estimated 81% of 80 GB).
+HEADROOM = 0.15
+BERT_LIKE = ("bert", "roberta", "distilbert", "electra", "deberta", "xlm-roberta", "mpnet")
+QLORA_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit values plus an fp32 scale per block of 64
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs from config.json."""
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied_embeddings: bool
+    mlp_matrices: int = 3  # gated MLPs (Llama, Qwen2, Mistral) have three projections; BERT/GPT-style ones two
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the transformer layers' linear projections (what LoRA adapts and QLoRA quantizes)."""
+        head_dim = self.hidden // self.heads
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
+        return self.layers * (attention + self.mlp_matrices * self.hidden * self.intermediate)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.embedding_params + self.layers * 2 * self.hidden + self.hidden
+
+    def lora_params(self, rank: int) -> int:
+        """LoRA on every linear layer (all-linear): rank x (in + out) per projection."""
+        head_dim = self.hidden // self.heads
+        attention = 2 * (self.hidden + self.hidden) + 2 * (self.hidden + self.kv_heads * head_dim)
+        return self.layers * rank * (attention + self.mlp_matrices * (self.hidden + self.intermediate))
+
+
+def shape_from_config(config_json: dict) -> ModelShape:
+    """Llama/Qwen2/Mistral-style and BERT-style configs (the keys transformers uses for both)."""
+    try:
+        hidden = config_json["hidden_size"]
+        heads = config_json["num_attention_heads"]
+        return ModelShape(layers=config_json["num_hidden_layers"], hidden=hidden,
+                          intermediate=config_json.get("intermediate_size", 4 * hidden),
+                          vocab=config_json["vocab_size"], heads=heads,
+                          kv_heads=config_json.get("num_key_value_heads") or heads,
+                          tied_embeddings=config_json.get("tie_word_embeddings", True),
+                          mlp_matrices=2 if config_json.get("model_type") in BERT_LIKE else 3)
+    except KeyError as missing:
+        raise UserError(f"model config.json has no {missing}: cannot estimate memory for this architecture") from None
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, float]  # bytes
+    tokens: int  # per batch (the largest)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+def estimate_memory(shape: ModelShape, method: str, tokens: int, *, half_precision: bool = True,
+                    gradient_checkpointing: bool = False, lora_rank: int = 16, num_gpus: int = 1,
+                    classification: bool = False, score_entries: int = 0) -> Estimate:
+    """Peak bytes of one process. method: full, lora or qlora; num_gpus > 1 means FSDP (full_shard) over them.
+    score_entries: attention-score entries per head and layer when the kernel materialises them (eager, and sdpa
+    on CPU: tokens² for a flattened batch); 0 for flash/flex/efficient kernels, which never hold them."""
+    precision = "half" if half_precision else "fp32"
+    base_bytes = 2 if half_precision else 4  # LoRA/QLoRA keep the frozen base in the compute dtype
+    trainable = shape.params if method == "full" else shape.lora_params(lora_rank)
+    if method == "full":
+        weights = 4 * shape.params  # fp32 master weights under autocast
+    elif method == "lora":
+        weights = base_bytes * shape.params + 4 * trainable
+    else:  # qlora: the layers' linear weights in 4 bits; embeddings, norms and the head stay in the compute dtype
+        weights = (QLORA_BYTES_PER_WEIGHT * shape.linear_params + base_bytes * (shape.params - shape.linear_params)
+                   + 4 * trainable)
+    sharded = num_gpus if method == "full" else 1
+    per_layer = (CHECKPOINTED_BYTES[precision] if gradient_checkpointing else ACTIVATION_BYTES[precision]) * shape.hidden
+    activations = tokens * shape.layers * per_layer
+    if gradient_checkpointing:  # one layer's full activations exist again while it is recomputed
+        activations += tokens * ACTIVATION_BYTES[precision] * shape.hidden
+    logits = 0 if classification else tokens * shape.vocab * LOGIT_BYTES[precision]
+    # Softmax probabilities, kept for the backward pass in the compute dtype (fp32 under eager on CPU).
+    scores = shape.layers * shape.heads * score_entries * (4 if not half_precision else 2)
+    return Estimate({"weights": weights / sharded, "gradients": 4 * trainable / sharded,
+                     "optimizer states": 8 * trainable / sharded, "activations": activations, "logits": logits,
+                     "attention scores": scores}, tokens)
+
+
+def fits(estimate: Estimate, gpu_bytes: float) -> bool:
+    return estimate.total <= (1 - HEADROOM) * gpu_bytes
+
+
+def parse_memory(text: str) -> float:
+    """'80GB', '80 GiB', '40g', '24000MB' -> bytes. GPU sizes are quoted in binary units ("80GB" H100 = 80 GiB)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([gm])i?b?\s*", text.lower())
+    if not match:
+        raise UserError(f"--gpu-mem {text}: expected a size like 80GB or 40GiB")
+    return float(match[1]) * (GIB if match[2] == "g" else 2**20)
+
+
+def batch_tokens(config: Config, budget: int | None) -> int:
+    """Tokens in the largest batch: the token budget, or batch_size examples of max_length (padded worst case)."""
+    return budget if budget else config.training.batch_size * config.data.max_length
+
+
+def what_fits(config: Config, shape: ModelShape, tokens: int, gpu_bytes: float) -> str | None:
+    """The first single change (in the order a user would try them) that makes the run fit, as an instruction."""
+    method = config.method.name
+    settings = {"half_precision": True, "gradient_checkpointing": config.training.gradient_checkpointing,
+                "lora_rank": config.method.lora.r, "classification": config.task == "classification"}
+
+    def estimate(**changes):
+        options = {**settings, "method": method, "tokens": tokens, **changes}
+        return estimate_memory(shape, options.pop("method"), options.pop("tokens"), **options)
+
+    candidates = []
+    if not config.training.gradient_checkpointing:
+        candidates.append(("training.gradient_checkpointing=true", estimate(gradient_checkpointing=True)))
+    smaller = tokens // 2
+    while smaller >= config.data.max_length and config.task == "causal_lm":
+        candidates.append((f"training.max_tokens_per_batch={smaller}", estimate(tokens=smaller)))
+        smaller //= 2
+    if method == "full":
+        candidates.append(("method.name=lora", estimate(method="lora")))
+    if method in ("full", "lora"):
+        candidates.append(("method.name=qlora", estimate(method="qlora")))
+    if method == "full":
+        for gpus in (2, 4, 8):
+            candidates.append((f"training.fsdp='full_shard auto_wrap' over {gpus} GPUs (torchrun)",
+                               estimate(num_gpus=gpus)))
+    for change, candidate in candidates:
+        if fits(candidate, gpu_bytes):
+            return f"{change} ({size(candidate.total)})"
+    return None
+
+
+def read_model_config(config: Config) -> dict | None:
+    """config.json of the model: a local folder, a `pkg:` package, or the hub cache (never a download)."""
+    from sft.model import resolve_model_path
+
+    path = Path(resolve_model_path(config.model.name))
+    if path.is_dir():
+        file = path / "config.json"
+        return json.loads(file.read_text()) if file.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(config.model.name, "config.json", revision=config.model.revision)
+    return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+
+
+def visible_gpu_memory() -> float | None:
+    """Memory of the first visible GPU, from nvidia-smi (importing torch would cost `sft check` seconds)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return float(out[0]) * 2**20 if out else None
+
+
+def preflight(config: Config, gpu_bytes: float | None) -> list[tuple[str, str]]:
+    """Rows for `sft check`: the estimate's parts, and whether it fits the GPU (with the change that would)."""
+    from sft.model import GPU_TOKEN_BUDGET
+
+    model_config = read_model_config(config)
+    if model_config is None:
+        return [("memory estimate", f"skipped: no config.json for {config.model.name} on this machine")]
+    shape = shape_from_config(model_config)
+    budget = config.training.max_tokens_per_batch
+    if budget == "auto":
+        budget = max(GPU_TOKEN_BUDGET, config.data.max_length) if config.task == "causal_lm" else None
+    tokens = batch_tokens(config, budget)
+    estimate = estimate_memory(shape, config.method.name, tokens, half_precision=config.model.dtype != "float32",
+                               gradient_checkpointing=config.training.gradient_checkpointing,
+                               lora_rank=config.method.lora.r, classification=config.task == "classification")
+    parts = ", ".join(f"{name} {size(value)}" for name, value in estimate.parts.items() if value)
+    rows = [("memory estimate", f"{size(estimate.total)} per GPU for {tokens:,} tokens per batch "
+                                f"({shape.params / 1e9:.2f} B parameters: {parts})")]
+    if gpu_bytes is None:
+        rows.append(("fits the GPU?", "no GPU visible; pass --gpu-mem 80GB to check"))
+    elif fits(estimate, gpu_bytes):
+        rows.append(("fits the GPU?", f"fits in {size(gpu_bytes)} (keeping {HEADROOM:.0%} free)"))
+    else:
+        change = what_fits(config, shape, tokens, gpu_bytes)
+        rows.append(("fits the GPU?", f"does not fit in {size(gpu_bytes)} (keeping {HEADROOM:.0%} free); "
+                                      + (f"fits with {change}" if change else "no single change makes it fit")))
+    return rows
+
+
+def size(value: float) -> str:
+    return f"{value / GIB:.1f} GiB" if value >= GIB else f"{value / 2**20:.0f} MiB"
+
+
+def print_preflight(config: Config, gpu_bytes: float | None) -> None:
+    """`sft check`: the memory estimate, and whether it fits --gpu-mem or the visible GPU."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="memory (estimated from config.json)", show_header=False)
+    for name, value in preflight(config, gpu_bytes):
+        table.add_row(name, value)
+    Console().print(table)
