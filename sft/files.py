@@ -12,8 +12,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        # mkstemp creates 0600; give the file the mode a plain open() would (collaborators read run dirs).
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, plain_file_mode())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -22,6 +21,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def plain_file_mode() -> int:
+    """The mode a plain open() gives a new file under the user's umask. mkstemp creates 0600: temp-then-rename
+    writers use this instead, because the umask decides who else reads a run (collaborators, a lab group)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:

@@ -4,7 +4,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from sft.files import write_json_atomic
+from sft.files import plain_file_mode, write_json_atomic
 
 PLOTS = "plots"
 THROUGHPUT_KEY = "real_tokens_per_s"  # added to each training log line by sft.throughput
@@ -103,7 +103,7 @@ def _save_png(figure, path: Path) -> None:
     os.close(fd)
     try:
         figure.savefig(tmp, format="png", dpi=100)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, plain_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -86,7 +86,7 @@ def render(run_dir: Path, manifest: dict, config: dict, records: list[dict], eva
                 if stage in samples:
                     lines += ["", f"{stage.capitalize()} training:", "", _quoted(samples[stage][index])]
             lines.append("")
-    lines += ["", "## Config", ""] + _table(["setting", "value"], config_rows(config))
+    lines += ["", "## Config", ""] + _table(["setting", "value"], config_rows(config, manifest.get("performance") or {}))
     lines += ["", "## Data", ""] + _table(["", ""], data_rows(manifest.get("data") or {}))
     lines += ["", "## Environment", ""] + _table(["", ""], environment_rows(manifest))
     if manifest.get("restarts"):
@@ -111,10 +111,13 @@ def _final_metrics(manifest: dict, records: list[dict], eval_metrics: dict | Non
     return latest
 
 
-def config_rows(config: dict) -> list[tuple[str, object]]:
+def config_rows(config: dict, performance: dict) -> list[tuple[str, object]]:
+    """The config as it ran: `auto` attention and token budget as resolved for the device (manifest.json)."""
     if not config:
         return [("config.yaml", "missing")]
     model, method, training, data = (config.get(k, {}) for k in ("model", "method", "training", "data"))
+    training = {**training, "max_tokens_per_batch": performance.get("max_tokens_per_batch",
+                                                                    training.get("max_tokens_per_batch"))}
     lora = method.get("lora", {})
     steps = training.get("max_steps", -1)
     rows = [("task", config.get("task")), ("model", model.get("name")),
@@ -126,7 +129,7 @@ def config_rows(config: dict) -> list[tuple[str, object]]:
                   f"accumulation"),
             ("learning rate", f"{training.get('learning_rate')} ({training.get('lr_scheduler')}, warmup "
                               f"{training.get('warmup_ratio')})"),
-            ("precision", model.get("dtype")), ("attention", model.get("attn_implementation")),
+            ("precision", model.get("dtype")), ("attention", performance.get("attention", model.get("attn_implementation"))),
             ("max length", data.get("max_length")), ("seed", training.get("seed"))]
     if training.get("early_stopping"):
         stopping = training["early_stopping"]

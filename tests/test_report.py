@@ -106,7 +106,8 @@ def test_plots_are_pngs_of_the_logged_series(run, request):
     plots = run_dir / "plots"
     logged = records(run_dir)
     drawn = json.loads((plots / "plots.json").read_text())
-    expected = {"loss.png", "learning_rate.png"} | ({"confusion_matrix.png"} if run == "classification_run" else set())
+    expected = {"loss.png", "learning_rate.png", "throughput.png"} | \
+        ({"confusion_matrix.png"} if run == "classification_run" else set())
     assert set(drawn) == expected
     for name in expected:
         assert (plots / name).read_bytes()[:8] == PNG_MAGIC
@@ -118,6 +119,7 @@ def test_plots_are_pngs_of_the_logged_series(run, request):
     assert drawn["loss.png"] == {"train loss": series("loss"), "eval loss": series("eval_loss")}
     assert len(drawn["loss.png"]["eval loss"]["x"]) == 2 and len(drawn["loss.png"]["train loss"]["x"]) >= 4
     assert drawn["learning_rate.png"] == {"learning rate": series("learning_rate")}
+    assert drawn["throughput.png"] == {"real tokens / s (all processes)": series("real_tokens_per_s")}
     if run == "classification_run":
         matrix = json.loads((run_dir / "eval_metrics.json").read_text())["confusion_matrix"]
         assert drawn["confusion_matrix.png"]["matrix"] == matrix
