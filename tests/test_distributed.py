@@ -140,10 +140,11 @@ def test_the_configured_timeout_reaches_the_process_group(tiny_causal_lm, tiny_c
         "from sft.training import start_processes\n"
         "state = start_processes(load_config(sys.argv[1], sys.argv[2:]))\n"
         "backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu'))\n"
-        "print(f'rank {state.process_index}: {type(backend).__name__} {backend.options._timeout.total_seconds():g} s')\n")
-    result = torchrun(str(config_path), "training.ddp_backend=gloo", "training.ddp_timeout=4321", script=probe)
-    assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank ")) \
-        == ["rank 0: ProcessGroupGloo 4321 s", "rank 1: ProcessGroupGloo 4321 s"]
+        # A file per rank: the ranks share one stdout, where their lines can interleave mid-line.
+        f"open(f'{tmp_path}/rank-{{state.process_index}}.txt', 'w')"
+        ".write(f'{type(backend).__name__} {backend.options._timeout.total_seconds():g} s')\n")
+    torchrun(str(config_path), "training.ddp_backend=gloo", "training.ddp_timeout=4321", script=probe)
+    assert [(tmp_path / f"rank-{rank}.txt").read_text() for rank in (0, 1)] == ["ProcessGroupGloo 4321 s"] * 2
 
 
 def loss_records(run_dir: Path) -> list[tuple[int, float]]:
