@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from apt_packages import apt_install
+
 
 class PostgresUnavailable(RuntimeError):
     """PostgreSQL cannot be installed or started on this machine."""
@@ -43,11 +45,7 @@ def install_if_missing() -> Path:
     if _bin_dir() is None:
         if os.geteuid() != 0 or not shutil.which("apt-get"):
             raise PostgresUnavailable("postgresql is not installed and this is not a root Debian machine to install it on")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        command = ["apt-get", "install", "-y", "-q", "postgresql"]
-        if subprocess.run(command, capture_output=True, env=env).returncode != 0:  # stale index: refresh once
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, check=True)
-            subprocess.run(command, capture_output=True, env=env, check=True)
+        apt_install("postgresql")
     return _bin_dir()
 
 

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from apt_packages import apt_install
+
 MUNGE_SOCKET_DIR = Path("/run/munge")
 # Fake GPUs, so the scripts' `--gres=gpu:N` is accepted as written. slurmd drops a GPU without a device file
 # and rejects a regular file, so each is a character device with /dev/null's numbers (task/none binds nothing).
@@ -49,11 +51,7 @@ def install_if_missing() -> None:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         raise SlurmUnavailable("slurm-wlm is not installed and this is not a root Debian machine to install it on")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    result = subprocess.run(["apt-get", "install", "-y", "-q", "slurm-wlm"], capture_output=True, text=True, env=env)
-    if result.returncode != 0:  # a stale package index is the usual cause; refresh once
-        _run("apt-get", "update", "-q", env=env)
-        _run("apt-get", "install", "-y", "-q", "slurm-wlm", env=env)
+    apt_install("slurm-wlm")
 
 
 class SlurmCluster:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from apt_packages import apt_install
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "container"))
 import defrun  # noqa: E402  (container/ is a folder of scripts, not a package)
@@ -228,8 +230,7 @@ def podman_env():
         pytest.skip("container builds need root on Linux (rootful podman)")
     missing = [tool for tool in ("podman", "runc", "debootstrap") if not shutil.which(tool)]
     if missing:
-        sh("apt-get", "update", "-q", stdout=subprocess.DEVNULL)
-        sh("apt-get", "install", "-y", "-q", "podman", "runc", "debootstrap", stdout=subprocess.DEVNULL)
+        apt_install("podman", "runc", "debootstrap")
     env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
     os.environ["CONTAINERS_CONF"] = str(CONTAINERS_CONF)  # defrun and podman calls below inherit it
     sh("container/base-image.sh", env=env)

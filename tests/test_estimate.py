@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from sft.estimate import GIB, ModelShape, estimate_memory, fits, parse_memory, shape_from_config
+from sft.estimate import GIB, estimate_memory, fits, parse_memory, shape_from_config
 
 QWEN2_05B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
              "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,

@@ -1,6 +1,5 @@
 """Nothing lost: a non-finite loss and a full disk stop the run with one clear line, keep the last good checkpoint,
 and the run resumes; the final model appears whole or not at all."""
-import errno
 import json
 import os
 import subprocess

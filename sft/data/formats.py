@@ -78,16 +78,28 @@ def _answer_labels_by_prefix(tokenizer, conversations: list[list[dict]]) -> list
                             "add {% generation %} markers to the template (tokenizer.chat_template) to mark answers")
         spans[c].append((len(start), len(through)))
     results = []
-    for encoding, answer_spans in zip(_encode(tokenizer, texts), spans):
-        input_ids, offsets = encoding.ids, encoding.offsets
-        # A token belongs to an answer when its first character does. Offsets ascend, so bisect finds the range
-        # ((start,) sorts before every (start, end)), and the labels are copied by slices: no per-token Python.
+    for encoding, text, answer_spans in zip(_encode(tokenizer, texts), texts, spans):
+        input_ids = encoding.ids
+        # A token belongs to an answer when its first character does; the labels are copied by slices.
         labels = [IGNORE_INDEX] * len(input_ids)
         for span_start, span_end in answer_spans:
-            first, end = bisect_left(offsets, (span_start,)), bisect_left(offsets, (span_end,))
+            first, end = _first_token_from(encoding, span_start, len(text)), _first_token_from(encoding, span_end,
+                                                                                                len(text))
             labels[first:end] = input_ids[first:end]
         results.append((input_ids, labels))
     return results
+
+
+def _first_token_from(encoding, char: int, text_length: int) -> int:
+    """The first token that starts at or after character `char`: bisect over the ascending offsets ((char,) sorts
+    before every (char, end)). Asked of the Rust encoding first: reading every offset into Python tuples measured
+    ~10% of the masked tokenization. The bisect decides whenever the boundary is not clean (a token straddling it,
+    several tokens starting at one character, a character no token covers)."""
+    token = encoding.char_to_token(char) if char < text_length else len(encoding)
+    if token is not None and (token == 0 or encoding.token_to_chars(token - 1)[0] < char) \
+            and (token == len(encoding) or encoding.token_to_chars(token)[0] == char):
+        return token
+    return bisect_left(encoding.offsets, (char,))
 
 
 def prompt_ids(tokenizer, record: dict, data_format: str, fields: Fields) -> list[int]:
