@@ -259,6 +259,19 @@ def test_chat_loss_covers_assistant_turns_and_their_end_tokens_only(tokenizer):
         assert label in (IGNORE_INDEX, token)
 
 
+def test_answer_boundaries_match_a_bisect_over_every_offset(tokenizer):
+    """The Rust lookups that find where an answer starts and ends agree with the plain bisect over the token offsets
+    at every character: inside tokens, at multi-byte characters split over several tokens, at the text's end."""
+    from bisect import bisect_left
+
+    from sft.data.formats import _first_token_from
+
+    for text in ["add 2 and 3<|im_end|>\nfive", "héllo  wörld 日本語 é\n\n z", "x", "  lead and trail  "]:
+        encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+        for char in range(len(text) + 1):
+            assert _first_token_from(encoding, char, len(text)) == bisect_left(encoding.offsets, (char,)), (text, char)
+
+
 def test_chat_masking_ignores_truncation_set_in_the_tokenizer_file(tmp_path):
     """Masking reads the Rust tokenizer directly unless it truncates or pads (as a tokenizer.json may say), where
     tokenizer(...) would switch that off: the ids stay those of apply_chat_template either way."""
