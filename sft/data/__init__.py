@@ -22,7 +22,7 @@ from sft.data.batching import TokenBudgetBatches, TokenBudgetCollator, group_by_
 from sft.data.formats import (FULL_LENGTH, IGNORE_INDEX, TRAINABLE, tokenize_batch, tokenize_classification,
                               tokenize_instruction, tokenize_messages, tokenize_prompt_completion, tokenize_text)
 from sft.data.sources import DataFile, Rows, concatenate, file_fingerprint, read_file, read_sql, source_items
-from sft.data.summary import summarize, summary_rows
+from sft.data.summary import int_column, summarize, summary_rows
 from sft.data.validation import (detect_format, duplicate_free, eval_split_rows, format_columns, resolve_labels,
                                  row_problems, split_eval)
 from sft.errors import UserError
@@ -232,7 +232,7 @@ def _checked(tokenized, rows: Rows, data_format: str, max_length: int, label_nam
 
     no_answer = 0
     if data_format != "classification":
-        trainable = np.asarray(tokenized.with_format("arrow")[TRAINABLE].to_numpy())
+        trainable = int_column(tokenized, TRAINABLE)
         empty = np.flatnonzero(trainable == 0)
         no_answer = len(empty)
         if no_answer:

@@ -11,8 +11,7 @@ def summarize(tokenized, max_length: int, dropped: dict[str, int], label_names: 
     """Statistics over the tokenized training examples (before rows without answer tokens are removed)."""
     import numpy as np
 
-    table = tokenized.with_format("arrow")  # columns through the row selection, if the dataset has one
-    full = np.asarray(table[FULL_LENGTH].to_numpy(), dtype=np.int64)
+    full = int_column(tokenized, FULL_LENGTH)
     summary: dict[str, Any] = {
         "token_lengths": {**{f"p{p}": int(np.percentile(full, p)) for p in PERCENTILES}, "max": int(full.max())}
         if len(full) else {},
@@ -21,13 +20,24 @@ def summarize(tokenized, max_length: int, dropped: dict[str, int], label_names: 
         "dropped": {reason: count for reason, count in dropped.items() if count},
     }
     if label_names is None:
-        trainable = np.asarray(table[TRAINABLE].to_numpy(), dtype=np.int64)
+        trainable = int_column(tokenized, TRAINABLE)
         kept = np.minimum(full, max_length).sum()
         summary["trainable_token_share"] = round(float(trainable.sum() / kept), 4) if kept else 0.0
     else:
-        counts = np.bincount(np.asarray(table["labels"].to_numpy()), minlength=len(label_names))
+        counts = np.bincount(int_column(tokenized, "labels"), minlength=len(label_names))
         summary["labels"] = {name: int(count) for name, count in zip(label_names, counts)}
     return summary
+
+
+def int_column(dataset, name: str):
+    """One integer column as numpy, through the dataset's row selection if it has one. datasets' own column access
+    on a selection gathers row by row (a table slice per row: 1.5 s for 200,000 rows); a numpy take does not."""
+    import numpy as np
+
+    values = np.asarray(dataset.data.column(name).to_numpy(), dtype=np.int64)
+    if dataset._indices is not None:
+        values = values[dataset._indices.column(0).to_numpy()]
+    return values
 
 
 def rows_summary(loaded, label_field: str) -> dict[str, Any]:
