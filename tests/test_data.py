@@ -2,6 +2,7 @@
 import codecs
 import json
 import sqlite3
+from dataclasses import replace
 
 import pytest
 
@@ -151,6 +152,51 @@ def test_missing_fields_and_wrong_types_are_listed_with_lines(tmp_path):
     assert "2 bad example(s)" in message and "\n" not in message
     assert f"{tmp_path / 'a.jsonl'}:2: missing field 'label'" in message
     assert f"{tmp_path / 'a.jsonl'}:3: field 'text' should be a string, got int" in message
+
+
+CLEAN_ROWS = {  # case: (format, rows)
+    "class names": ("classification", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}]),
+    "class ids": ("classification", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]),
+    "messages": ("messages", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}]),
+    "prompt_completion": ("prompt_completion", [{"prompt": "p", "completion": "c"}]),
+    "instruction": ("instruction", [{"instruction": "i", "output": "o"}]),
+    "text": ("text", [{"text": "t"}]),
+}
+# Each breaks one rule; the vectorised check must leave them to the row-by-row one, which names the row.
+BAD_MESSAGES = [
+    ([{"role": "user", "content": "q"}], "no assistant message to learn from"),
+    ([{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}], "message 0 needs role"),
+    ([{"role": "user", "content": None}, {"role": "assistant", "content": "a"}], "message 0 needs role"),
+    ([], "no assistant message to learn from"),
+]
+
+
+@pytest.mark.parametrize("case", sorted(CLEAN_ROWS))
+def test_clean_data_is_validated_by_arrow_without_a_python_pass(tmp_path, monkeypatch, case):
+    from sft.data import validation
+
+    data_format, rows = CLEAN_ROWS[case][0], CLEAN_ROWS[case][1] * 3
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    config = make_config(str(tmp_path / "a.jsonl"), task="classification" if data_format == "classification"
+                         else "causal_lm", eval_fraction=0)
+    source = read_source(config.data.train, "data.train", tmp_path)
+    assert validation.row_problems(source, data_format, config, "data.train") == []
+    monkeypatch.setattr(validation, "record_problems", lambda *args: pytest.fail("validated row by row"))
+    assert validation.row_problems(source, data_format, config, "data.train") == []
+    # Contiguous slices (a sliced Arrow table, no row selection) go through the vectorised check too.
+    sliced = replace(source, dataset=source.dataset.select(range(1, len(rows))))
+    assert validation.row_problems(sliced, data_format, config, "data.train") == []
+
+
+@pytest.mark.parametrize("messages, problem", BAD_MESSAGES)
+def test_bad_conversations_in_a_later_file_are_found_at_their_line(tmp_path, messages, problem):
+    good = CLEAN_ROWS["messages"][1] * 2
+    write_jsonl(tmp_path / "a.jsonl", good)
+    write_jsonl(tmp_path / "b.jsonl", good + [{"messages": messages}] + good)
+    config = make_config([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], task="causal_lm", eval_fraction=0)
+    with pytest.raises(UserError) as error:
+        load_rows(config, tmp_path)
+    assert f"b.jsonl:3: {problem}" in str(error.value)
 
 
 # Labels

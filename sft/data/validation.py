@@ -89,6 +89,8 @@ def row_problems(rows: Rows, data_format: str, config: Config, config_key: str) 
     fields = config.data.fields
     if not len(rows):
         return [f"{config_key}: no examples found; check the file or query"]
+    if _clean_by_arrow(rows.dataset, data_format, fields):
+        return []
     count, shown = 0, []
     for index, record in iter_records(rows, format_columns(data_format, fields)):
         problems = record_problems(record, data_format, fields)
@@ -99,6 +101,56 @@ def row_problems(rows: Rows, data_format: str, config: Config, config_key: str) 
         return []
     more = f" (and {count - len(shown)} more)" if count > len(shown) else ""
     return [f"{config_key}: {count} bad example(s): {'; '.join(shown)}{more}"]
+
+
+def _clean_by_arrow(dataset, data_format: str, fields: Fields) -> bool:
+    """True when the Arrow column types and a few vectorised checks prove that no row has a problem, as in clean
+    data: the row-by-row check (in one process, ~5 µs a row) then has nothing to find. Anything else (nulls, empty
+    strings, other types, a row selection) is left to that check, which says what is wrong where."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if dataset._indices is not None:
+        return False
+    for name, kind in _required(data_format, fields):
+        if name not in dataset.column_names:
+            return False
+        column, kinds = dataset.data.column(name), kind if isinstance(kind, tuple) else (kind,)
+        if column.null_count:
+            return False
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            if str not in kinds or pc.any(pc.equal(column, "")).as_py():
+                return False
+        elif pa.types.is_integer(column.type):
+            if int not in kinds:
+                return False
+        elif not (list in kinds and data_format == "messages" and _messages_clean(column)):
+            return False
+    return True
+
+
+def _messages_clean(column) -> bool:
+    """Every conversation is a list of messages with a known role and string content, one of them an assistant's."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = (pa.string(), pa.large_string())
+    for chunk in column.chunks:
+        if not (pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type)):
+            return False
+        messages = chunk.flatten()
+        if not pa.types.is_struct(messages.type) or messages.null_count \
+                or {"role", "content"} - {f.name for f in messages.type}:
+            return False
+        role, content = pc.struct_field(messages, "role"), pc.struct_field(messages, "content")
+        if role.type not in text or content.type not in text or role.null_count or content.null_count \
+                or not pc.all(pc.is_in(role, value_set=pa.array(ROLES))).as_py():
+            return False
+        # The conversations (by position in this chunk) that hold an assistant message: all of them.
+        with_answer = pc.unique(pc.filter(pc.list_parent_indices(chunk), pc.equal(role, "assistant")))
+        if len(with_answer) != len(chunk):
+            return False
+    return True
 
 
 def _message_problems(messages: list) -> list[str]:
