@@ -187,7 +187,7 @@ def _prepare(args) -> int:
     from sft.report import print_prepare
 
     config = load_config(args.config, args.overrides, args.env_file)
-    print_prepare(config, prepare(config, load_tokenizer(config)))
+    print_prepare(config, prepare(config, lambda: load_tokenizer(config)))
     return 0
 
 

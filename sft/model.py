@@ -26,6 +26,20 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def local_model_folder(config: Config) -> Path | None:
+    """Where the model's files are on this machine: its folder, a `pkg:` package's weights, or a hub id's snapshot
+    in the hub cache; None while a hub model is not downloaded."""
+    folder = Path(resolve_model_path(config.model.name))
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(config.model.name, revision=config.model.revision, local_files_only=True))
+    except (ValueError, OSError):  # not in the cache, or not a hub id either
+        return None
+
+
 def training_dtype(config: Config):
     """The compute dtype (autocast): bf16 where the GPU supports it, fp32 on CPU unless asked for (CPU bf16
     autocast works but is slower on CPUs without bf16 instructions). fp16 needs a GPU (a loss scaler on CUDA)."""

@@ -74,6 +74,7 @@ def build_tiny_tokenizer(folder: Path, chat_template: str | None = CHAT_TEMPLATE
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.bos_token_id)])
     tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
+    tokenizer.name_or_path = str(folder)  # as if loaded from there
     return tokenizer
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import CHAT_ROWS, REPO, build_tiny_tokenizer, tiny_lm_config, write_jsonl
 from sft.config import Config
-from sft.data import (IGNORE_INDEX, prepare, tokenize_classification, tokenize_instruction, tokenize_messages,
+from sft import data as sft_data
+from sft.data import (IGNORE_INDEX, tokenize_classification, tokenize_instruction, tokenize_messages,
                       tokenize_prompt_completion, tokenize_text)
 
 PAIRS = [{"prompt": f"add {a} and {b} :", "completion": f" the answer is {a + b}"} for a in range(6) for b in range(5)]
@@ -25,6 +26,12 @@ def config_for(tmp_path, train, task="causal_lm", training=None, **data) -> Conf
                                   "data": {"train": train, "cache_dir": str(tmp_path / "cache"), **data}})
 
 
+def prepare(config: Config, tokenizer):
+    """sft's prepare, with model.name the folder the tokenizer was saved in (the cache key hashes its files)."""
+    model = config.model.model_copy(update={"name": tokenizer.name_or_path})
+    return sft_data.prepare(config.model_copy(update={"model": model}), lambda: tokenizer)
+
+
 def cached_folders(tmp_path) -> list[str]:
     return sorted(p.name for p in (tmp_path / "cache" / "tokenized").iterdir() if p.is_dir())
 
@@ -32,7 +39,10 @@ def cached_folders(tmp_path) -> list[str]:
 def test_second_prepare_is_a_cache_hit_and_memory_maps_the_same_data(tmp_path, tokenizer):
     data = write_jsonl(tmp_path / "a.jsonl", PAIRS)
     first = prepare(config_for(tmp_path, str(data)), tokenizer)
-    second = prepare(config_for(tmp_path, str(data)), tokenizer)
+    # A hit is found from the files alone: the tokenizer is not loaded.
+    config = config_for(tmp_path, str(data))
+    config = config.model_copy(update={"model": config.model.model_copy(update={"name": tokenizer.name_or_path})})
+    second = sft_data.prepare(config, lambda: pytest.fail("loaded the tokenizer for a cache hit"))
     assert first.build_seconds is not None and second.build_seconds is None
     assert second.cache_key == first.cache_key and cached_folders(tmp_path) == [first.cache_key]
     assert second.train["input_ids"] == first.train["input_ids"] and second.summary == first.summary
@@ -74,6 +84,25 @@ def test_cache_misses_exactly_when_the_tokens_would_change(tmp_path, tokenizer, 
     assert len(cached_folders(tmp_path)) == 1 + tokens_change
     if "move" in change:
         assert again.files[0].source == str(data)  # the manifest names the data where it is now
+
+
+def test_the_key_follows_the_tokenizer_files_but_not_weights_added_beside_them(tmp_path, tokenizer):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tokenizer.name_or_path, folder)
+    data = write_jsonl(tmp_path / "a.jsonl", PAIRS)
+    copy = tokenizer.__class__.from_pretrained(folder)
+    base = prepare(config_for(tmp_path, str(data)), copy)
+    # What `sft fetch` or a download adds after the tokenizer: weights, their index, generation settings, docs.
+    for name in ("model.safetensors", "model.safetensors.index.json", "generation_config.json", "README.md",
+                 ".cache/huggingface/download/model.safetensors.metadata"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("{}")
+    assert prepare(config_for(tmp_path, str(data)), copy).cache_key == base.cache_key
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "bos_token": "<pad>"}))
+    assert prepare(config_for(tmp_path, str(data)), copy).cache_key != base.cache_key
 
 
 def test_token_ids_and_masks_equal_the_per_format_functions_for_every_format(tmp_path, tokenizer):

@@ -101,11 +101,11 @@ def test_a_config_with_the_password_in_env_prepares_and_mixes_with_a_file(postgr
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"q": f"extra {i}", "a": f" yes {i}"} for i in range(40)])
     url = postgres.url(password="${PGPASSWORD}")
     config = load_config(write_config({
-        "task": "causal_lm", "model": {"name": "unused"}, "env_file": str(tmp_path / ".env"),
+        "task": "causal_lm", "model": {"name": str(tmp_path / "tok")}, "env_file": str(tmp_path / ".env"),
         "data": {"train": [{"database": url, "query": "SELECT prompt, completion FROM big ORDER BY id", "max_rows": 100},
                            {"path": str(extra), "fields": {"prompt": "q", "completion": "a"}, "fraction": 0.5}],
                  "eval_fraction": 0, "cache_dir": str(tmp_path / "cache")}}))
-    prepared = prepare(config, tokenizer)
+    prepared = prepare(config, lambda: tokenizer)
     assert len(prepared.train) == 120 and prepared.data_format == "prompt_completion"
     assert prepared.summary["dropped"] == {"not picked (max_rows/fraction)": BIG_ROWS - 100 + 20}
     assert [f.rows for f in prepared.files] == [BIG_ROWS, 40]

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sft.config import Config, FileSource, Source, SQLSource
 from sft.data import cache
@@ -250,9 +250,12 @@ def _checked(tokenized, rows: Rows, data_format: str, max_length: int, label_nam
 
 # The whole stage, cached
 
-def prepare(config: Config, tokenizer) -> PreparedData:
-    """Tokenized train/eval data from the cache, building it first when no earlier run did."""
+def prepare(config: Config, get_tokenizer: Callable[[], Any]) -> PreparedData:
+    """Tokenized train/eval data from the cache, building it first when no earlier run did. The tokenizer is asked
+    for (`get_tokenizer()`) only to build, or to download a hub tokenizer the key needs the files of."""
     from filelock import Timeout
+
+    from sft.model import local_model_folder
 
     root = cache.cache_root(config)
     try:
@@ -264,13 +267,19 @@ def prepare(config: Config, tokenizer) -> PreparedData:
     with tempfile.TemporaryDirectory(dir=root, prefix=".work-") as work:
         opened = open_sources(config, Path(work))
         fingerprints = {key: [one.fingerprint for one in items] for key, items in opened.items() if items}
-        key = cache.cache_key(config, fingerprints, tokenizer)
+        key, tokenizer = cache.cache_key(config, fingerprints, local_model_folder(config)), None
+        if key is None:  # a hub model not downloaded yet: loading its tokenizer downloads it (or says how to)
+            tokenizer = get_tokenizer()
+            key = cache.cache_key(config, fingerprints, local_model_folder(config))
+            if key is None:
+                raise UserError(f"model.name: the tokenizer of {config.model.name} loaded, but its files are not in "
+                                f"the hub cache; point model.name at a folder that holds them")
         folder = root / "tokenized" / key
         try:
             with cache.build_lock(folder, config.data.wait_minutes):
                 built = not cache.is_complete(folder)
                 if built:
-                    _build(config, tokenizer, opened, Path(work), folder)
+                    _build(config, tokenizer or get_tokenizer(), opened, Path(work), folder)
         except Timeout:
             raise UserError(f"data.wait_minutes: another process has been preparing {folder} for over "
                             f"{config.data.wait_minutes:g} minutes; wait for it or raise data.wait_minutes") from None
@@ -325,13 +334,13 @@ def prepare_for_run(config: Config, tokenizer, run_dir: Path, state) -> Prepared
     """Under torchrun the first process of each node prepares (or finds) the cached data and the others memory-map
     it when the handoff note says it is ready: they wait on a file, not in a collective with a timeout."""
     if state.num_processes == 1:
-        return prepare(config, tokenizer)
+        return prepare(config, lambda: tokenizer)
     note = cache.handoff_path(config, run_dir)
     if state.is_main_process:
         note.unlink(missing_ok=True)  # a note from an earlier (requeued) start must not be read as this one's
     state.wait_for_everyone()
     if state.is_local_main_process:
-        prepared = prepare(config, tokenizer)
+        prepared = prepare(config, lambda: tokenizer)
         if state.is_main_process:
             cache.write_handoff(note, prepared.cache_folder)
         return prepared

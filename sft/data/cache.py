@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 
 import sft
@@ -28,6 +29,7 @@ log = logging.getLogger("sft")
 INFO = "info.json"
 # Settings that only say how or where to prepare, not what the tokens are.
 NOT_IN_KEY = ("cache_dir", "num_proc", "wait_minutes")
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot"}
 
 
 def cache_root(config: Config) -> Path:
@@ -37,9 +39,12 @@ def cache_root(config: Config) -> Path:
     return Path(hf_home) / "sft"
 
 
-def cache_key(config: Config, sources: dict[str, list[DataFile]], tokenizer) -> str:
-    """Hash of what decides the tokens: source contents (not paths: moved data still hits), tokenizer files and
-    chat template, data settings, the label count, the seed where it picks rows, and the sft version."""
+def cache_key(config: Config, sources: dict[str, list[DataFile]], tokenizer_folder: Path | None) -> str | None:
+    """Hash of what decides the tokens: source contents (not paths: moved data still hits), the tokenizer's files
+    and the libraries that apply them, data settings, the label count, the seed where it picks rows, and the sft
+    version. None while the tokenizer's files are not on this machine yet (a hub model not downloaded)."""
+    if tokenizer_folder is None:
+        return None
     data = config.data.model_dump(mode="json", exclude=set(NOT_IN_KEY))
     for config_key, files in sources.items():
         section = config_key.split(".")[1]
@@ -48,8 +53,10 @@ def cache_key(config: Config, sources: dict[str, list[DataFile]], tokenizer) -> 
     picks_rows = (config.data.eval is None and config.data.eval_fraction > 0) or any(
         isinstance(item, dict) and (item.get("max_rows") or item.get("fraction"))
         for section in ("train", "eval") for item in data.get(section) or [])
+    libraries = {name: metadata.version(name) for name in ("transformers", "tokenizers")}
     settings = {"sft": sft.__version__, "task": config.task, "num_labels": config.model.num_labels, "data": data,
-                "seed": config.training.seed if picks_rows else None, "tokenizer": tokenizer_digest(tokenizer)}
+                "seed": config.training.seed if picks_rows else None, "libraries": libraries,
+                "tokenizer": tokenizer_digest(tokenizer_folder)}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -60,19 +67,23 @@ def _item_settings(item) -> dict:
     return {k: v for k, v in item.items() if k not in ("path", "database", "timeout") and v is not None}
 
 
-def tokenizer_digest(tokenizer) -> str:
-    """Hash of the files save_pretrained writes (vocabulary, merges, special tokens, chat template)."""
+def tokenizer_digest(folder: Path) -> str:
+    """Hash of the model folder's files other than weights and docs: the tokenizer's vocabulary, merges, special
+    tokens, chat template and configs, whatever their names. Read from disk, so a cache hit needs no tokenizer
+    loaded (importing transformers alone takes 2 s). A changed file that does not matter costs a rebuild, never
+    stale tokens."""
     digest = hashlib.sha256()
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        for file in sorted(Path(folder).iterdir()):
-            text = file.read_bytes()
-            if file.name == "tokenizer_config.json":  # where it was loaded from does not change a token
-                settings = json.loads(text)
-                settings.pop("name_or_path", None)
-                text = json.dumps(settings, sort_keys=True).encode()
-            digest.update(file.name.encode() + b"\0" + text)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not _not_tokens(p.relative_to(folder))):
+        digest.update(str(file.relative_to(folder)).encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()
+
+
+def _not_tokens(file: Path) -> bool:
+    """Weights, their indexes, generation settings, docs and hidden files (e.g. a download's .cache/): files a
+    tokenizer never reads. `sft fetch` adds weights to a hub snapshot after the tokenizer's files: no new key."""
+    name = file.name
+    return file.suffix in WEIGHT_SUFFIXES or name.endswith(".index.json") or name == "generation_config.json" \
+        or file.suffix == ".md" or any(part.startswith(".") for part in file.parts)
 
 
 def is_complete(folder: Path) -> bool:
