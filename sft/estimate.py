@@ -13,7 +13,6 @@ In fp32 (CPU) training every activation is 4 bytes instead of (mostly) 2, and th
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from sft.config import Config
 from sft.errors import UserError
@@ -167,16 +166,11 @@ def what_fits(config: Config, shape: ModelShape, tokens: int, gpu_bytes: float) 
 
 def read_model_config(config: Config) -> dict | None:
     """config.json of the model: a local folder, a `pkg:` package, or the hub cache (never a download)."""
-    from sft.model import resolve_model_path
+    from sft.model import local_model_folder
 
-    path = Path(resolve_model_path(config.model.name))
-    if path.is_dir():
-        file = path / "config.json"
-        return json.loads(file.read_text()) if file.is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(config.model.name, "config.json", revision=config.model.revision)
-    return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+    folder = local_model_folder(config)
+    file = folder / "config.json" if folder else None
+    return json.loads(file.read_text()) if file and file.is_file() else None
 
 
 def visible_gpu_memory() -> float | None:
@@ -194,13 +188,11 @@ def visible_gpu_memory() -> float | None:
     return float(out[0]) * 2**20 if out else None
 
 
-def preflight(config: Config, gpu_bytes: float | None) -> list[tuple[str, str]]:
-    """Rows for `sft check`: the estimate's parts, and whether it fits the GPU (with the change that would)."""
+def preflight(config: Config, gpu_bytes: float | None, model_config: dict) -> list[tuple[str, str]]:
+    """Rows for `sft check`: the estimate's parts for the model's config.json, and whether it fits the GPU (with the
+    change that would)."""
     from sft.model import GPU_TOKEN_BUDGET
 
-    model_config = read_model_config(config)
-    if model_config is None:
-        return [("memory estimate", f"skipped: no config.json for {config.model.name} on this machine")]
     shape = shape_from_config(model_config)
     budget = config.training.max_tokens_per_batch
     if budget == "auto":
@@ -210,8 +202,7 @@ def preflight(config: Config, gpu_bytes: float | None) -> list[tuple[str, str]]:
                                gradient_checkpointing=config.training.gradient_checkpointing,
                                lora_rank=config.method.lora.r, classification=config.task == "classification")
     parts = ", ".join(f"{name} {size(value)}" for name, value in estimate.parts.items() if value)
-    rows = [("memory estimate", f"{size(estimate.total)} per GPU for {tokens:,} tokens per batch "
-                                f"({shape.params / 1e9:.2f} B parameters: {parts})")]
+    rows = [("memory estimate", f"{size(estimate.total)} per GPU for {tokens:,} tokens per batch ({parts})")]
     if gpu_bytes is None:
         rows.append(("fits the GPU?", "no GPU visible; pass --gpu-mem 80GB to check"))
     elif fits(estimate, gpu_bytes):
@@ -227,12 +218,12 @@ def size(value: float) -> str:
     return f"{value / GIB:.1f} GiB" if value >= GIB else f"{value / 2**20:.0f} MiB"
 
 
-def print_preflight(config: Config, gpu_bytes: float | None) -> None:
+def print_preflight(config: Config, gpu_bytes: float | None, model_config: dict) -> None:
     """`sft check`: the memory estimate, and whether it fits --gpu-mem or the visible GPU."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="memory (estimated from config.json)", show_header=False)
-    for name, value in preflight(config, gpu_bytes):
+    for name, value in preflight(config, gpu_bytes, model_config):
         table.add_row(name, value)
     Console().print(table)

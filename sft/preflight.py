@@ -299,7 +299,7 @@ def untrainable_problems(config: Config, loaded, tokenizer) -> list[str]:
 
 def run_checks(config: Config, work_dir: Path):
     """`sft check`: settings, model, data rows and labels, trainable tokens, output directory. Returns the loaded
-    rows and (name, value) lines for the report; raises one UserError listing every problem."""
+    rows, (name, value) lines for the report and the model's files; raises one UserError listing every problem."""
     from sft.data import load_rows
 
     problems = settings_problems(config)
@@ -330,4 +330,4 @@ def run_checks(config: Config, work_dir: Path):
     if needed:
         lines.append(("output space", f"about {needed[0] / GB:.2f} GB needed ({needed[1]}), "
                                       f"{free / GB:.1f} GB free in {config.output.dir}"))
-    return loaded, lines
+    return loaded, lines, model

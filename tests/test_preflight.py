@@ -200,7 +200,7 @@ def test_output_dir_must_be_a_writable_folder(tmp_path):
 
 def test_too_little_disk_for_the_checkpoints_is_reported_before_the_queue(tmp_path, monkeypatch):
     config = classification(tmp_path, method={"name": "full"})
-    _, lines = run_checks(config_of(config), tmp_path / "work")
+    _, lines, _ = run_checks(config_of(config), tmp_path / "work")
     assert dict(lines)["output space"].startswith("about 0.91 GB needed (3 checkpoint(s) of 0.27 GB for 22,713,728")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr("sft.preflight.shutil.disk_usage", lambda path: usage(10**12, 10**12 - 5 * 10**8, 5 * 10**8))
