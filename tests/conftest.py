@@ -175,22 +175,29 @@ time.sleep(600)
 
 
 @pytest.fixture
-def run_owner():
-    """run_owner(run_dir): a live process (outside any Slurm job) that owns the run directory until the test ends."""
+def owner_processes():
+    """start(script, *args, env=None): a Python process running `script`, which prints "owner" once it owns a run
+    directory; returned once it does, killed when the test ends."""
     import subprocess
     import sys
 
     started: list[subprocess.Popen] = []
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
 
-    def own(run_dir: Path) -> subprocess.Popen:
-        process = subprocess.Popen([sys.executable, "-c", RUN_OWNER, str(run_dir)], stdout=subprocess.PIPE,
-                                   text=True, cwd=REPO, env=env)
+    def start(script: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True,
+                                   cwd=REPO, env=env)
         started.append(process)
         assert process.stdout.readline() == "owner\n"
         return process
 
-    yield own
+    yield start
     for process in started:
         process.kill()
         process.wait()
+
+
+@pytest.fixture
+def run_owner(owner_processes):
+    """run_owner(run_dir): a live process (outside any Slurm job) that owns the run directory until the test ends."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return lambda run_dir: owner_processes(RUN_OWNER, str(run_dir), env=env)

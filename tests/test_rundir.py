@@ -7,13 +7,11 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from sft.config import Config
 from sft.errors import UserError
 from sft.files import write_json_atomic
@@ -159,23 +157,14 @@ time.sleep(600)
 
 
 @pytest.fixture
-def owners():
+def owners(owner_processes):
     """start(config, host=None, env=None): a live process that owns config's run directory."""
-    started: list[subprocess.Popen] = []
-
     def start(config: Config, host: str | None = None, env: dict | None = None) -> subprocess.Popen:
         settings = {**SETTINGS, "output": config.output.model_dump()}
-        process = subprocess.Popen([sys.executable, "-c", OWNER, json.dumps(settings), host or "",
-                                    str(config.config_path)], stdout=subprocess.PIPE, text=True, cwd=REPO,
-                                   env={**os.environ, **(env or {})})
-        started.append(process)
-        assert process.stdout.readline() == "owner\n"
-        return process
+        return owner_processes(OWNER, json.dumps(settings), host or "", str(config.config_path),
+                               env={**os.environ, **(env or {})})
 
-    yield start
-    for process in started:
-        process.kill()
-        process.wait()
+    return start
 
 
 def snapshot(folder: Path) -> dict:
