@@ -324,6 +324,8 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         save_total_limit=None,  # CompleteCheckpointCallback rotates, after the new checkpoint is complete
         load_best_model_at_end=t.load_best_model_at_end,
         metric_for_best_model=best_metric,
+        # A resumed run continues early stopping's patience count instead of starting it again (off by default).
+        restore_callback_states_from_checkpoint=True,
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a non-finite loss must reach the log: NonFiniteLossCallback stops on it

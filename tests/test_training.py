@@ -643,6 +643,46 @@ def test_early_stopping_stops_and_the_best_checkpoint_becomes_the_final_model(ti
     assert result.metrics["eval_loss"] == evaluations[-1]["eval_loss"]
 
 
+@pytest.mark.slow
+def test_a_run_killed_while_early_stopping_counts_resumes_to_the_same_stop(tiny_causal_lm, tmp_path):
+    """The patience count survives a kill: resumed from the checkpoint after the first evaluation without
+    improvement, the run stops at the same step with the same final model as the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from conftest import CHAT_ROWS, write_jsonl
+
+    train, evaluation = (write_jsonl(tmp_path / f"{name}.jsonl", rows)
+                         for name, rows in (("train", CHAT_ROWS[:16]), ("eval", CHAT_ROWS[16:])))
+
+    def config_path(name: str) -> Path:
+        # No evaluation beats the first by 100: patience 2 stops after the third, at step 12 of 24.
+        config = tiny_lm_config(tiny_causal_lm, train, tmp_path / "runs", epochs=6, eval_strategy="epoch",
+                                save_strategy="epoch", save_total_limit=5, learning_rate=3e-3,
+                                early_stopping={"patience": 2, "threshold": 100.0, "metric": "eval_token_accuracy"})
+        config["data"]["eval"] = str(evaluation)
+        config["output"]["name"] = name
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    reference = run_cli("train", str(config_path("reference")))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed_config = config_path("killed")
+    # Killed in step 10: after checkpoint-8, whose evaluation was the first without improvement.
+    killed = run_cli("train", str(killed_config), env={**os.environ, "PYTHONPATH": str(REPO / "tests" / "hooks"),
+                                                      "SFT_TEST_KILL_AT": "step:10"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run_cli("train", str(killed_config))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    runs = tmp_path / "runs"
+    manifests = [json.loads((runs / name / "manifest.json").read_text()) for name in ("reference", "killed")]
+    assert manifests[0]["results"]["steps"] == 12
+    assert manifests[1]["results"]["steps"] == 12 and manifests[1]["restarts"][0]["resumed_from_step"] == 8
+    expected, actual = (load_file(runs / name / "final" / "model.safetensors") for name in ("reference", "killed"))
+    assert all((expected[k] == actual[k]).all() for k in expected)
+
+
 @pytest.mark.parametrize("training,message", [
     ({"early_stopping": {"metric": "eval_macro_f1"}},
      "training.early_stopping.metric: eval_macro_f1 is not an eval metric of causal_lm; use one of eval_loss, "
