@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Re-resolve the image's extra lock files, on top of requirements.lock (`make lock` runs this after freezing it):
 #   container/jupyter.lock   JupyterLab and what it needs (slurm/jupyter.sbatch; the venv installs it for its test)
-#   container/cuda.lock      what PyPI's CUDA build of the locked torch needs: nvidia-* CUDA libraries, triton
+#   container/cuda.lock      what PyPI's CUDA build of the locked torch needs: nvidia-* CUDA libraries, triton;
+#                            and bitsandbytes for qlora
 #   container/lock.sh        (needs .venv and the package index; ~3 min, PyPI's metadata for the CUDA wheels is slow)
 # Why separate files: requirements.lock is what the venv installs, with the CPU torch on machines that serve it;
 # JupyterLab (~75 packages) and the CUDA libraries (~4 GB) belong to the image. Pins here never contradict
@@ -45,8 +46,9 @@ write container/jupyter.lock "JupyterLab for the image, on top of requirements.l
 
 # The CUDA build as a cluster's image gets it: plain PyPI (--isolated drops this machine's pip config, whose
 # local wheel folders serve torch's +cpu build), where torch==X is the CUDA build and pins its nvidia-* wheels.
+# bitsandbytes (method.name: qlora) ships its CUDA kernels in the wheel; it is of no use without a GPU.
 resolve --isolated --cert "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" \
-  -r requirements.lock -r container/jupyter.lock
+  -r requirements.lock -r container/jupyter.lock bitsandbytes
 "$PY" - "$report" requirements.lock <<'PY'
 import json, sys
 resolved = {i["metadata"]["name"]: i["metadata"]["version"] for i in json.load(open(sys.argv[1]))["install"]}
@@ -55,5 +57,5 @@ locked = next(l.strip().split("==")[1] for l in open(sys.argv[2]) if l.startswit
 if torch != locked:
     sys.exit(f"container/lock.sh: PyPI gave torch {torch}, requirements.lock pins {locked}; is PyPI reachable?")
 PY
-write container/cuda.lock "the CUDA libraries PyPI's torch build needs (TORCH_VARIANT=cuda)." \
+write container/cuda.lock "the CUDA libraries PyPI's torch build needs, and bitsandbytes (TORCH_VARIANT=cuda)." \
   requirements.lock container/jupyter.lock

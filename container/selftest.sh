@@ -45,6 +45,17 @@ print("triton: C module compiled, cached and loaded")
 PY
 fi
 
+if [ -d /opt/sft/venv/lib/python3.11/site-packages/bitsandbytes ]; then
+  echo "== bitsandbytes (method.name: qlora): the wheel carries the kernels for torch's CUDA version"
+  /opt/sft/venv/bin/python - <<'PY'
+import pathlib, bitsandbytes, torch
+cuda = torch.version.cuda.replace(".", "")
+kernels = pathlib.Path(bitsandbytes.__file__).parent / f"libbitsandbytes_cuda{cuda}.so"
+assert kernels.is_file(), f"bitsandbytes {bitsandbytes.__version__} has no kernels for CUDA {torch.version.cuda}"
+print(f"bitsandbytes {bitsandbytes.__version__}: {kernels.name}")
+PY
+fi
+
 echo "== InfiniBand userspace (NCCL loads libibverbs.so.1 for multi-node traffic)"
 /opt/sft/venv/bin/python - <<'PY'
 import ctypes, glob, torch
