@@ -328,6 +328,7 @@ def main() -> None:
     out = Path(args.out)
     if seed:
         write_reports(out, summary, results)
+        (out / "throughput.partial.json").unlink(missing_ok=True)  # the reports hold every result now
     print(json.dumps({k: v for k, v in summary.items() if k not in ("versions", "model", "data")}))
 
 
