@@ -83,8 +83,8 @@ def _answer_labels_by_prefix(tokenizer, conversations: list[list[dict]]) -> list
         # A token belongs to an answer when its first character does; the labels are copied by slices.
         labels = [IGNORE_INDEX] * len(input_ids)
         for span_start, span_end in answer_spans:
-            first, end = _first_token_from(encoding, span_start, len(text)), _first_token_from(encoding, span_end,
-                                                                                                len(text))
+            first = _first_token_from(encoding, span_start, len(text))
+            end = _first_token_from(encoding, span_end, len(text))
             labels[first:end] = input_ids[first:end]
         results.append((input_ids, labels))
     return results
