@@ -26,10 +26,13 @@ def config_for(tmp_path, train, task="causal_lm", training=None, **data) -> Conf
                                   "data": {"train": train, "cache_dir": str(tmp_path / "cache"), **data}})
 
 
+def with_model(config: Config, folder: str) -> Config:
+    return config.model_copy(update={"model": config.model.model_copy(update={"name": folder})})
+
+
 def prepare(config: Config, tokenizer):
     """sft's prepare, with model.name the folder the tokenizer was saved in (the cache key hashes its files)."""
-    model = config.model.model_copy(update={"name": tokenizer.name_or_path})
-    return sft_data.prepare(config.model_copy(update={"model": model}), lambda: tokenizer)
+    return sft_data.prepare(with_model(config, tokenizer.name_or_path), lambda: tokenizer)
 
 
 def cached_folders(tmp_path) -> list[str]:
@@ -40,9 +43,8 @@ def test_second_prepare_is_a_cache_hit_and_memory_maps_the_same_data(tmp_path, t
     data = write_jsonl(tmp_path / "a.jsonl", PAIRS)
     first = prepare(config_for(tmp_path, str(data)), tokenizer)
     # A hit is found from the files alone: the tokenizer is not loaded.
-    config = config_for(tmp_path, str(data))
-    config = config.model_copy(update={"model": config.model.model_copy(update={"name": tokenizer.name_or_path})})
-    second = sft_data.prepare(config, lambda: pytest.fail("loaded the tokenizer for a cache hit"))
+    second = sft_data.prepare(with_model(config_for(tmp_path, str(data)), tokenizer.name_or_path),
+                              lambda: pytest.fail("loaded the tokenizer for a cache hit"))
     assert first.build_seconds is not None and second.build_seconds is None
     assert second.cache_key == first.cache_key and cached_folders(tmp_path) == [first.cache_key]
     assert second.train["input_ids"] == first.train["input_ids"] and second.summary == first.summary
