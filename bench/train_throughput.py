@@ -12,6 +12,7 @@ Recipes (one epoch over the same examples each, so each trains on the same real 
   trl_padfree  TRL SFTTrainer, padding_free=True without packing, batch 8, completion-only loss
 TRL gets the attention kernel sft's `auto` picks on the device (its best; eager on CPU), gradient checkpointing off.
   sft          `sft train` with its defaults (method full, like the others: same trained weights and optimizer)
+  sft_own_loss the same with training.chunked_loss: false (the model's own cross-entropy): the chunked loss's lever
 Each runs in its own process (a fresh memory peak; nothing warmed by the previous recipe). One token counter (a
 forward pre-hook counting non-padding input tokens) and one clock (from the start of optimizer step WARMUP_STEPS
 to the end of the last step) measure all of them, so the numbers compare like with like.
@@ -37,7 +38,7 @@ MAX_LENGTH = 1024
 BATCH = 8
 WARMUP_STEPS = 2
 PAD_ID = 0  # never drawn as a content token, so "non-padding" = "!= PAD_ID" for every recipe
-RECIPES = ("sft", "trl_padfree", "trl_packing", "classic")  # fastest first
+RECIPES = ("sft", "sft_own_loss", "trl_padfree", "trl_packing", "classic")  # fastest first
 # Llama/Qwen2 shapes: small enough for 2 CPU cores, and the GPU table's 0.5B model.
 SHAPES = {
     "cpu": {"vocab": 8192, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
@@ -133,8 +134,8 @@ def run_recipe(recipe: str, assets: Path, device: str) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     manifest = None
-    if recipe == "sft":
-        manifest = train_sft(assets, instrument)
+    if recipe.startswith("sft"):
+        manifest = train_sft(assets, instrument, chunked_loss=recipe == "sft")
     else:
         examples = json.loads((assets / "tokens.json").read_text())
         trainer = classic_trainer(assets, examples, device) if recipe == "classic" else \
@@ -208,9 +209,10 @@ def sft_attention() -> str:
     return choose_attention(config)[0]
 
 
-def train_sft(assets: Path, instrument) -> dict:
-    """`sft train` on the chat file with the defaults, method full. The bench wraps sft's build_trainer to attach
-    its counter and clock to the Trainer sft builds; nothing else about the run changes."""
+def train_sft(assets: Path, instrument, chunked_loss: bool) -> dict:
+    """`sft train` on the chat file with the defaults, method full (chunked_loss false: the model's own loss). The
+    bench wraps sft's build_trainer to attach its counter and clock to the Trainer sft builds; nothing else about the
+    run changes."""
     import yaml
 
     import sft.training
@@ -221,7 +223,8 @@ def train_sft(assets: Path, instrument) -> dict:
         "task": "causal_lm", "model": {"name": str(assets / "model")},
         "data": {"train": str(assets / "chat.jsonl"), "eval_fraction": 0.0, "max_length": MAX_LENGTH},
         "method": {"name": "full"},
-        "training": {"epochs": 1, "save_strategy": "no", "eval_strategy": "no", "logging_steps": 1000},
+        "training": {"epochs": 1, "save_strategy": "no", "eval_strategy": "no", "logging_steps": 1000,
+                     **({} if chunked_loss else {"chunked_loss": False})},
         "output": {"dir": str(assets / "runs"), "name": "bench"}}))
     build_trainer = sft.training.build_trainer
     sft.training.build_trainer = lambda *args, **kwargs: instrument(build_trainer(*args, **kwargs))
@@ -262,7 +265,9 @@ def write_reports(out: Path, summary: dict, results: list[dict]) -> None:
     lines += ["", f"sft vs classic: **{summary['ratio_vs_seed']:.2f}x**; vs TRL's best ({summary['trl_best']}): "
               f"**{summary['ratio_vs_trl']:.2f}x**; sft token efficiency {summary['token_efficiency']:.3f}; "
               f"sft's attention kernel: {summary['sft_attention']}, "
-              f"tokens per batch: {summary['sft_max_tokens_per_batch']}.", ""]
+              f"tokens per batch: {summary['sft_max_tokens_per_batch']}, "
+              f"chunked loss: {summary['sft_chunked_loss']} ({summary['chunked_vs_own_loss']}x the same run with "
+              f"the model's own loss, peak {summary['sft_peak_mb']} vs {summary['own_loss_peak_mb']} MB).", ""]
     (out / "throughput.md").write_text("\n".join(lines))
 
 
@@ -318,6 +323,11 @@ def main() -> None:
         "sft_peak_mb": round(sft["peak_mb"]) if sft else None,
         "sft_attention": sft.get("sft_attention") if sft else None,
         "sft_max_tokens_per_batch": sft.get("sft_max_tokens_per_batch") if sft else None,
+        "sft_chunked_loss": sft.get("sft_chunked_loss") if sft else None,
+        # The chunked loss's lever, same run: sft's defaults against the same run with the model's own loss.
+        "chunked_vs_own_loss": round(sft["real_tok_s"] / by_recipe["sft_own_loss"]["real_tok_s"], 2)
+        if sft and "sft_own_loss" in by_recipe else None,
+        "own_loss_peak_mb": round(by_recipe["sft_own_loss"]["peak_mb"]) if "sft_own_loss" in by_recipe else None,
         "model": f"Llama-shaped, {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, "
                  f"vocab {shape['vocab']}, random init",
         "data": f"{rows} chat examples, log-normal lengths, mean {sum(lengths) / len(lengths):.0f} tokens, "

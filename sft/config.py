@@ -223,6 +223,12 @@ class TrainingConfig(Section):
                                                           "evaluations in a row while training loss fell.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
                                                            "memory for about one more forward pass of compute.")
+    chunked_loss: bool | Literal["auto"] = Field(
+        "auto", description="causal_lm: compute the loss and its gradients from the last hidden states a chunk of "
+                            "tokens at a time, so the tokens x vocabulary logits are never held whole (about half "
+                            "the peak memory at a 152k vocabulary). auto: on for the architectures checked against "
+                            "the model's own loss (sft/loss.py: llama, mistral, qwen2, qwen3, phi3, olmo2, smollm3), "
+                            "off under training.fsdp.")
     ddp_backend: Literal["nccl", "gloo"] | None = Field(None, description="Defaults to nccl on GPUs, gloo on CPU.")
     fsdp: str = Field("", description="Trainer's fsdp option, e.g. 'full_shard auto_wrap', for models beyond one GPU.")
     ddp_timeout: int = Field(1800, ge=1, description="Seconds a rank waits in a collective (a barrier, an all-reduce) "
@@ -273,6 +279,9 @@ class Config(Section):
             raise ValueError("model.attn_implementation: flex_attention is for packed causal_lm batches; "
                              "use sdpa for classification")
         self._check_best_model_settings()
+        if self.training.chunked_loss is True and (self.task != "causal_lm" or self.training.fsdp):
+            raise ValueError("training.chunked_loss: true is for causal_lm runs without training.fsdp (untested with "
+                             "sharded weights); use auto")
         if self.method.name == "qlora" and self.method.merge:
             raise ValueError("method.merge: not with qlora (its base weights are 4-bit); merge the saved adapter into "
                              "the original base model afterwards")

@@ -9,6 +9,10 @@ bf16 autocast over fp32 weights; tests/test_estimate.py checks them, and a measu
                the saved log-softmax and its gradient. At a 152k vocabulary that is 2.1 MB a token: most of
                the peak, which is why a fused/chunked cross-entropy (never materialising them) matters.
 In fp32 (CPU) training every activation is 4 bytes instead of (mostly) 2, and the logits lose the bf16 copy.
+With training.chunked_loss (sft/loss.py) only one chunk of logits exists at a time, plus an fp32 buffer for the
+head's gradient when the head is trained: 6 bytes x vocabulary per token of the chunk in fp32 (the fp32 logits,
+turned softmax in place, and temporaries; measured on CPU at 64k and 152k vocabularies, tests/test_estimate.py), 8
+under bf16 autocast (the bf16 product and the bf16 copy of the gradient besides; not measured: no GPU here).
 """
 import json
 import re
@@ -20,6 +24,7 @@ from sft.errors import UserError
 GIB = 2**30
 ACTIVATION_BYTES = {"half": 64, "fp32": 128}  # x hidden, per layer and token
 LOGIT_BYTES = {"half": 14, "fp32": 12}  # x vocabulary, per token
+CHUNKED_LOGIT_BYTES = {"half": 8, "fp32": 6}  # x vocabulary, per token of one chunk
 CHECKPOINTED_BYTES = {"half": 4, "fp32": 4}  # x hidden, per layer and token: only each layer's fp32 input is kept
 # Leave this share of the GPU free: the CUDA context, and the caching allocator's fragmentation when every batch
 # has another shape (the 1.5B row of NOTES.md ran out of memory at an estimated 81% of 80 GB).
@@ -89,7 +94,7 @@ class Estimate:
 
 def estimate_memory(shape: ModelShape, method: str, tokens: int, *, half_precision: bool = True,
                     gradient_checkpointing: bool = False, lora_rank: int = 16, num_gpus: int = 1,
-                    classification: bool = False, score_entries: int = 0) -> Estimate:
+                    classification: bool = False, score_entries: int = 0, chunked_loss: bool = False) -> Estimate:
     """Peak bytes of one process. method: full, lora or qlora; num_gpus > 1 means FSDP (full_shard) over them.
     score_entries: attention-score entries per head and layer when the kernel materialises them (eager, and sdpa
     on CPU: tokens² for a flattened batch); 0 for flash/flex/efficient kernels, which never hold them."""
@@ -108,7 +113,15 @@ def estimate_memory(shape: ModelShape, method: str, tokens: int, *, half_precisi
     activations = tokens * shape.layers * per_layer
     if gradient_checkpointing:  # one layer's full activations exist again while it is recomputed
         activations += tokens * ACTIVATION_BYTES[precision] * shape.hidden
-    logits = 0 if classification else tokens * shape.vocab * LOGIT_BYTES[precision]
+    if classification:
+        logits = 0
+    elif chunked_loss:
+        from sft.loss import chunk_tokens
+
+        head_gradient = 4 * shape.vocab * shape.hidden if method == "full" else 0
+        logits = min(tokens, chunk_tokens(shape.vocab)) * shape.vocab * CHUNKED_LOGIT_BYTES[precision] + head_gradient
+    else:
+        logits = tokens * shape.vocab * LOGIT_BYTES[precision]
     # Softmax probabilities, kept for the backward pass in the compute dtype (fp32 under eager on CPU).
     scores = shape.layers * shape.heads * score_entries * (4 if not half_precision else 2)
     return Estimate({"weights": weights / sharded, "gradients": 4 * trainable / sharded,
@@ -133,11 +146,12 @@ def batch_tokens(config: Config, budget: int | None) -> int:
     return budget if budget else config.training.batch_size * config.data.max_length
 
 
-def what_fits(config: Config, shape: ModelShape, tokens: int, gpu_bytes: float) -> str | None:
+def what_fits(config: Config, shape: ModelShape, tokens: int, gpu_bytes: float, chunked_loss: bool = False) -> str | None:
     """The first single change (in the order a user would try them) that makes the run fit, as an instruction."""
     method = config.method.name
     settings = {"half_precision": True, "gradient_checkpointing": config.training.gradient_checkpointing,
-                "lora_rank": config.method.lora.r, "classification": config.task == "classification"}
+                "lora_rank": config.method.lora.r, "classification": config.task == "classification",
+                "chunked_loss": chunked_loss}
 
     def estimate(**changes):
         options = {**settings, "method": method, "tokens": tokens, **changes}
@@ -155,13 +169,20 @@ def what_fits(config: Config, shape: ModelShape, tokens: int, gpu_bytes: float) 
     if method in ("full", "lora"):
         candidates.append(("method.name=qlora", estimate(method="qlora")))
     if method == "full":
-        for gpus in (2, 4, 8):
+        for gpus in (2, 4, 8):  # FSDP turns the chunked loss off
             candidates.append((f"training.fsdp='full_shard auto_wrap' over {gpus} GPUs (torchrun)",
-                               estimate(num_gpus=gpus)))
+                               estimate(num_gpus=gpus, chunked_loss=False)))
     for change, candidate in candidates:
         if fits(candidate, gpu_bytes):
             return f"{change} ({size(candidate.total)})"
     return None
+
+
+def uses_chunked_loss(config: Config, model_config: dict) -> bool:
+    """Whether training.chunked_loss will be on for this model (sft/loss.py decides the same way at train time)."""
+    from sft.loss import off_reason
+
+    return off_reason(config, model_config.get("model_type", "")) is None
 
 
 def read_model_config(config: Config) -> dict | None:
@@ -198,17 +219,20 @@ def preflight(config: Config, gpu_bytes: float | None, model_config: dict) -> li
     if budget == "auto":
         budget = max(GPU_TOKEN_BUDGET, config.data.max_length) if config.task == "causal_lm" else None
     tokens = batch_tokens(config, budget)
+    chunked = uses_chunked_loss(config, model_config)
     estimate = estimate_memory(shape, config.method.name, tokens, half_precision=config.model.dtype != "float32",
                                gradient_checkpointing=config.training.gradient_checkpointing,
-                               lora_rank=config.method.lora.r, classification=config.task == "classification")
-    parts = ", ".join(f"{name} {size(value)}" for name, value in estimate.parts.items() if value)
+                               lora_rank=config.method.lora.r, classification=config.task == "classification",
+                               chunked_loss=chunked)
+    parts = ", ".join(f"{name}{' (chunked loss)' if name == 'logits' and chunked else ''} {size(value)}"
+                      for name, value in estimate.parts.items() if value)
     rows = [("memory estimate", f"{size(estimate.total)} per GPU for {tokens:,} tokens per batch ({parts})")]
     if gpu_bytes is None:
         rows.append(("fits the GPU?", "no GPU visible; pass --gpu-mem 80GB to check"))
     elif fits(estimate, gpu_bytes):
         rows.append(("fits the GPU?", f"fits in {size(gpu_bytes)} (keeping {HEADROOM:.0%} free)"))
     else:
-        change = what_fits(config, shape, tokens, gpu_bytes)
+        change = what_fits(config, shape, tokens, gpu_bytes, chunked)
         rows.append(("fits the GPU?", f"does not fit in {size(gpu_bytes)} (keeping {HEADROOM:.0%} free); "
                                       + (f"fits with {change}" if change else "no single change makes it fit")))
     return rows

@@ -120,9 +120,10 @@ def gpu_token_budget(config: Config, gpu_bytes: float) -> int:
     if model_config is None:
         return budget
     shape = estimate.shape_from_config(model_config)
+    chunked = estimate.uses_chunked_loss(config, model_config)
     while budget > config.data.max_length and not estimate.fits(estimate.estimate_memory(
             shape, config.method.name, budget, gradient_checkpointing=config.training.gradient_checkpointing,
-            lora_rank=config.method.lora.r), gpu_bytes):
+            lora_rank=config.method.lora.r, chunked_loss=chunked), gpu_bytes):
         budget //= 2
     return budget
 

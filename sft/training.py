@@ -121,7 +121,7 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
 
 def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, manifest: dict, preemption,
            resume: str) -> RunResult:
-    from sft import data, manifest as manifests, model as models, samples
+    from sft import data, loss, manifest as manifests, model as models, samples
     from sft.callbacks import tensorboard_callback
     from sft.progress import terminal_progress
     from sft.report import print_run_start
@@ -149,6 +149,7 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     # Load model and train
     _check_fsdp_settings(config, state.num_processes)
     model = models.load_model(config, prepared.label_names)
+    manifest["performance"]["chunked_loss"] = loss.apply_to(config, model)
     trainer = build_trainer(config, run, model, tokenizer, prepared, preemption)
     if is_main:
         trainer.add_callback(tensorboard_callback(run.path, resume_from and rundir.checkpoint_step(resume_from)))

@@ -201,10 +201,59 @@ def test_token_budget_batches_train(tiny_causal_lm, tiny_chat_data, tmp_path, wr
     results = manifest["results"]
     assert results["real_tokens"] == results["processed_tokens"] == sum(lengths)
     assert results["token_efficiency"] == 1.0 and results["real_tokens_per_s"] > 0
-    assert manifest["performance"] == {"attention": CPU_ATTENTION, "max_tokens_per_batch": 128}
+    assert manifest["performance"] == {"attention": CPU_ATTENTION, "max_tokens_per_batch": 128, "chunked_loss": True}
     logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in logged if "loss" in line]
     assert all(line["token_efficiency"] == 1.0 and line["real_tokens_per_s"] > 0 for line in steps[1:])
+
+
+def test_chunked_loss_trains_the_same_model_as_the_models_own_loss(tiny_causal_lm, tiny_chat_data, tmp_path,
+                                                                   write_config):
+    """Token-budget batches with gradient accumulation (num_items_in_batch spans two batches): the same losses step by
+    step and the same final weights as the model's own cross-entropy."""
+    from safetensors.torch import load_file
+    from torch.testing import assert_close
+
+    from sft.training import run_training
+
+    runs = {}
+    for chunked in (False, "auto"):
+        config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / str(chunked), max_tokens_per_batch=128,
+                                gradient_accumulation_steps=2, chunked_loss=chunked)
+        runs[chunked] = run_training(load_config(write_config(config))).run_dir
+    performance = [json.loads((runs[c] / "manifest.json").read_text())["performance"] for c in (False, "auto")]
+    assert [p["chunked_loss"] for p in performance] == [False, True]
+    own, chunked = train_losses(runs[False]), train_losses(runs["auto"])
+    assert len(own) >= 3 and [(step, pytest.approx(loss, rel=1e-5)) for step, loss in chunked] == own
+    own_weights, chunked_weights = (load_file(runs[c] / "final" / "model.safetensors") for c in (False, "auto"))
+    for name, weight in chunked_weights.items():
+        assert_close(weight, own_weights[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gradient_checkpointing_trains_the_same_model(tiny_causal_lm, tiny_chat_data, tmp_path, write_config,
+                                                      monkeypatch):
+    """Recomputing activations in the backward pass (with the chunked loss, the default) changes memory, not the
+    losses or the weights."""
+    import transformers.modeling_utils
+    from safetensors.torch import load_file
+    from torch.testing import assert_close
+
+    from sft.training import run_training
+
+    checkpointed_layers, checkpoint = [], transformers.modeling_utils.checkpoint
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint",
+                        lambda *args, **kwargs: checkpointed_layers.append(1) or checkpoint(*args, **kwargs))
+    runs = {}
+    for checkpointing in (False, True):
+        config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / str(checkpointing), max_tokens_per_batch=128,
+                                gradient_checkpointing=checkpointing)
+        runs[checkpointing] = run_training(load_config(write_config(config))).run_dir
+        assert bool(checkpointed_layers) == checkpointing  # the layers really went through torch's checkpoint
+    plain, checkpointed = train_losses(runs[False]), train_losses(runs[True])
+    assert len(plain) >= 3 and [(step, pytest.approx(loss, rel=1e-5)) for step, loss in checkpointed] == plain
+    plain_weights = load_file(runs[False] / "final" / "model.safetensors")
+    for name, weight in load_file(runs[True] / "final" / "model.safetensors").items():
+        assert_close(weight, plain_weights[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.slow

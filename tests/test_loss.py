@@ -1,0 +1,104 @@
+"""Chunked cross-entropy: the loss and every gradient equal the model's own loss (logits, then ForCausalLMLoss) on a
+packed batch, for each architecture it is enabled for, with LoRA, under bf16 autocast, and never holding the logits."""
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorWithFlattening
+
+from sft import loss as losses
+
+EXAMPLES = [{"input_ids": [1, 20, 30, 40, 50, 60], "labels": [-100, -100, 30, 40, 50, 60]},
+            {"input_ids": [1, 70, 80, 90], "labels": [-100, 70, 80, 90]},
+            {"input_ids": [1, 25, 35, 45, 55, 65, 75, 85], "labels": [-100, -100, -100, 45, 55, 65, 75, 85]}]
+
+
+def tiny_model(model_type: str, vocab_size: int = 300):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
+
+
+def loss_and_gradients(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    output = model(**batch)
+    output.loss.backward()
+    return output, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def packed_batch(num_items_in_batch: int | None = None) -> dict:
+    batch = DataCollatorWithFlattening(return_position_ids=True)(EXAMPLES)
+    return batch if num_items_in_batch is None else {**batch, "num_items_in_batch": torch.tensor(num_items_in_batch)}
+
+
+@pytest.mark.parametrize("model_type", losses.PLAIN_LM_HEAD)
+@pytest.mark.parametrize("num_items_in_batch", [None, 40])  # 40: the step's count when accumulating several batches
+def test_chunked_loss_and_gradients_equal_the_models_own(model_type, num_items_in_batch, monkeypatch):
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 300 * 5)  # 5 tokens a chunk: 3 chunks and a part
+    reference = tiny_model(model_type)
+    chunked = tiny_model(model_type)
+    losses.use_chunked_loss(chunked)
+    expected, expected_gradients = loss_and_gradients(reference, packed_batch(num_items_in_batch))
+    output, gradients = loss_and_gradients(chunked, packed_batch(num_items_in_batch))
+    assert output.logits.shape[1] == 0  # the chunked path ran: no logits were computed in the forward
+    torch.testing.assert_close(output.loss, expected.loss, atol=1e-6, rtol=1e-5)
+    assert gradients.keys() == expected_gradients.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, expected_gradients[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_evaluation_keeps_the_models_own_forward_and_logits():
+    model = tiny_model("llama")
+    reference = tiny_model("llama").eval()
+    losses.use_chunked_loss(model)
+    model.eval()
+    with torch.no_grad():
+        output, expected = model(**packed_batch()), reference(**packed_batch())
+    assert output.logits.shape == expected.logits.shape
+    torch.testing.assert_close(output.loss, expected.loss)
+
+
+def test_lora_adapters_get_the_same_gradients_with_a_frozen_lm_head():
+    from peft import LoraConfig, get_peft_model
+
+    def lora(model):
+        return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                init_lora_weights=False))
+
+    torch.manual_seed(1)
+    reference = lora(tiny_model("llama"))
+    torch.manual_seed(1)
+    chunked = lora(tiny_model("llama"))
+    losses.use_chunked_loss(chunked)
+    expected, expected_gradients = loss_and_gradients(reference, packed_batch())
+    output, gradients = loss_and_gradients(chunked, packed_batch())
+    assert output.logits.shape[1] == 0
+    assert gradients and all("lora_" in name for name in gradients)
+    torch.testing.assert_close(output.loss, expected.loss)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, expected_gradients[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_bf16_autocast_matches_the_models_own_loss_to_bf16_precision():
+    reference = tiny_model("qwen2", vocab_size=5000)
+    chunked = tiny_model("qwen2", vocab_size=5000)
+    losses.use_chunked_loss(chunked)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_gradients = loss_and_gradients(reference, packed_batch())
+        output, gradients = loss_and_gradients(chunked, packed_batch())
+    torch.testing.assert_close(output.loss, expected.loss, atol=1e-2, rtol=1e-2)
+    for name, gradient in gradients.items():
+        assert gradient.dtype == torch.float32, name  # fp32 trained weights keep fp32 gradients
+        torch.testing.assert_close(gradient, expected_gradients[name], atol=2e-3, rtol=5e-2, msg=name)
+
+
+def test_models_with_scaled_or_capped_logits_keep_their_own_loss():
+    from sft.config import Config
+
+    config = Config.model_validate({"task": "causal_lm", "model": {"name": "m"}, "data": {"train": "t"}})
+    gemma2 = AutoConfig.for_model("gemma2")
+    assert gemma2.final_logit_softcapping  # logits = cap * tanh(logits / cap): not a plain lm_head
+    assert "gemma2 models are not among those checked" in losses.off_reason(config, "gemma2")
+    assert losses.off_reason(config, "qwen2") is None
+    config.training.chunked_loss = False
+    assert losses.off_reason(config, "qwen2") == "training.chunked_loss is false"
