@@ -13,6 +13,8 @@ Recipes (one epoch over the same examples each, so each trains on the same real 
 TRL gets the attention kernel sft's `auto` picks on the device (its best; eager on CPU), gradient checkpointing off.
   sft          `sft train` with its defaults (method full, like the others: same trained weights and optimizer)
   sft_own_loss the same with training.chunked_loss: false (the model's own cross-entropy): the chunked loss's lever
+  sft_compile  the same with training.compile: true (torch.compile); Inductor compiles in the first step and
+               recompiles for dynamic shapes in the second, both before the clock starts
 Each runs in its own process (a fresh memory peak; nothing warmed by the previous recipe). One token counter (a
 forward pre-hook counting non-padding input tokens) and one clock (from the start of optimizer step WARMUP_STEPS
 to the end of the last step) measure all of them, so the numbers compare like with like.
@@ -38,7 +40,7 @@ MAX_LENGTH = 1024
 BATCH = 8
 WARMUP_STEPS = 2
 PAD_ID = 0  # never drawn as a content token, so "non-padding" = "!= PAD_ID" for every recipe
-RECIPES = ("sft", "sft_own_loss", "trl_padfree", "trl_packing", "classic")  # fastest first
+RECIPES = ("sft", "sft_own_loss", "sft_compile", "trl_padfree", "trl_packing", "classic")
 # Llama/Qwen2 shapes: small enough for 2 CPU cores, and the GPU table's 0.5B model.
 SHAPES = {
     "cpu": {"vocab": 8192, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
@@ -127,7 +129,8 @@ def run_recipe(recipe: str, assets: Path, device: str) -> dict:
                 marks["end"], marks["last"], marks["steps"] = time.perf_counter(), len(counts), state.max_steps
 
     def instrument(trainer):
-        trainer.model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+        # Eager under torch.compile (sft_compile): a traced int() would break the graph the recipe measures.
+        trainer.model.register_forward_pre_hook(torch.compiler.disable(count_tokens), with_kwargs=True)
         trainer.add_callback(Clock())
         return trainer
 
@@ -135,7 +138,7 @@ def run_recipe(recipe: str, assets: Path, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     manifest = None
     if recipe.startswith("sft"):
-        manifest = train_sft(assets, instrument, chunked_loss=recipe == "sft")
+        manifest = train_sft(assets, instrument, recipe)
     else:
         examples = json.loads((assets / "tokens.json").read_text())
         trainer = classic_trainer(assets, examples, device) if recipe == "classic" else \
@@ -209,8 +212,8 @@ def sft_attention() -> str:
     return choose_attention(config)[0]
 
 
-def train_sft(assets: Path, instrument, chunked_loss: bool) -> dict:
-    """`sft train` on the chat file with the defaults, method full (chunked_loss false: the model's own loss). The
+def train_sft(assets: Path, instrument, recipe: str) -> dict:
+    """`sft train` on the chat file with the defaults, method full (sft_own_loss: training.chunked_loss false). The
     bench wraps sft's build_trainer to attach its counter and clock to the Trainer sft builds; nothing else about the
     run changes."""
     import yaml
@@ -224,8 +227,8 @@ def train_sft(assets: Path, instrument, chunked_loss: bool) -> dict:
         "data": {"train": str(assets / "chat.jsonl"), "eval_fraction": 0.0, "max_length": MAX_LENGTH},
         "method": {"name": "full"},
         "training": {"epochs": 1, "save_strategy": "no", "eval_strategy": "no", "logging_steps": 1000,
-                     **({} if chunked_loss else {"chunked_loss": False})},
-        "output": {"dir": str(assets / "runs"), "name": "bench"}}))
+                     **{"sft_own_loss": {"chunked_loss": False}, "sft_compile": {"compile": True}}.get(recipe, {})},
+        "output": {"dir": str(assets / "runs"), "name": recipe}}))
     build_trainer = sft.training.build_trainer
     sft.training.build_trainer = lambda *args, **kwargs: instrument(build_trainer(*args, **kwargs))
     result = sft.training.run_training(load_config(config_path))
@@ -267,7 +270,8 @@ def write_reports(out: Path, summary: dict, results: list[dict]) -> None:
               f"sft's attention kernel: {summary['sft_attention']}, "
               f"tokens per batch: {summary['sft_max_tokens_per_batch']}, "
               f"chunked loss: {summary['sft_chunked_loss']} ({summary['chunked_vs_own_loss']}x the same run with "
-              f"the model's own loss, peak {summary['sft_peak_mb']} vs {summary['own_loss_peak_mb']} MB).", ""]
+              f"the model's own loss, peak {summary['sft_peak_mb']} vs {summary['own_loss_peak_mb']} MB); "
+              f"training.compile: {summary['compile_vs_eager']}x sft's defaults.", ""]
     (out / "throughput.md").write_text("\n".join(lines))
 
 
@@ -328,6 +332,8 @@ def main() -> None:
         "chunked_vs_own_loss": round(sft["real_tok_s"] / by_recipe["sft_own_loss"]["real_tok_s"], 2)
         if sft and "sft_own_loss" in by_recipe else None,
         "own_loss_peak_mb": round(by_recipe["sft_own_loss"]["peak_mb"]) if "sft_own_loss" in by_recipe else None,
+        "compile_vs_eager": round(by_recipe["sft_compile"]["real_tok_s"] / sft["real_tok_s"], 2)
+        if sft and "sft_compile" in by_recipe else None,
         "model": f"Llama-shaped, {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, "
                  f"vocab {shape['vocab']}, random init",
         "data": f"{rows} chat examples, log-normal lengths, mean {sum(lengths) / len(lengths):.0f} tokens, "

@@ -229,6 +229,10 @@ class TrainingConfig(Section):
                             "the peak memory at a 152k vocabulary). auto: on for the architectures checked against "
                             "the model's own loss (sft/loss.py: llama, mistral, qwen2, qwen3, phi3, olmo2, smollm3), "
                             "off under training.fsdp.")
+    compile: bool = Field(False, description="torch.compile the model (Trainer's torch_compile: Inductor; batch shapes "
+                                             "become dynamic after the first recompile). Compiling takes tens of "
+                                             "seconds at the start of every session, resumes included; docs/"
+                                             "performance.md has what it gained where it was measured.")
     ddp_backend: Literal["nccl", "gloo"] | None = Field(None, description="Defaults to nccl on GPUs, gloo on CPU.")
     fsdp: str = Field("", description="Trainer's fsdp option, e.g. 'full_shard auto_wrap', for models beyond one GPU.")
     ddp_timeout: int = Field(1800, ge=1, description="Seconds a rank waits in a collective (a barrier, an all-reduce) "

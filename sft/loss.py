@@ -63,6 +63,9 @@ def use_chunked_loss(model) -> None:
 
     lm = _causal_lm(model)
     batch = {}
+    # Eager even under training.compile: the number of chunks follows the batch's length, and a traced loop over
+    # them would recompile for every new length.
+    eager_loss = torch.compiler.disable(linear_cross_entropy)
 
     def before_forward(module, args, kwargs):
         if not (module.training and torch.is_grad_enabled() and kwargs.get("labels") is not None):
@@ -79,7 +82,7 @@ def use_chunked_loss(model) -> None:
         if "labels" not in batch:
             return None
         labels, num_items, hidden = batch.pop("labels"), batch.pop("num_items_in_batch"), batch.pop("hidden_states")
-        output.loss = linear_cross_entropy(hidden, lm.get_output_embeddings().weight, labels, num_items)
+        output.loss = eager_loss(hidden, lm.get_output_embeddings().weight, labels, num_items)
         return output
 
     lm.register_forward_pre_hook(before_forward, with_kwargs=True)

@@ -131,6 +131,8 @@ def config_rows(config: dict, performance: dict) -> list[tuple[str, object]]:
                               f"{training.get('warmup_ratio')})"),
             ("precision", model.get("dtype")), ("attention", performance.get("attention", model.get("attn_implementation"))),
             ("max length", data.get("max_length")), ("seed", training.get("seed"))]
+    if performance.get("compile"):
+        rows.append(("compiled", "torch.compile (Inductor)"))
     if "chunked_loss" in performance:
         rows.append(("loss", "chunked cross-entropy" if performance["chunked_loss"] else "the model's own"))
     if training.get("early_stopping"):

@@ -43,7 +43,8 @@ class ThroughputCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         import torch
 
-        model.register_forward_pre_hook(self._count, with_kwargs=True)
+        # Eager under training.compile: traced, each new value of the Python counters would recompile the model.
+        model.register_forward_pre_hook(torch.compiler.disable(self._count), with_kwargs=True)
         parameters = list(model.parameters())
         config = getattr(model, "config", None)
         self.shape = (sum(p.numel() for p in parameters), sum(p.numel() for p in parameters if p.requires_grad),

@@ -129,7 +129,8 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     is_main = state.is_main_process
     config = models.for_this_device(config)
     manifest["performance"] = {"attention": config.model.attn_implementation,
-                               "max_tokens_per_batch": config.training.max_tokens_per_batch}
+                               "max_tokens_per_batch": config.training.max_tokens_per_batch,
+                               "compile": config.training.compile}
     # Load data (tokenized once into the cache; under torchrun the other processes memory-map the result)
     tokenizer = models.load_tokenizer(config)
     prepared = data.prepare_for_run(config, tokenizer, run.path, state)
@@ -341,6 +342,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         # Every trainable parameter takes part in each forward pass; searching for unused ones costs a graph walk.
         ddp_find_unused_parameters=False,
         fsdp=t.fsdp,
+        torch_compile=t.compile,
         report_to="none",
         remove_unused_columns=False,
         disable_tqdm=True,  # sft.progress draws the bar on a terminal

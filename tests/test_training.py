@@ -201,7 +201,8 @@ def test_token_budget_batches_train(tiny_causal_lm, tiny_chat_data, tmp_path, wr
     results = manifest["results"]
     assert results["real_tokens"] == results["processed_tokens"] == sum(lengths)
     assert results["token_efficiency"] == 1.0 and results["real_tokens_per_s"] > 0
-    assert manifest["performance"] == {"attention": CPU_ATTENTION, "max_tokens_per_batch": 128, "chunked_loss": True}
+    assert manifest["performance"] == {"attention": CPU_ATTENTION, "max_tokens_per_batch": 128, "compile": False,
+                                       "chunked_loss": True}
     logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in logged if "loss" in line]
     assert all(line["token_efficiency"] == 1.0 and line["real_tokens_per_s"] > 0 for line in steps[1:])
@@ -254,6 +255,34 @@ def test_gradient_checkpointing_trains_the_same_model(tiny_causal_lm, tiny_chat_
     plain_weights = load_file(runs[False] / "final" / "model.safetensors")
     for name, weight in load_file(runs[True] / "final" / "model.safetensors").items():
         assert_close(weight, plain_weights[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one_and_saves_plain_weights(tiny_causal_lm, tiny_chat_data, tmp_path,
+                                                                          write_config):
+    """training.compile: Inductor really compiles the training graphs (dynamo's counters), the losses match eager
+    to float rounding, and final/ holds plain weights that from_pretrained loads (no compiled wrapper's names)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from torch.testing import assert_close
+    from transformers import AutoModelForCausalLM
+
+    from sft.training import run_training
+
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {}
+    for compiled in (False, True):
+        config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / str(compiled), max_tokens_per_batch=128,
+                                compile=compiled)
+        runs[compiled] = run_training(load_config(write_config(config))).run_dir
+        assert bool(counters["stats"]["unique_graphs"]) == compiled
+    assert json.loads((runs[True] / "manifest.json").read_text())["performance"]["compile"] is True
+    eager, compiled = train_losses(runs[False]), train_losses(runs[True])
+    assert len(eager) >= 3 and [(step, pytest.approx(loss, rel=1e-4)) for step, loss in compiled] == eager
+    eager_model, compiled_model = (AutoModelForCausalLM.from_pretrained(runs[c] / "final") for c in (False, True))
+    for (name, weight), (_, eager_weight) in zip(compiled_model.named_parameters(), eager_model.named_parameters()):
+        assert_close(weight, eager_weight, atol=1e-4, rtol=1e-3, msg=name)
 
 
 @pytest.mark.slow
