@@ -146,7 +146,8 @@ def batch_tokens(config: Config, budget: int | None) -> int:
     return budget if budget else config.training.batch_size * config.data.max_length
 
 
-def what_fits(config: Config, shape: ModelShape, tokens: int, gpu_bytes: float, chunked_loss: bool = False) -> str | None:
+def what_fits(config: Config, shape: ModelShape, tokens: int, gpu_bytes: float,
+              chunked_loss: bool = False) -> str | None:
     """The first single change (in the order a user would try them) that makes the run fit, as an instruction."""
     method = config.method.name
     settings = {"half_precision": True, "gradient_checkpointing": config.training.gradient_checkpointing,
