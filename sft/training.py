@@ -347,6 +347,8 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         remove_unused_columns=False,
         disable_tqdm=True,  # sft.progress draws the bar on a terminal
         use_cpu=not on_gpu,
+        # Loading an 8,192-token batch from the cache takes 1.5 ms (bench/dataloader_probe.py), under 1% of a 0.5B
+        # model's step on an H100: workers would overlap almost nothing and cost a process each.
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
     )

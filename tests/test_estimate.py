@@ -132,6 +132,7 @@ def test_sft_check_reports_the_estimate_and_the_fit_from_config_json_alone(tiny_
                            capture_output=True, text=True, timeout=300, env=wide)
     assert check.returncode == 0, check.stderr
     assert "memory estimate" in check.stdout and "fits in 80.0 GiB" in check.stdout
+    assert "logits (chunked loss)" in check.stdout  # a Llama: training.chunked_loss auto is on
     tiny = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "check", str(config), "--gpu-mem", "2MB"],
                           capture_output=True, text=True, timeout=300, env=wide)
     assert "does not fit in 2 MiB" in tiny.stdout

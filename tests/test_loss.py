@@ -79,13 +79,15 @@ def test_lora_adapters_get_the_same_gradients_with_a_frozen_lm_head():
         torch.testing.assert_close(gradient, expected_gradients[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_bf16_autocast_matches_the_models_own_loss_to_bf16_precision():
-    reference = tiny_model("qwen2", vocab_size=5000)
-    chunked = tiny_model("qwen2", vocab_size=5000)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_autocast_matches_the_models_own_loss_to_bf16_precision(device):
+    reference = tiny_model("qwen2", vocab_size=5000).to(device)
+    chunked = tiny_model("qwen2", vocab_size=5000).to(device)
     losses.use_chunked_loss(chunked)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected, expected_gradients = loss_and_gradients(reference, packed_batch())
-        output, gradients = loss_and_gradients(chunked, packed_batch())
+    batch = {name: value.to(device) for name, value in packed_batch().items()}
+    with torch.autocast(device, dtype=torch.bfloat16):
+        expected, expected_gradients = loss_and_gradients(reference, batch)
+        output, gradients = loss_and_gradients(chunked, batch)
     torch.testing.assert_close(output.loss, expected.loss, atol=1e-2, rtol=1e-2)
     for name, gradient in gradients.items():
         assert gradient.dtype == torch.float32, name  # fp32 trained weights keep fp32 gradients
