@@ -106,9 +106,9 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _chunk_loss_and_gradient(hidden, weight, targets, divisor):
-    """Summed loss of one chunk, and d(loss / divisor)/d(logits). Under autocast the products run in bf16/fp16 like
-    the lm_head they replace, and the softmax in fp32 like ForCausalLMLoss."""
+def _chunk_loss_and_gradient(hidden, weight, targets):
+    """Summed loss of one chunk, and d(summed loss)/d(logits). Under autocast the products run in bf16/fp16 like the
+    lm_head they replace, and the softmax in fp32 like ForCausalLMLoss."""
     import torch
 
     logits = (hidden @ weight.T).float()
@@ -119,7 +119,7 @@ def _chunk_loss_and_gradient(hidden, weight, targets, divisor):
     loss = ((log_normalizer - picked) * labelled).sum()
     gradient = logits.sub_(log_normalizer[:, None]).exp_()  # the softmax, in the logits' memory
     gradient[torch.arange(len(targets), device=targets.device), safe_targets] -= 1
-    gradient *= (labelled / divisor)[:, None]
+    gradient *= labelled[:, None]
     return loss, gradient
 
 
@@ -129,32 +129,39 @@ def _linear_cross_entropy():
     import torch
 
     class LinearCrossEntropy(torch.autograd.Function):
-        """Forward: the loss, and both gradients while each chunk's logits exist. Backward: scale them."""
+        """Forward: the loss, and both gradients while each chunk's logits exist. Backward: scale them.
+        The gradients stay fp32 and are divided by the token count only after the half-precision products, and
+        cast to the inputs' dtype only after the loss scale of fp16 training multiplies them: divided first, a
+        softmax entry over 10k tokens would underflow fp16."""
 
         @staticmethod
         def forward(ctx, hidden, weight, targets, divisor, chunk):
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-            # None under LoRA: the head is frozen.
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            fp32 = {"dtype": torch.float32, "device": hidden.device}
+            grad_hidden = torch.empty(hidden.shape, **fp32) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.zeros(weight.shape, **fp32) if ctx.needs_input_grad[1] else None  # LoRA: frozen
             for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
-                chunk_loss, gradient = _chunk_loss_and_gradient(hidden[rows], weight, targets[rows], divisor)
+                chunk_loss, gradient = _chunk_loss_and_gradient(hidden[rows], weight, targets[rows])
                 loss += chunk_loss
                 if grad_hidden is not None:
-                    grad_hidden[rows] = gradient @ weight
+                    grad_hidden[rows] = gradient.to(weight.dtype) @ weight
                 if grad_weight is not None:
-                    grad_weight += gradient.T @ hidden[rows]
+                    grad_weight += gradient.T.to(hidden.dtype) @ hidden[rows]
                 del gradient  # before the next chunk's logits exist: one chunk at a time
+            for grad in (grad_hidden, grad_weight):
+                if grad is not None:
+                    grad /= divisor
             ctx.save_for_backward(grad_hidden, grad_weight)
-            ctx.weight_dtype = weight.dtype
+            ctx.dtypes = hidden.dtype, weight.dtype
             return loss / divisor
 
         @staticmethod
         def backward(ctx, grad_loss):
             grad_hidden, grad_weight = ctx.saved_tensors
-            return (grad_hidden * grad_loss if grad_hidden is not None else None,
-                    (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None,
+            hidden_dtype, weight_dtype = ctx.dtypes
+            return (None if grad_hidden is None else (grad_hidden * grad_loss).to(hidden_dtype),
+                    None if grad_weight is None else (grad_weight * grad_loss).to(weight_dtype),
                     None, None, None)
 
     return LinearCrossEntropy

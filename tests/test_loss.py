@@ -104,3 +104,24 @@ def test_models_with_scaled_or_capped_logits_keep_their_own_loss():
     assert losses.off_reason(config, "qwen2") is None
     config.training.chunked_loss = False
     assert losses.off_reason(config, "qwen2") == "training.chunked_loss is false"
+
+
+def test_fp16_gradients_survive_a_large_token_count_under_loss_scaling():
+    """fp16 training scales the loss (GradScaler) so small gradients survive half precision. Over a step's 100k
+    tokens each softmax entry's share is ~1e-8, below fp16's range: it must be divided only in fp32, and cast to
+    fp16 only after the scale multiplies it."""
+    reference, chunked = tiny_model("llama"), tiny_model("llama")
+    losses.use_chunked_loss(chunked)
+    batch = packed_batch(num_items_in_batch=100_000)
+    gradients = []
+    for model in (reference, chunked):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):  # fp32 weights, fp16 products: sft's model.dtype float16
+            loss = model(**batch).loss
+        (loss * 2.0**16).backward()
+        gradients.append({name: p.grad / 2.0**16 for name, p in model.named_parameters()})
+    expected, chunked_gradients = gradients
+    for name, gradient in chunked_gradients.items():
+        largest = expected[name].abs().max()
+        assert largest > 0, name
+        torch.testing.assert_close(gradient, expected[name], atol=1e-2 * largest, rtol=0, msg=name)
