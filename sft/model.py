@@ -70,8 +70,8 @@ def weights_dtype(config: Config):
 CPU_ATTENTION = "eager"
 # Tokens per causal_lm batch when training.max_tokens_per_batch is auto: ~8k filled an H100 (../shared/bench).
 # On CPU a packed batch's attention costs (sum of lengths)^2, so the smallest budget (data.max_length wins when
-# larger) is the default: 1024 measured 13.9x the classic recipe in `make bench`, 4096 1.0x in a run that other
-# processes disturbed (bench/RESULTS.md; a clean 4096-vs-1024 comparison is still to do).
+# larger) is the default: sft's `make bench` recipe ran at 3,143 real tok/s with 1,024, 1,461 with 2,048 and 949
+# with 4,096 tokens on a quiet machine (docs/performance.md).
 GPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET = 8192, 1024
 
 
