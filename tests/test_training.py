@@ -1,4 +1,5 @@
 """Train stage: packed batches are exact, tiny end-to-end runs learn, the run directory is complete, resume is exact."""
+import functools
 import json
 import math
 import os
@@ -351,6 +352,13 @@ def wait_until(condition, process: subprocess.Popen, what: str) -> None:
         time.sleep(0.005)
 
 
+def write_named_config(folder: Path, config: dict, name: str) -> Path:
+    """The config with output.name `name`, written to folder/NAME.yaml."""
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**config, "output": {**config["output"], "name": name}}, sort_keys=False))
+    return path
+
+
 def assert_identical_runs(run_dir: Path, reference_dir: Path) -> None:
     """Same per-step losses and bit-identical final weights."""
     from safetensors.torch import load_file
@@ -381,14 +389,8 @@ def resumable(tiny_causal_lm, tiny_chat_data, tmp_path_factory):
     model_config.attention_dropout = 0.1
     model_config.save_pretrained(model)
 
-    def make(name: str) -> Path:
-        config = tiny_lm_config(model, tiny_chat_data, folder / "runs", epochs=4, batch_size=4, save_steps=3,
-                                save_total_limit=10)
-        config["output"]["name"] = name
-        path = folder / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
-
+    make = functools.partial(write_named_config, folder, tiny_lm_config(
+        model, tiny_chat_data, folder / "runs", epochs=4, batch_size=4, save_steps=3, save_total_limit=10))
     reference = run_cli("train", str(make("reference")))
     assert reference.returncode == 0, reference.stderr
     return make, folder / "runs"
@@ -453,15 +455,10 @@ def test_sigkill_at_each_point_leaves_a_run_that_resumes_exactly(resumable, requ
 def test_compiled_lora_run_killed_mid_step_resumes_exactly(tiny_causal_lm, tiny_chat_data, tmp_path):
     """training.compile with LoRA dropout (its masks come from Inductor's generator): killed at step 8 and resumed
     from checkpoint-6, the same losses and a bit-identical adapter as the uninterrupted compiled run."""
-    def make_config(name: str) -> Path:
-        config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_tokens_per_batch=128,
-                                compile=True, epochs=3, save_steps=3, save_total_limit=10)
-        config["method"] = {"name": "lora", "lora": {"r": 4, "alpha": 8}}
-        config["output"]["name"] = name
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
-
+    config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_tokens_per_batch=128,
+                            compile=True, epochs=3, save_steps=3, save_total_limit=10)
+    config["method"] = {"name": "lora", "lora": {"r": 4, "alpha": 8}}
+    make_config = functools.partial(write_named_config, tmp_path, config)
     reference = run_cli("train", str(make_config("reference")))
     assert reference.returncode == 0, reference.stderr
     config_path = make_config("killed")
