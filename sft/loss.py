@@ -42,8 +42,15 @@ def off_reason(config: Config, model_type: str) -> str | None:
 
 def apply_to(config: Config, model) -> bool:
     """training.chunked_loss resolved for this run and model (logged; the manifest records it)."""
+    import torch
+
     lm = _causal_lm(model)
     reason = off_reason(config, lm.config.model_type)
+    head = lm.get_output_embeddings()
+    if not reason and not (type(head) is torch.nn.Linear and head.bias is None):
+        # e.g. "lm_head" in method.lora.target_modules: the loss would use the base weight and miss the adapter.
+        reason = (f"the output head is a {type(head).__module__}.{type(head).__name__}, not a plain linear layer "
+                  f"(lm_head in method.lora.target_modules?)")
     if reason:
         if config.training.chunked_loss is True:
             raise UserError(f"training.chunked_loss: {reason}; set it to auto or false")
@@ -52,7 +59,7 @@ def apply_to(config: Config, model) -> bool:
         return False
     use_chunked_loss(model)
     log.info("loss: chunked cross-entropy, %d tokens a chunk (the tokens x vocabulary logits are never held whole)",
-             chunk_tokens(lm.get_output_embeddings().weight.shape[0]))
+             chunk_tokens(head.weight.shape[0]))
     return True
 
 

@@ -125,3 +125,22 @@ def test_fp16_gradients_survive_a_large_token_count_under_loss_scaling():
         largest = expected[name].abs().max()
         assert largest > 0, name
         torch.testing.assert_close(gradient, expected[name], atol=1e-2 * largest, rtol=0, msg=name)
+
+
+def test_a_lora_adapted_output_head_keeps_the_models_own_loss():
+    """With lm_head among LoRA's target modules the head is a LoRA layer: the chunked loss would read its base weight
+    alone and miss the adapter, so auto turns it off and true refuses."""
+    from peft import LoraConfig, get_peft_model
+
+    from sft.config import Config
+    from sft.errors import UserError
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    config = Config.model_validate({"task": "causal_lm", "model": {"name": "m"}, "data": {"train": "t"}})
+    assert losses.apply_to(config, model) is False
+    assert model(**packed_batch()).logits.shape[1] > 0  # the model's own forward and loss
+    config.training.chunked_loss = True
+    with pytest.raises(UserError, match="training.chunked_loss: the output head is a peft.tuners.lora.layer.Linear"):
+        losses.apply_to(config, model)
+    plain = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear"))
+    assert losses.apply_to(config, plain) is True
