@@ -1,5 +1,6 @@
 """Chunked cross-entropy: the loss and every gradient equal the model's own loss (logits, then ForCausalLMLoss) on a
-packed batch, for each architecture it is enabled for, with LoRA, under bf16 autocast, and never holding the logits."""
+packed batch, for each architecture it is enabled for, with LoRA, under bf16 and fp16 autocast, never holding the
+logits; and it stays off where it would not be exact."""
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorWithFlattening
