@@ -185,6 +185,20 @@ def lora_problems(config: Config, model: ModelFiles) -> list[str]:
             f"(its layers: {', '.join(names)}); use those names or all-linear"]
 
 
+def chunked_loss_problems(config: Config, model: ModelFiles) -> list[str]:
+    """training.chunked_loss: true for a model it would not be exact for (sft train refuses it after data
+    preparation). The model's type from config.json, and lm_head among LoRA's targets."""
+    from sft.loss import off_reason
+
+    if config.training.chunked_loss is not True:
+        return []
+    reason = off_reason(config, model.config.get("model_type", ""))
+    targets = config.method.lora.target_modules
+    if not reason and config.method.name != "full" and isinstance(targets, list) and "lm_head" in targets:
+        reason = "lm_head is in method.lora.target_modules (the loss would miss its adapter)"
+    return [f"training.chunked_loss: {reason}; set it to auto or false"] if reason else []
+
+
 def head_problems(model: ModelFiles, label_names: list[str]) -> list[str]:
     """A model already fine-tuned for classification keeps its head, and transformers refuses to load it for
     another number of classes (a size mismatch, after the job starts)."""
@@ -306,7 +320,7 @@ def run_checks(config: Config, work_dir: Path):
     model, model_problems = find_model(config)
     problems += model_problems
     if model:
-        problems += lora_problems(config, model)
+        problems += lora_problems(config, model) + chunked_loss_problems(config, model)
     try:
         loaded = load_rows(config, work_dir)
     except UserError as error:

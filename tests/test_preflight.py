@@ -1,5 +1,6 @@
 """Checks before the queue: each problem sft.preflight reports is one that transformers, peft or the disk really
 would hit after the job starts, and the estimates it makes agree with the real thing."""
+import json
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -144,6 +145,19 @@ def test_lora_target_modules_the_model_lacks_are_reported(tiny_causal_lm, tmp_pa
     assert "its layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in message
     with pytest.raises(ValueError):  # what peft does with it after the job has started
         get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_causal_lm), LoraConfig(target_modules=["query"]))
+
+
+def test_a_chunked_loss_that_cannot_apply_is_reported_before_the_queue(tiny_causal_lm, tmp_path):
+    raw = tiny_lm_config(tiny_causal_lm, write_jsonl(tmp_path / "a.jsonl", [{"text": "the quick brown fox"}] * 4),
+                         tmp_path / "runs", chunked_loss=True)
+    raw["method"] = {"name": "lora", "lora": {"target_modules": ["q_proj", "lm_head"]}}
+    assert "training.chunked_loss: lm_head is in method.lora.target_modules" in check_error(raw, tmp_path)
+    gemma = tmp_path / "gemma"
+    shutil.copytree(tiny_causal_lm, gemma)
+    (gemma / "config.json").write_text(json.dumps({**json.loads((gemma / "config.json").read_text()),
+                                                   "model_type": "gemma2"}))
+    raw.update(model={"name": str(gemma)}, method={"name": "full"})
+    assert "training.chunked_loss: gemma2 models are not among those checked" in check_error(raw, tmp_path)
 
 
 def test_a_classification_head_for_another_number_of_classes_is_reported(tmp_path):
