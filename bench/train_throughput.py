@@ -213,9 +213,9 @@ def sft_attention() -> str:
 
 
 def train_sft(assets: Path, instrument, recipe: str) -> dict:
-    """`sft train` on the chat file with the defaults, method full (sft_own_loss: training.chunked_loss false). The
-    bench wraps sft's build_trainer to attach its counter and clock to the Trainer sft builds; nothing else about the
-    run changes."""
+    """`sft train` on the chat file with the defaults, method full (sft_own_loss: training.chunked_loss false;
+    sft_compile: training.compile true). The bench wraps sft's build_trainer to attach its counter and clock to the
+    Trainer sft builds; nothing else about the run changes."""
     import yaml
 
     import sft.training

@@ -37,6 +37,9 @@ def off_reason(config: Config, model_type: str) -> str | None:
         return "training.fsdp is set (untested with sharded weights)"
     if model_type not in PLAIN_LM_HEAD:
         return f"{model_type} models are not among those checked against it ({', '.join(PLAIN_LM_HEAD)})"
+    targets = config.method.lora.target_modules
+    if config.method.name != "full" and isinstance(targets, list) and "lm_head" in targets:
+        return "lm_head is in method.lora.target_modules (the loss would miss its adapter)"
     return None
 
 
@@ -48,7 +51,7 @@ def apply_to(config: Config, model) -> bool:
     reason = off_reason(config, lm.config.model_type)
     head = lm.get_output_embeddings()
     if not reason and not (type(head) is torch.nn.Linear and head.bias is None):
-        # e.g. "lm_head" in method.lora.target_modules: the loss would use the base weight and miss the adapter.
+        # e.g. a target_modules pattern that matches lm_head: the loss would use the base weight and miss the adapter.
         reason = (f"the output head is a {type(head).__module__}.{type(head).__name__}, not a plain linear layer "
                   f"(lm_head in method.lora.target_modules?)")
     if reason:

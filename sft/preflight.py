@@ -187,15 +187,12 @@ def lora_problems(config: Config, model: ModelFiles) -> list[str]:
 
 def chunked_loss_problems(config: Config, model: ModelFiles) -> list[str]:
     """training.chunked_loss: true for a model it would not be exact for (sft train refuses it after data
-    preparation). The model's type from config.json, and lm_head among LoRA's targets."""
+    preparation), judged from config.json and the config as sft train judges it."""
     from sft.loss import off_reason
 
     if config.training.chunked_loss is not True:
         return []
     reason = off_reason(config, model.config.get("model_type", ""))
-    targets = config.method.lora.target_modules
-    if not reason and config.method.name != "full" and isinstance(targets, list) and "lm_head" in targets:
-        reason = "lm_head is in method.lora.target_modules (the loss would miss its adapter)"
     return [f"training.chunked_loss: {reason}; set it to auto or false"] if reason else []
 
 
