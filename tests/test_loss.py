@@ -12,11 +12,11 @@ EXAMPLES = [{"input_ids": [1, 20, 30, 40, 50, 60], "labels": [-100, -100, 30, 40
             {"input_ids": [1, 25, 35, 45, 55, 65, 75, 85], "labels": [-100, -100, -100, 45, 55, 65, 75, 85]}]
 
 
-def tiny_model(model_type: str, vocab_size: int = 300):
+def tiny_model(model_type: str, vocab_size: int = 300, tie_word_embeddings: bool = False):
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0)
+                                  max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings, pad_token_id=0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
 
 
@@ -34,10 +34,14 @@ def packed_batch(num_items_in_batch: int | None = None) -> dict:
 
 @pytest.mark.parametrize("model_type", losses.PLAIN_LM_HEAD)
 @pytest.mark.parametrize("num_items_in_batch", [None, 40])  # 40: the step's count when accumulating several batches
-def test_chunked_loss_and_gradients_equal_the_models_own(model_type, num_items_in_batch, monkeypatch):
+# Tied: the output head is the input embedding (Qwen2.5 up to 3B, Llama 3.2, SmolLM), so its gradient is the sum of
+# the chunked loss's and the embedding lookup's.
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_and_gradients_equal_the_models_own(model_type, num_items_in_batch, tied, monkeypatch):
     monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 300 * 5)  # 5 tokens a chunk: 3 chunks and a part
-    reference = tiny_model(model_type)
-    chunked = tiny_model(model_type)
+    reference = tiny_model(model_type, tie_word_embeddings=tied)
+    chunked = tiny_model(model_type, tie_word_embeddings=tied)
+    assert (chunked.lm_head.weight is chunked.get_input_embeddings().weight) == tied
     losses.use_chunked_loss(chunked)
     expected, expected_gradients = loss_and_gradients(reference, packed_batch(num_items_in_batch))
     output, gradients = loss_and_gradients(chunked, packed_batch(num_items_in_batch))
