@@ -12,6 +12,11 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 _terminal = None  # set by setup_terminal
 
+# peft imports bitsandbytes whenever it is installed (every LoRA run in the GPU image). On CPUs with AVX512-BF16, as
+# on many GPU nodes, bitsandbytes then tries to fetch a CPU 4-bit kernel from the hub and, offline, warns "pip install
+# kernels" as the run's first line. sft runs 4-bit layers on GPUs only (qlora), so that advice misleads; errors stay.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 
 class PlainFormatter(logging.Formatter):
     """Log files get no terminal colour codes (transformers puts some in its load reports)."""
