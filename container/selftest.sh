@@ -14,7 +14,8 @@ export HF_HOME="$work/hf" TRITON_CACHE_DIR="$work/triton" TORCHINDUCTOR_CACHE_DI
 sft=(/opt/sft/venv/bin/python /opt/sft/entrypoint.py)
 
 echo "== imports"
-/opt/sft/venv/bin/python -c 'import accelerate, datasets, jupyterlab, peft, sft, torch, transformers'
+# sft.logs first, as in a run: it quiets bitsandbytes' CPU-kernel advice, which peft's import of it would print.
+/opt/sft/venv/bin/python -c 'import sft.logs, accelerate, datasets, jupyterlab, peft, torch, transformers'
 
 echo "== jupyter lab (for slurm/jupyter.sbatch)"
 /opt/sft/venv/bin/jupyter lab --version
@@ -48,7 +49,7 @@ fi
 if [ -d /opt/sft/venv/lib/python3.11/site-packages/bitsandbytes ]; then
   echo "== bitsandbytes (method.name: qlora): the wheel carries the kernels for torch's CUDA version"
   /opt/sft/venv/bin/python - <<'PY'
-import pathlib, bitsandbytes, torch
+import pathlib, sft.logs, bitsandbytes, torch
 cuda = torch.version.cuda.replace(".", "")
 kernels = pathlib.Path(bitsandbytes.__file__).parent / f"libbitsandbytes_cuda{cuda}.so"
 assert kernels.is_file(), f"bitsandbytes {bitsandbytes.__version__} has no kernels for CUDA {torch.version.cuda}"
