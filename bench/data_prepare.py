@@ -9,7 +9,7 @@ It writes ROWS synthetic chat conversations with skewed (log-normal) lengths, tr
 in its own process: (1) the plain map, (2) `sft prepare` (cold cache), (3) `sft prepare` again (warm cache).
 For each: wall time, the peak resident memory of the whole process tree (sampled every 0.1 s; pages shared by the
 tokenizer workers, e.g. of memory-mapped files and imported libraries, count once per process, so this overstates)
-and the peak of its largest single process (getrusage via wait4).
+and the peak of its largest single process (each process's own high-water mark, VmHWM, read with the samples).
 Targets (issue 9): sft rows/s >= 0.8x the plain map, peak RSS <= 1.5 GB, warm prepare <= 10% of cold.
 """
 import argparse
@@ -88,23 +88,31 @@ def measure(command: list[str]) -> tuple[float, float, float, float, str]:
     started = time.monotonic()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    root, tree_peak = psutil.Process(process.pid), 0
+    root, tree_peak, largest_peak = psutil.Process(process.pid), 0, 0
     while True:
-        # wait4 (not poll) so the child's own rusage comes back: ru_maxrss of it and its reaped workers.
+        # wait4 (not poll) so the child's own rusage comes back: the CPU time of it and its reaped workers.
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
         try:
             tree = [root] + root.children(recursive=True)
             tree_peak = max(tree_peak, sum(p.memory_info().rss for p in tree))
-        except psutil.Error:
+            largest_peak = max(largest_peak, *map(high_water_mark, tree))
+        except (psutil.Error, OSError):  # a worker that exited between the listing and the reads
             pass
         time.sleep(0.1)
     output = process.stdout.read()
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{' '.join(command)} failed:\n{output[-3000:]}")
     # CPU seconds of the process and its reaped workers: steadier than wall time on a shared machine.
-    return time.monotonic() - started, usage.ru_utime + usage.ru_stime, tree_peak / 1e9, usage.ru_maxrss / 1e6, output
+    return time.monotonic() - started, usage.ru_utime + usage.ru_stime, tree_peak / 1e9, largest_peak / 1e9, output
+
+
+def high_water_mark(process: psutil.Process) -> int:
+    """A process's own peak RSS in bytes. Not wait4's ru_maxrss: Linux carries the RSS of the process that started
+    it across exec, so this script's own memory would set the floor of every child's peak."""
+    with open(f"/proc/{process.pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) * 1024
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -153,8 +152,7 @@ def run_recipe(recipe: str, assets: Path, device: str) -> dict:
     timed = counts[marks["first"]:marks["last"]]
     real, processed = sum(c[0] for c in timed), sum(c[1] for c in timed)
     seconds = marks["end"] - marks["start"]
-    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_rss_mb()
     result = {"recipe": recipe, "real_tok_s": real / seconds, "token_efficiency": real / processed,
               "timed_steps": marks["steps"] - WARMUP_STEPS, "steps": marks["steps"], "timed_seconds": seconds,
               "real_tokens_timed": real, "real_tokens_total": sum(c[0] for c in counts), "peak_mb": peak_mb}
@@ -162,6 +160,13 @@ def run_recipe(recipe: str, assets: Path, device: str) -> dict:
         result["sft_own_count"] = {k: manifest["results"].get(k) for k in ("real_tokens", "token_efficiency")}
         result.update({f"sft_{k}": v for k, v in manifest["performance"].items()})
     return result
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries the RSS of the process that started this one
+    across exec, so the bench's parent (which built the model and data) would set the floor of every recipe's peak."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def classic_trainer(assets: Path, examples: list[dict], device: str):
