@@ -23,6 +23,22 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(line["step"], line["loss"]) for line in lines if "loss" in line]
 
 
+def assert_same_training(expected_dir: Path, actual_dir: Path, rel: float = 1e-5, atol: float = 1e-5,
+                         rtol: float = 1e-4) -> None:
+    """Two runs that differ in how they compute, not in what: the same losses step by step (at least 3 logged) and
+    final weights under the same names, equal to float rounding."""
+    from safetensors.torch import load_file
+    from torch.testing import assert_close
+
+    expected, actual = train_losses(expected_dir), train_losses(actual_dir)
+    assert len(expected) >= 3 and [(step, pytest.approx(loss, rel=rel)) for step, loss in actual] == expected
+    expected_weights, actual_weights = (load_file(next((d / "final").glob("*.safetensors")))
+                                        for d in (expected_dir, actual_dir))
+    assert actual_weights.keys() == expected_weights.keys()
+    for name, weight in actual_weights.items():
+        assert_close(weight, expected_weights[name], atol=atol, rtol=rtol, msg=name)
+
+
 def run_cli(*args: str, cwd: Path | None = None, **popen) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "entrypoint.py"), *args], capture_output=True, text=True,
                           cwd=cwd, timeout=600, **popen)
@@ -213,9 +229,6 @@ def test_chunked_loss_trains_the_same_model_as_the_models_own_loss(tiny_causal_l
                                                                    write_config):
     """Token-budget batches with gradient accumulation (num_items_in_batch spans two batches): the same losses step by
     step and the same final weights as the model's own cross-entropy."""
-    from safetensors.torch import load_file
-    from torch.testing import assert_close
-
     from sft.training import run_training
 
     runs = {}
@@ -225,11 +238,7 @@ def test_chunked_loss_trains_the_same_model_as_the_models_own_loss(tiny_causal_l
         runs[chunked] = run_training(load_config(write_config(config))).run_dir
     performance = [json.loads((runs[c] / "manifest.json").read_text())["performance"] for c in (False, "auto")]
     assert [p["chunked_loss"] for p in performance] == [False, True]
-    own, chunked = train_losses(runs[False]), train_losses(runs["auto"])
-    assert len(own) >= 3 and [(step, pytest.approx(loss, rel=1e-5)) for step, loss in chunked] == own
-    own_weights, chunked_weights = (load_file(runs[c] / "final" / "model.safetensors") for c in (False, "auto"))
-    for name, weight in chunked_weights.items():
-        assert_close(weight, own_weights[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_training(runs[False], runs["auto"])
 
 
 def test_gradient_checkpointing_trains_the_same_model(tiny_causal_lm, tiny_chat_data, tmp_path, write_config,
@@ -237,8 +246,6 @@ def test_gradient_checkpointing_trains_the_same_model(tiny_causal_lm, tiny_chat_
     """Recomputing activations in the backward pass (with the chunked loss, the default) changes memory, not the
     losses or the weights."""
     import transformers.modeling_utils
-    from safetensors.torch import load_file
-    from torch.testing import assert_close
 
     from sft.training import run_training
 
@@ -251,11 +258,7 @@ def test_gradient_checkpointing_trains_the_same_model(tiny_causal_lm, tiny_chat_
                                 gradient_checkpointing=checkpointing)
         runs[checkpointing] = run_training(load_config(write_config(config))).run_dir
         assert bool(checkpointed_layers) == checkpointing  # the layers really went through torch's checkpoint
-    plain, checkpointed = train_losses(runs[False]), train_losses(runs[True])
-    assert len(plain) >= 3 and [(step, pytest.approx(loss, rel=1e-5)) for step, loss in checkpointed] == plain
-    plain_weights = load_file(runs[False] / "final" / "model.safetensors")
-    for name, weight in load_file(runs[True] / "final" / "model.safetensors").items():
-        assert_close(weight, plain_weights[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_training(runs[False], runs[True])
 
 
 @pytest.mark.slow
@@ -266,9 +269,7 @@ def test_compiled_model_trains_like_the_eager_one_and_saves_plain_weights(tiny_c
     to float rounding, and final/ holds the eager run's weights under the same names (none of the compiled
     wrapper's `_orig_mod.`), so from_pretrained and peft load it as usual."""
     import torch._dynamo
-    from safetensors.torch import load_file
     from torch._dynamo.utils import counters
-    from torch.testing import assert_close
 
     from sft.training import run_training
 
@@ -283,13 +284,7 @@ def test_compiled_model_trains_like_the_eager_one_and_saves_plain_weights(tiny_c
         runs[compiled] = run_training(load_config(write_config(config))).run_dir
         assert bool(counters["stats"]["unique_graphs"]) == compiled
     assert json.loads((runs[True] / "manifest.json").read_text())["performance"]["compile"] is True
-    eager, compiled = train_losses(runs[False]), train_losses(runs[True])
-    assert len(eager) >= 3 and [(step, pytest.approx(loss, rel=1e-4)) for step, loss in compiled] == eager
-    eager_weights, compiled_weights = (load_file(next((runs[c] / "final").glob("*.safetensors")))
-                                       for c in (False, True))
-    assert compiled_weights.keys() == eager_weights.keys()
-    for name, weight in compiled_weights.items():
-        assert_close(weight, eager_weights[name], atol=1e-4, rtol=1e-3, msg=name)
+    assert_same_training(runs[False], runs[True], rel=1e-4, atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.slow
