@@ -78,6 +78,7 @@ def use_chunked_loss(model) -> None:
     eager_loss = torch.compiler.disable(linear_cross_entropy)
 
     def before_forward(module, args, kwargs):
+        batch.clear()  # a forward that raised (out of memory, a Ctrl-C in a notebook) leaves its labels behind
         if not (module.training and torch.is_grad_enabled() and kwargs.get("labels") is not None):
             return None
         batch["labels"], batch["num_items_in_batch"] = kwargs["labels"], kwargs.get("num_items_in_batch")

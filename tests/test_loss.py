@@ -63,6 +63,25 @@ def test_evaluation_keeps_the_models_own_forward_and_logits():
     torch.testing.assert_close(output.loss, expected.loss)
 
 
+def test_a_training_forward_that_raised_leaves_no_labels_for_the_next_forward():
+    """Out of memory mid-forward, caught in a notebook: the next (evaluation) forward must not pick up the failed
+    batch's labels and return a chunked loss for them."""
+    model = tiny_model("llama")
+    losses.use_chunked_loss(model)
+
+    def out_of_memory(*_):
+        raise RuntimeError("out of memory")
+
+    hook = model.model.layers[0].register_forward_pre_hook(out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model(**packed_batch())
+    hook.remove()
+    model.eval()
+    with torch.no_grad():
+        output = model(input_ids=packed_batch()["input_ids"])
+    assert output.loss is None and output.logits.shape[1] == packed_batch()["input_ids"].shape[1]
+
+
 def test_lora_adapters_get_the_same_gradients_with_a_frozen_lm_head():
     from peft import LoraConfig, get_peft_model
 
