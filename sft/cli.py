@@ -229,6 +229,9 @@ def _runs(args) -> int:
 
     runs = list_runs(args.output_dir)
     print(format_runs(runs, datetime.now().astimezone()) if runs else f"sft: no runs in {args.output_dir}")
+    for run in runs:  # on stderr: the table stays one parseable line per run
+        for problem in run.problems:
+            print(f"sft: {run.name}: {problem}", file=sys.stderr)
     return 0
 
 
