@@ -327,7 +327,7 @@ def load_config(path: str | Path, overrides: list[str] = (), env_file: str | Non
     raw = _read_yaml(path)
     for override in overrides:
         _apply_override(raw, override)
-    _load_env_file(env_file or raw.get("env_file"), path)
+    load_env_file(env_file or raw.get("env_file"), path)
     problems: list[str] = []
     templates: dict[str, str] = {}
     raw = _interpolate(raw, "", problems, templates)
@@ -348,8 +348,8 @@ def load_run_config(path: Path) -> Config:
     database password). Raises ValueError (pydantic's ValidationError) for a config that does not validate."""
     raw = _read_yaml(path)
     env_file = raw.get("env_file")
-    _load_env_file(env_file if isinstance(env_file, str) and Path(os.path.expandvars(env_file)).is_file() else None,
-                   path)
+    load_env_file(env_file if isinstance(env_file, str) and Path(os.path.expandvars(env_file)).is_file() else None,
+                  path)
     return Config.model_validate(_interpolate(raw, "", [], {}, keep_unset=True))
 
 
@@ -391,7 +391,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _load_env_file(env_file: str | None, config_path: Path) -> None:
+def load_env_file(env_file: str | None, config_path: Path | None = None) -> None:
     """Load .env into the process environment (tokens must reach huggingface_hub too); real env vars win."""
     from dotenv import dotenv_values
     from dotenv.parser import parse_stream
