@@ -225,6 +225,24 @@ def test_integer_labels_from_csv_are_sorted_by_number(tmp_path):
     assert loaded.label_names == ["1", "2", "10"]
 
 
+def test_integer_labels_from_csv_are_class_ids_as_in_jsonl(tmp_path, tokenizer):
+    """0/1 with data.label_names: JSONL gives integers, CSV the same digits as text; both are class ids."""
+    from sft.data.formats import tokenize_record
+    from sft.data.validation import iter_records
+
+    rows = [{"text": f"review {i}", "label": i % 2} for i in range(30)]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    (tmp_path / "a.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    label_ids = {}
+    for name in ("a.jsonl", "a.csv"):
+        config = make_config(str(tmp_path / name), label_names=["neg", "pos"], eval_fraction=0)
+        loaded = load_rows(config, tmp_path)
+        assert loaded.label_names == ["neg", "pos"]
+        label_ids[name] = [tokenize_record(record, "classification", config.data.fields, tokenizer, loaded.label_names,
+                                           64)[0]["labels"] for _, record in iter_records(loaded.train)]
+    assert label_ids["a.csv"] == label_ids["a.jsonl"] == [row["label"] for row in rows]
+
+
 def label_problems(tmp_path, train: list[dict], eval_rows: list[dict] | None = None, **settings) -> str:
     write_jsonl(tmp_path / "train.jsonl", train)
     data = {"eval_fraction": 0, **settings.pop("data", {})}
