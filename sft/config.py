@@ -84,8 +84,8 @@ class SQLSource(Mixing):
                                       "(password from .env or the environment; never written anywhere).")
     query: str = Field(description="SELECT returning one row per example; column names are the field names. Runs in "
                                    "a read-only transaction; rows are streamed in chunks.")
-    timeout: float = Field(600, gt=0, description="PostgreSQL statement timeout in seconds: a runaway query fails "
-                                                  "with a message instead of holding the job.")
+    timeout: float = Field(600, gt=0, description="Query timeout in seconds (PostgreSQL and SQLite): a runaway query "
+                                                  "fails with a message instead of holding the job.")
 
 
 def _source_kind(value: Any) -> str | None:

@@ -65,6 +65,28 @@ def test_sqlite_query_reads_rows_without_writing(tmp_path):
         read_source(SQLSource(database=f"sqlite:///{db}", query="SELECT nope FROM reviews"), "data.train", tmp_path)
 
 
+def test_a_sqlite_query_past_its_timeout_is_cancelled_in_one_line(tmp_path):
+    from sft.config import SQLSource
+
+    db = tmp_path / "empty.db"
+    sqlite3.connect(db).close()
+    # Counts to 200 million: tens of seconds, unless the 1 s timeout interrupts it.
+    slow = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000000) " \
+           "SELECT count(*) AS text FROM n"
+    with pytest.raises(UserError, match=rf"^data.train.query: cancelled after 1 s \(statement timeout\) on {db}; make "
+                                        r"the query cheaper or raise data.train.timeout$"):
+        read_source(SQLSource(database=f"sqlite:///{db}", query=slow, timeout=1), "data.train", tmp_path)
+
+
+def test_a_malformed_database_url_is_one_line_naming_the_key(tmp_path):
+    from sft.config import SQLSource
+
+    with pytest.raises(UserError, match=r"^data.eval.database: postgresql://ann:\*\*\*@db.example.org:5432x/corpus is "
+                                        r"not a valid database URL \(.*'5432x'\); write postgresql://"):
+        read_source(SQLSource(database="postgresql://ann:hunter2@db.example.org:5432x/corpus", query="SELECT 1"),
+                    "data.eval", tmp_path)
+
+
 def test_saved_dataset_dict_needs_an_existing_split(tmp_path):
     from datasets import Dataset, DatasetDict
 
