@@ -45,6 +45,9 @@ def clean(run_dir: str | Path, dry_run: bool = False) -> Cleaned:
                             f"clean leaves them: resume the run to finish it, or delete the folder if you give it up")
         result = Cleaned()
         checkpoints = path / "checkpoints"
+        if checkpoints.exists() and not (path / rundir.FINAL).is_dir():
+            raise UserError(f"{path}: final/ is missing, so its checkpoints are the only trained model left and clean "
+                            f"leaves them; put the model back in final/, or delete the folder if you give the run up")
         if checkpoints.exists():
             result.removed[f"{checkpoints}/"] = size_of(checkpoints)
             if not dry_run:
@@ -74,15 +77,23 @@ def size_of(path: Path) -> int:
 
 def _data_cache(path: Path, manifest: dict) -> tuple[Path | None, str | None]:
     """The run's tokenized data in the cache, unless an unfinished run beside it uses the same data (its torchrun
-    processes may be about to read it). Any other run that needs it again tokenizes it again: nothing is lost."""
+    processes may be about to read it). Any other run that needs it again tokenizes it again: nothing is lost.
+
+    The folder the run recorded, else the same key under this environment's cache: a run trained in the container
+    recorded /cache/..., which the host sees where SFT_CACHE_DIR (and so HF_HOME) points."""
     from sft.data import cache
     from sft.trained import run_config
 
-    key = (manifest.get("data") or {}).get("cache_key")
+    data = manifest.get("data") or {}
+    key, recorded = data.get("cache_key"), data.get("cache_folder")
     if not key:
         return None, None
-    folder = cache.cache_root(run_config(path)) / "tokenized" / key
-    if not folder.is_dir():
+    here = cache.cache_root(run_config(path)) / "tokenized" / key
+    folder = next((f for f in (Path(recorded) if recorded else None, here) if f and f.is_dir()), None)
+    if folder is None:
+        if recorded and Path(recorded) != here:
+            return None, (f"no tokenized data cache at {recorded} (recorded by the run) or {here}: removed already, "
+                          f"or it is where the run trained (the container's /cache): clean there or set HF_HOME")
         return None, None
     users = [sibling.name for sibling in path.parent.iterdir() if sibling != path and _unfinished_user(sibling, key)]
     if users:

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "HF_HOME, e.g. on a login node, for the offline runs to find.")
     fetch.add_argument("model", help="hub id, e.g. Qwen/Qwen2.5-0.5B-Instruct")
     fetch.add_argument("--revision", help="branch, tag or commit to pin (as model.revision)")
+    fetch.add_argument("--env-file", help=".env file with HF_TOKEN for gated or private models (default: ./.env)")
     fetch.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_tool_commands(commands)
     report = commands.add_parser("report", help="write plots and report.md of a run directory",
@@ -200,8 +201,10 @@ def _info(args) -> int:
 
 
 def _fetch(args) -> int:
+    from sft.config import load_env_file
     from sft.hub import fetch
 
+    load_env_file(args.env_file)  # HF_TOKEN (and HF_HOME) as train reads them, before huggingface_hub is imported
     print(f"sft: {args.model} is in the cache: {fetch(args.model, args.revision)}")
     return 0
 
@@ -229,6 +232,9 @@ def _runs(args) -> int:
 
     runs = list_runs(args.output_dir)
     print(format_runs(runs, datetime.now().astimezone()) if runs else f"sft: no runs in {args.output_dir}")
+    for run in runs:  # on stderr: the table stays one parseable line per run
+        for problem in run.problems:
+            print(f"sft: {run.name}: {problem}", file=sys.stderr)
     return 0
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
+                      ValidationError, model_validator)
 
 from sft import secrets
 from sft.errors import UserError
@@ -84,8 +84,8 @@ class SQLSource(Mixing):
                                       "(password from .env or the environment; never written anywhere).")
     query: str = Field(description="SELECT returning one row per example; column names are the field names. Runs in "
                                    "a read-only transaction; rows are streamed in chunks.")
-    timeout: float = Field(600, gt=0, description="PostgreSQL statement timeout in seconds: a runaway query fails "
-                                                  "with a message instead of holding the job.")
+    timeout: float = Field(600, gt=0, description="Query timeout in seconds (PostgreSQL and SQLite): a runaway query "
+                                                  "fails with a message instead of holding the job.")
 
 
 def _source_kind(value: Any) -> str | None:
@@ -270,6 +270,7 @@ class Config(Section):
     env_file: str | None = Field(None, description=".env file with DATA_PATH, tokens, ...; default: ./.env if present.")
     # Filled by load_config, not by the user.
     config_path: Path | None = Field(None, exclude=True)
+    _secret_templates: dict[str, str] = PrivateAttr(default_factory=dict)  # resolved text → text with ${VAR} kept
 
     @model_validator(mode="after")
     def _settings_agree(self) -> "Config":
@@ -326,9 +327,10 @@ def load_config(path: str | Path, overrides: list[str] = (), env_file: str | Non
     raw = _read_yaml(path)
     for override in overrides:
         _apply_override(raw, override)
-    _load_env_file(env_file or raw.get("env_file"), path)
+    load_env_file(env_file or raw.get("env_file"), path)
     problems: list[str] = []
-    raw = _interpolate(raw, "", problems)
+    templates: dict[str, str] = {}
+    raw = _interpolate(raw, "", problems, templates)
     if problems:
         raise UserError(f"{path}: " + "; ".join(problems))
     try:
@@ -336,7 +338,19 @@ def load_config(path: str | Path, overrides: list[str] = (), env_file: str | Non
     except ValidationError as error:
         raise UserError(f"{path}: " + "; ".join(_describe(e) for e in error.errors())) from None
     config.config_path = path.resolve()
+    config._secret_templates = templates
     return config
+
+
+def load_run_config(path: Path) -> Config:
+    """A run's config.yaml (resolved_yaml): the ${VAR} references of secret variables are resolved again from the
+    environment or .env, as at train time; one whose variable is not set now stays as written (a clean needs no
+    database password). Raises ValueError (pydantic's ValidationError) for a config that does not validate."""
+    raw = _read_yaml(path)
+    env_file = raw.get("env_file")
+    load_env_file(env_file if isinstance(env_file, str) and Path(os.path.expandvars(env_file)).is_file() else None,
+                  path)
+    return Config.model_validate(_interpolate(raw, "", [], {}, keep_unset=True))
 
 
 def _read_yaml(path: Path) -> dict:
@@ -377,7 +391,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _load_env_file(env_file: str | None, config_path: Path) -> None:
+def load_env_file(env_file: str | None, config_path: Path | None = None) -> None:
     """Load .env into the process environment (tokens must reach huggingface_hub too); real env vars win."""
     from dotenv import dotenv_values
     from dotenv.parser import parse_stream
@@ -416,18 +430,24 @@ def _env_text(path: Path) -> str:
         raise UserError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
 
 
-def _interpolate(node: Any, where: str, problems: list[str]) -> Any:
+def _interpolate(node: Any, where: str, problems: list[str], templates: dict[str, str],
+                 keep_unset: bool = False) -> Any:
+    """Substitute ${VAR} and ${VAR:-default}. A string that took a secret variable's value is noted in TEMPLATES
+    (resolved → the text with that reference kept) for config.yaml; KEEP_UNSET leaves unset variables as written."""
     if isinstance(node, dict):
-        return {k: _interpolate(v, f"{where}.{k}" if where else str(k), problems) for k, v in node.items()}
+        return {k: _interpolate(v, f"{where}.{k}" if where else str(k), problems, templates, keep_unset)
+                for k, v in node.items()}
     if isinstance(node, list):
-        return [_interpolate(v, f"{where}[{i}]", problems) for i, v in enumerate(node)]
+        return [_interpolate(v, f"{where}[{i}]", problems, templates, keep_unset) for i, v in enumerate(node)]
     if not isinstance(node, str):
         return node
 
-    def substitute(match: re.Match) -> str:
+    def value_of(match: re.Match) -> str:
         name, default = match["name"], match["default"]
         value = os.environ.get(name)
         if value is None:
+            if keep_unset:
+                return match[0]
             if default is None:
                 problems.append(f"{where}: environment variable {name} is not set; "
                                 f"export it or add it to .env (or write ${{{name}:-default}})")
@@ -437,7 +457,18 @@ def _interpolate(node: Any, where: str, problems: list[str]) -> Any:
             secrets.register_secret(value)
         return value
 
-    return VARIABLE.sub(substitute, node)
+    resolved, template, end = [], [], 0
+    for match in VARIABLE.finditer(node):
+        value = value_of(match)
+        resolved += [node[end:match.start()], value]
+        template += [node[end:match.start()], match[0] if secrets.is_secret_name(match["name"]) else value]
+        end = match.end()
+    resolved_text, template_text = "".join(resolved) + node[end:], "".join(template) + node[end:]
+    if template_text != resolved_text:
+        templates[resolved_text] = template_text
+    else:
+        secrets.register_public(resolved_text)
+    return resolved_text
 
 
 def _describe(error: dict) -> str:
@@ -488,5 +519,18 @@ def _sections_in(annotation: Any) -> list[type[BaseModel]]:
 
 
 def resolved_yaml(config: Config) -> str:
-    """The config as it will run (defaults filled, variables substituted), with secrets masked."""
-    return yaml.safe_dump(secrets.mask_values(config.model_dump(mode="json")), sort_keys=False)
+    """The config as it will run (defaults filled, variables substituted) for config.yaml, except that a value
+    which took a secret variable keeps its ${VAR} reference and a database URL's password reads ***: no secret is
+    written, and every other value is exactly what ran (predict and export read it back)."""
+    templates = config._secret_templates
+
+    def recorded(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: recorded(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [recorded(item) for item in value]
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value) in templates:
+            return templates[str(value)]  # also a number that came from a variable (`seed: ${SEED_KEY}`)
+        return secrets.mask_url_passwords(value) if isinstance(value, str) else value
+
+    return yaml.safe_dump(recorded(config.model_dump(mode="json")), sort_keys=False)

@@ -129,12 +129,12 @@ def start_manifest(run_dir: Path, config, resume_step: int | None) -> dict:
 
 
 def record_data(manifest: dict, prepared) -> None:
-    """Format, labels, example counts, content hashes of every source (SQL: of the rows read), the data summary
-    and the cache key."""
+    """Format, labels, example counts, content hashes of every source (SQL: of the rows read), the data summary,
+    the cache key and the cache folder (`sft clean` may run where HF_HOME points elsewhere)."""
     manifest["data"] = {"format": prepared.data_format, "label_names": prepared.label_names,
                         **_counts("train", prepared.train), **_counts("eval", prepared.eval),
                         "files": [asdict(f) for f in prepared.files], "summary": prepared.summary,
-                        "cache_key": prepared.cache_key}
+                        "cache_key": prepared.cache_key, "cache_folder": str(Path(prepared.cache_folder).absolute())}
 
 
 def _counts(split: str, dataset) -> dict[str, int]:

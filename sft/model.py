@@ -197,11 +197,21 @@ def load_model(config: Config, label_names: list[str] | None = None):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.training.gradient_checkpointing)
     if config.method.name in ("lora", "qlora"):
         model = _wrap_lora(model, config)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total, trainable = count_parameters(model)
     log.info("model %s: %s parameters, %s trainable (%.2f%%)", path, f"{total:,}", f"{trainable:,}",
              100 * trainable / total)
     return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """The model's parameter values, all and trainable. A 4-bit weight (bitsandbytes Params4bit) packs two values
+    per byte, so its numel() is half or less of its real count: the shape it was quantized from is in quant_state."""
+    def values(parameter) -> int:
+        quant_state = getattr(parameter, "quant_state", None)
+        return quant_state.shape.numel() if quant_state is not None else parameter.numel()
+
+    parameters = list(model.parameters())
+    return sum(map(values, parameters)), sum(values(p) for p in parameters if p.requires_grad)
 
 
 def qlora_quantization(config: Config):

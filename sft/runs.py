@@ -5,7 +5,7 @@ each run's manifest.json, metrics.jsonl and run.lock (nothing is written, no loc
     sft runs /scratch/$USER/runs
 """
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -21,6 +21,7 @@ class RunInfo:
     best: str  # e.g. "eval_accuracy 0.912 @ 40", empty before the first evaluation
     started: datetime | None
     slurm_job: str | None
+    problems: list[str] = field(default_factory=list)  # what in its files is odd (shown apart from the table)
 
 
 def list_runs(output_dir: str | Path) -> list[RunInfo]:
@@ -29,19 +30,27 @@ def list_runs(output_dir: str | Path) -> list[RunInfo]:
     if not folder.is_dir():
         raise UserError(f"{folder}: no such directory; pass your config's output.dir (default: runs)")
     runs = [read_run(path) for path in sorted(folder.iterdir()) if (path / manifests.MANIFEST).is_file()]
-    return sorted(runs, key=lambda run: (run.started is None, run.started or datetime.min, run.name))
+    return sorted(runs, key=lambda run: (run.started is None, run.started.timestamp() if run.started else 0, run.name))
 
 
 def read_run(path: Path) -> RunInfo:
+    """One run's line; a file of an unexpected shape (hand-edited, another sft version) is flagged, and its run
+    still listed, rather than hiding every run behind a traceback."""
     try:
         manifest = manifests.read_manifest(path) or {}
     except (OSError, ValueError):
         return RunInfo(path.name, "unreadable manifest", None, "", None, None)
-    steps, best = progress(path / "metrics.jsonl")
-    restarts = manifest.get("restarts") or []
-    # A resume in a new job (not a requeue) records its own job: show the one that ran last.
-    job = restarts[-1].get("slurm_job") if restarts else manifest.get("slurm_job")
-    return RunInfo(path.name, status(path, manifest), steps, best, _time(manifest.get("started")), job)
+    try:
+        problems: list[str] = []
+        steps, best = progress(path / "metrics.jsonl", problems)
+        restarts = manifest.get("restarts") or []
+        # A resume in a new job (not a requeue) records its own job: show the one that ran last.
+        job = restarts[-1].get("slurm_job") if restarts else manifest.get("slurm_job")
+        started = _time(manifest.get("started"), problems)
+        return RunInfo(path.name, status(path, manifest), steps, best, started, job and str(job), problems)
+    except (AttributeError, TypeError, ValueError) as error:  # e.g. the manifest is a list, restarts hold numbers
+        return RunInfo(path.name, "unreadable manifest", None, "", None, None,
+                       [f"{manifests.MANIFEST} has an unexpected shape ({type(error).__name__}: {error})"])
 
 
 def status(path: Path, manifest: dict) -> str:
@@ -52,17 +61,21 @@ def status(path: Path, manifest: dict) -> str:
     return recorded
 
 
-def progress(metrics_file: Path) -> tuple[int | None, str]:
+def progress(metrics_file: Path, problems: list[str]) -> tuple[int | None, str]:
     """Optimizer steps so far and the best evaluation: highest accuracy for classifiers, else lowest eval loss."""
     if not metrics_file.is_file():
         return None, ""
     records = []
-    for line in metrics_file.read_text().splitlines():
+    for number, line in enumerate(metrics_file.read_text().splitlines(), 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:  # the line being written while we read
             continue
-    steps = max((r.get("step", 0) for r in records), default=None)
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            problems.append(f"metrics.jsonl:{number}: {line[:40]} is not a record; left out")
+    steps = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=None)
     for metric, better in (("eval_accuracy", max), ("eval_loss", min)):
         evaluations = [r for r in records if isinstance(r.get(metric), (int, float))]
         if evaluations:
@@ -71,11 +84,20 @@ def progress(metrics_file: Path) -> tuple[int | None, str]:
     return steps, ""
 
 
-def _time(text: str | None) -> datetime | None:
-    try:
-        return datetime.fromisoformat(text) if text else None
-    except ValueError:
+def _time(text, problems: list[str]) -> datetime | None:
+    """The manifest's start time, always with a time zone (a time without one is taken as this machine's local
+    time), so runs sort and age in one clock."""
+    if text is None:
         return None
+    try:
+        started = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        problems.append(f"{manifests.MANIFEST}: started {json.dumps(text)[:40]} is not an ISO time")
+        return None
+    if started.tzinfo is None:
+        problems.append(f"{manifests.MANIFEST}: started {text} has no time zone; taken as local time")
+        return started.astimezone()
+    return started
 
 
 def age(started: datetime | None, now: datetime) -> str:

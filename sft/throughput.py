@@ -38,19 +38,22 @@ class ThroughputCallback(TrainerCallback):
         self.window_start: tuple[float, list[int]] | None = None
         self.shape = (0, 0, 0, 0)
         self.peak = None
+        self.world_size = 1
         self.summary: dict = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         import torch
 
+        from sft.model import count_parameters
+
         # Eager under training.compile: traced, each new value of the Python counters would recompile the model.
         model.register_forward_pre_hook(torch.compiler.disable(self._count), with_kwargs=True)
-        parameters = list(model.parameters())
         config = getattr(model, "config", None)
-        self.shape = (sum(p.numel() for p in parameters), sum(p.numel() for p in parameters if p.requires_grad),
-                      getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0))
+        self.shape = (*count_parameters(model), getattr(config, "num_hidden_layers", 0),
+                      getattr(config, "hidden_size", 0))
         if torch.cuda.is_available() and (args.bf16 or args.fp16):
             self.peak = gpu_peak_flops(torch.cuda.get_device_name())
+        self.world_size = args.world_size
         self.begin = (time.perf_counter(), self._read(args))
 
     def _count(self, module, args, kwargs):
@@ -115,5 +118,6 @@ class ThroughputCallback(TrainerCallback):
         if self.peak:
             total, trainable, layers, hidden = self.shape
             per_token = flops_per_token(total, trainable, layers, hidden, real / max(examples, 1))
-            rates["mfu"] = per_token * real / seconds / self.peak
+            # The tokens are summed over every process, so the FLOPs are shared by that many GPUs: MFU is per GPU.
+            rates["mfu"] = per_token * real / seconds / (self.peak * self.world_size)
         return rates

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sft import manifest as manifests
-from sft.config import Config
+from sft.config import VARIABLE, Config, load_run_config
 from sft.errors import UserError
 
 
@@ -38,19 +38,26 @@ def open_trained_run(run_dir: str | Path) -> TrainedRun:
                         f"(or resume it), then retry")
     if not (path / "final").is_dir():
         raise UserError(f"{path}: final/ is missing (moved or deleted?); put the trained model back in final/")
+    config = run_config(path)
+    for key, value in config.model.model_dump().items():  # what loads the base model must be the real value
+        unset = VARIABLE.search(value) if isinstance(value, str) else None
+        if unset:
+            raise UserError(f"{path / 'config.yaml'}: model.{key} comes from the secret variable {unset['name']}, "
+                            f"which is not set here; export it or add it to .env, then retry")
     data = manifest.get("data") or {}
-    return TrainedRun(path, run_config(path), data.get("format"), data.get("label_names"))
+    return TrainedRun(path, config, data.get("format"), data.get("label_names"))
 
 
 def run_config(run_dir: Path) -> Config:
     """The config the run resolved and recorded in config.yaml."""
-    import yaml
-
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; it was written by sft train and is needed to use the run")
     try:
-        return Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    except (OSError, ValueError) as error:  # pydantic's ValidationError is a ValueError
-        raise UserError(f"{run_dir / 'config.yaml'}: cannot read the run's config ({str(error).splitlines()[0]}); "
-                        f"it was written by sft train and should not be edited") from None
+        return load_run_config(path)
+    except ValueError as error:  # pydantic's ValidationError is a ValueError
+        raise UserError(f"{path}: cannot read the run's config ({str(error).splitlines()[0]}); it was written by "
+                        f"sft train and should not be edited") from None
 
 
 def load_tokenizer(run: TrainedRun):

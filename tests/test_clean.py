@@ -36,6 +36,7 @@ def test_clean_frees_checkpoints_and_the_data_cache_and_keeps_the_rest(finished_
     run_dir = copy_run(finished_runs, output, "done")
     key = json.loads((run_dir / "manifest.json").read_text())["data"]["cache_key"]
     cache = Path(os.environ["HF_HOME"]) / "sft" / "tokenized" / key
+    assert json.loads((run_dir / "manifest.json").read_text())["data"]["cache_folder"] == str(cache)
     assert len(list((run_dir / "checkpoints").iterdir())) == 2 and cache.is_dir()
     sizes = {f"{run_dir / 'checkpoints'}/": bytes_under(run_dir / "checkpoints"),
              f"tokenized data cache {cache}/": bytes_under(cache)}
@@ -82,3 +83,41 @@ def test_running_and_unfinished_runs_are_refused_untouched(finished_runs, tmp_pa
     assert error.count("\n") == 1 and "the run is preempted, not finished" in error
     assert contents(run_dir, skip={"run.lock"}) == {Path(k): v for k, v in before.items()}
     assert main(["clean", str(tmp_path)]) == 2  # not a run directory
+
+
+def set_cache_folder(run_dir: Path, folder: Path) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    write_json_atomic(run_dir / "manifest.json", {**manifest, "data": {**manifest["data"], "cache_folder": str(folder)}})
+
+
+def test_clean_removes_the_cache_folder_the_run_recorded_wherever_hf_home_points_now(finished_runs, tmp_path):
+    """Trained with another HF_HOME (the container's /cache): the recorded folder goes, not a guess from HF_HOME."""
+    run_dir = copy_run(finished_runs, tmp_path / "runs", "done")
+    key = json.loads((run_dir / "manifest.json").read_text())["data"]["cache_key"]
+    recorded = tmp_path / "container-cache" / "sft" / "tokenized" / key
+    (recorded / "train").mkdir(parents=True)
+    (recorded / "train" / "data.arrow").write_bytes(b"x" * 100)
+    set_cache_folder(run_dir, recorded)
+    result = clean(run_dir)
+    assert result.removed[f"tokenized data cache {recorded}/"] == 100 and not recorded.exists()
+
+
+def test_a_cache_folder_found_nowhere_is_said_not_passed_over(finished_runs, tmp_path, monkeypatch):
+    run_dir = copy_run(finished_runs, tmp_path / "runs", "done")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "venv-hf-home"))
+    set_cache_folder(run_dir, Path("/cache/huggingface/sft/tokenized/abc"))
+    result = clean(run_dir)
+    assert not any(what.startswith("tokenized data cache") for what in result.removed)
+    assert len(result.notes) == 1 and "no tokenized data cache at /cache/huggingface/sft/tokenized/abc (recorded " \
+        "by the run) or " in result.notes[0] and "clean there or set HF_HOME" in result.notes[0]
+
+
+def test_a_finished_run_without_final_keeps_its_checkpoints(finished_runs, tmp_path, capsys):
+    """final/ moved or deleted: the checkpoints are the only trained model left."""
+    run_dir = copy_run(finished_runs, tmp_path / "runs", "done")
+    shutil.rmtree(run_dir / "final")
+    before = contents(run_dir, skip={"run.lock"})
+    assert main(["clean", str(run_dir)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "final/ is missing, so its checkpoints are the only trained model left" in error
+    assert contents(run_dir, skip={"run.lock"}) == before

@@ -8,6 +8,8 @@ import yaml
 from conftest import REPO
 from sft.config import load_config, resolved_yaml
 from sft.errors import UserError
+from sft.secrets import mask
+from sft.trained import run_config
 
 MINIMAL = {"task": "classification", "model": {"name": "some/model"}, "data": {"train": "train.jsonl"}}
 
@@ -115,6 +117,31 @@ def test_secrets_are_masked_in_the_resolved_config(write_config, monkeypatch):
     config = load_config(write_config({**MINIMAL, "output": {"name": "run-${API_TOKEN}\ttab"}}))
     assert "ss" not in resolved_yaml(config).split("name:")[-1]
     assert "postgresql://ann:***@host/db" in text
+
+
+def test_config_yaml_keeps_secret_references_and_every_other_value_as_it_ran(write_config, tmp_path, monkeypatch):
+    """PGPASSWORD's value is also a word of the model's path and part of a longer word: config.yaml records the
+    reference where the variable was used and nothing else changes, so what reads the run back gets real values."""
+    monkeypatch.setenv("PGPASSWORD", "kestrel9")
+    model = tmp_path / "kestrel9-X0l2" / "llama"
+    database = "postgresql://ann:${PGPASSWORD}@host/db"
+    config = load_config(write_config({**MINIMAL, "model": {"name": str(model)}, "output": {"name": "kestrel9s"},
+                                       "data": {"train": {"database": database, "query": "SELECT 1"}}}))
+    text = resolved_yaml(config)
+    recorded = yaml.safe_load(text)
+    assert recorded["model"]["name"] == str(model) and recorded["output"]["name"] == "kestrel9s"
+    assert recorded["data"]["train"]["database"] == database and "kestrel9@" not in text
+    # The same path in a log line stays whole; the value alone is masked.
+    assert mask(f"loading {model}/config.json, password kestrel9") == f"loading {model}/config.json, password ***"
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(text)
+    read_back = run_config(run_dir)
+    assert read_back.model.name == str(model)
+    assert read_back.data.train.database == "postgresql://ann:kestrel9@host/db"
+    monkeypatch.delenv("PGPASSWORD")  # not set where the run is read (sft clean on a login node): left as written
+    assert run_config(run_dir).data.train.database == database
 
 
 def test_bad_yaml_points_at_the_line(tmp_path):

@@ -65,6 +65,28 @@ def test_sqlite_query_reads_rows_without_writing(tmp_path):
         read_source(SQLSource(database=f"sqlite:///{db}", query="SELECT nope FROM reviews"), "data.train", tmp_path)
 
 
+def test_a_sqlite_query_past_its_timeout_is_cancelled_in_one_line(tmp_path):
+    from sft.config import SQLSource
+
+    db = tmp_path / "empty.db"
+    sqlite3.connect(db).close()
+    # Counts to 200 million: tens of seconds, unless the 1 s timeout interrupts it.
+    slow = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000000) " \
+           "SELECT count(*) AS text FROM n"
+    with pytest.raises(UserError, match=rf"^data.train.query: cancelled after 1 s \(statement timeout\) on {db}; make "
+                                        r"the query cheaper or raise data.train.timeout$"):
+        read_source(SQLSource(database=f"sqlite:///{db}", query=slow, timeout=1), "data.train", tmp_path)
+
+
+def test_a_malformed_database_url_is_one_line_naming_the_key(tmp_path):
+    from sft.config import SQLSource
+
+    with pytest.raises(UserError, match=r"^data.eval.database: postgresql://ann:\*\*\*@db.example.org:5432x/corpus is "
+                                        r"not a valid database URL \(.*'5432x'\); write postgresql://"):
+        read_source(SQLSource(database="postgresql://ann:hunter2@db.example.org:5432x/corpus", query="SELECT 1"),
+                    "data.eval", tmp_path)
+
+
 def test_saved_dataset_dict_needs_an_existing_split(tmp_path):
     from datasets import Dataset, DatasetDict
 
@@ -223,6 +245,24 @@ def test_integer_labels_from_csv_are_sorted_by_number(tmp_path):
                                                              enumerate(["10", "2", "1", "2", "10", "1"])))
     loaded = load_rows(make_config(str(tmp_path / "a.csv"), eval_fraction=0), tmp_path)
     assert loaded.label_names == ["1", "2", "10"]
+
+
+def test_integer_labels_from_csv_are_class_ids_as_in_jsonl(tmp_path, tokenizer):
+    """0/1 with data.label_names: JSONL gives integers, CSV the same digits as text; both are class ids."""
+    from sft.data.formats import tokenize_record
+    from sft.data.validation import iter_records
+
+    rows = [{"text": f"review {i}", "label": i % 2} for i in range(30)]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    (tmp_path / "a.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    label_ids = {}
+    for name in ("a.jsonl", "a.csv"):
+        config = make_config(str(tmp_path / name), label_names=["neg", "pos"], eval_fraction=0)
+        loaded = load_rows(config, tmp_path)
+        assert loaded.label_names == ["neg", "pos"]
+        label_ids[name] = [tokenize_record(record, "classification", config.data.fields, tokenizer, loaded.label_names,
+                                           64)[0]["labels"] for _, record in iter_records(loaded.train)]
+    assert label_ids["a.csv"] == label_ids["a.jsonl"] == [row["label"] for row in rows]
 
 
 def label_problems(tmp_path, train: list[dict], eval_rows: list[dict] | None = None, **settings) -> str:

@@ -47,3 +47,44 @@ def test_fetch_without_a_reachable_hub_says_so_in_one_line(tmp_path):
     assert result.returncode == EXIT_USER_ERROR
     assert result.stderr.startswith("sft: error: sft fetch ./models/mine: not a hub id")
     assert result.stderr.count("\n") == 1
+
+
+def test_fetch_sends_the_hf_token_from_dot_env(tmp_path):
+    """The token goes where a gated model needs it: in the Authorization header of every hub request."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HOME": str(tmp_path / "hf")}
+    try:
+        (tmp_path / ".env").write_text("HF_TOKEN=hf_fromdotenv_1234\n")
+        result = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "fetch", "org/gated"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == EXIT_USER_ERROR and result.stderr.count("\n") == 1, result.stderr
+        assert "Bearer hf_fromdotenv_1234" in seen
+        assert "hf_fromdotenv_1234" not in result.stderr
+
+        seen.clear()  # --env-file, as for train
+        (tmp_path / "secrets.env").write_text("HF_TOKEN=hf_fromenvfile_5678\n")
+        (tmp_path / ".env").unlink()
+        subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "fetch", "org/gated", "--env-file",
+                        str(tmp_path / "secrets.env")], cwd=tmp_path, capture_output=True, timeout=120, env=env)
+        assert "Bearer hf_fromenvfile_5678" in seen
+    finally:
+        server.shutdown()

@@ -2,6 +2,7 @@
 tokenized as training tokenized them, and bad input is one line."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -262,3 +263,27 @@ def test_a_run_trained_with_flex_attention_predicts_with_sdpa(finished_runs, tmp
     predict(str(run_dir), str(write_jsonl(tmp_path / "p.jsonl", CHAT_ROWS[:2])), str(tmp_path / "o.jsonl"), 2, 3)
     assert loaded[0].config._attn_implementation == "sdpa"
     assert len(read_jsonl(tmp_path / "o.jsonl")) == 2
+
+
+def test_a_model_setting_from_a_secret_variable_is_read_back_from_the_environment(finished_runs, tmp_path,
+                                                                                    monkeypatch):
+    """config.yaml records `${VAR}` for a value that came from a secret variable: using the run resolves it again,
+    and says which variable to set when it is not."""
+    import shutil
+
+    import yaml
+
+    run_dir = Path(shutil.copytree(finished_runs["causal_lm", "lora"], tmp_path / "run"))
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    base = recorded["model"]["name"]
+    recorded["model"]["revision"] = "${MODEL_ACCESS_TOKEN}"  # as resolved_yaml writes a secret-derived value
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    monkeypatch.setenv("MODEL_ACCESS_TOKEN", "")  # so that teardown removes what reading .env sets below
+    monkeypatch.delenv("MODEL_ACCESS_TOKEN")
+    monkeypatch.chdir(tmp_path)  # no .env here
+    with pytest.raises(UserError, match=r"config.yaml: model.revision comes from the secret variable "
+                                        r"MODEL_ACCESS_TOKEN, which is not set here; export it or add it to .env"):
+        open_trained_run(run_dir)
+    (tmp_path / ".env").write_text("MODEL_ACCESS_TOKEN=main\n")
+    run = open_trained_run(run_dir)
+    assert (run.config.model.name, run.config.model.revision) == (base, "main")

@@ -23,12 +23,18 @@ def make_run(output: Path, name: str, status: str, hours_ago: float, job: str | 
 
 
 def listed(capsys, output: Path) -> dict[str, dict[str, str]]:
+    return listed_with_flags(capsys, output)[0]
+
+
+def listed_with_flags(capsys, output: Path) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """The table's rows by run name, and the lines flagging odd runs (stderr)."""
     assert main(["runs", str(output)]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
     header = re.split(r"\s{2,}", lines[0])
     assert header == ["RUN", "STATUS", "STEPS", "BEST", "AGE", "SLURM_JOB"]
     rows = [dict(zip(header, re.split(r"\s{2,}", line))) for line in lines[1:]]
-    return {row["RUN"]: row for row in rows}
+    return {row["RUN"]: row for row in rows}, captured.err.splitlines()
 
 
 def test_each_state_is_told_apart(tmp_path, run_owner, capsys):
@@ -78,3 +84,49 @@ def test_missing_output_dir_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["runs", str(tmp_path / "empty")]) == 0
     assert capsys.readouterr().out.strip() == f"sft: no runs in {tmp_path / 'empty'}"
+
+
+def set_manifest(run_dir: Path, **fields) -> None:
+    write_json_atomic(run_dir / "manifest.json", {**json.loads((run_dir / "manifest.json").read_text()), **fields})
+
+
+def test_a_start_time_that_is_not_text_is_flagged_and_the_other_runs_listed(tmp_path, capsys):
+    output = tmp_path / "runs"
+    make_run(output, "good", "finished", 3, job="7", metrics=[{"step": 5, "eval_loss": 0.5}])
+    set_manifest(make_run(output, "odd", "finished", 1), started=1733500000)
+    runs, flags = listed_with_flags(capsys, output)
+    assert list(runs) == ["good", "odd"]  # oldest first; the run without a time last
+    assert runs["good"] == {"RUN": "good", "STATUS": "finished", "STEPS": "5", "BEST": "eval_loss 0.5 @ 5",
+                            "AGE": "3h", "SLURM_JOB": "7"}
+    assert (runs["odd"]["STATUS"], runs["odd"]["AGE"]) == ("finished", "?")
+    assert flags == ["sft: odd: manifest.json: started 1733500000 is not an ISO time"]
+
+
+def test_a_null_metrics_line_is_flagged_and_the_rest_of_the_file_read(tmp_path, capsys):
+    output = tmp_path / "runs"
+    make_run(output, "good", "finished", 3, metrics=[{"step": 5, "loss": 1.0}])
+    odd = make_run(output, "odd", "finished", 1)
+    (odd / "metrics.jsonl").write_text('{"step": 2, "eval_loss": 0.9}\nnull\n{"step": 4, "loss": 0.5}\n')
+    runs, flags = listed_with_flags(capsys, output)
+    assert runs["good"]["STEPS"] == "5"
+    assert (runs["odd"]["STEPS"], runs["odd"]["BEST"]) == ("4", "eval_loss 0.9 @ 2")
+    assert flags == ["sft: odd: metrics.jsonl:2: null is not a record; left out"]
+
+
+def test_a_time_without_time_zone_beside_aware_ones_is_taken_as_local_time(tmp_path, capsys):
+    output = tmp_path / "runs"
+    make_run(output, "aware", "finished", 3)
+    naive = (datetime.now() - timedelta(hours=5)).isoformat(timespec="seconds")
+    set_manifest(make_run(output, "naive", "finished", 0), started=naive)
+    runs, flags = listed_with_flags(capsys, output)
+    assert list(runs) == ["naive", "aware"] and runs["naive"]["AGE"] == "5h"
+    assert flags == [f"sft: naive: manifest.json: started {naive} has no time zone; taken as local time"]
+
+
+def test_a_manifest_of_another_shape_is_flagged_and_the_other_runs_listed(tmp_path, capsys):
+    output = tmp_path / "runs"
+    make_run(output, "good", "finished", 3)
+    set_manifest(make_run(output, "odd", "finished", 1), restarts=[3])
+    runs, flags = listed_with_flags(capsys, output)
+    assert runs["good"]["STATUS"] == "finished" and runs["odd"]["STATUS"] == "unreadable manifest"
+    assert len(flags) == 1 and flags[0].startswith("sft: odd: manifest.json has an unexpected shape (AttributeError")

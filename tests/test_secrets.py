@@ -7,7 +7,7 @@ import sys
 import yaml
 
 from conftest import REPO, tiny_lm_config
-from sft.secrets import is_secret_name
+from sft.secrets import is_secret_name, mask, register_public, register_secret
 
 SECRETS = {"HF_TOKEN": "hf_onlyinenv_1234",  # never referenced by the config
            "WANDB_KEY": "wandbkey_5678",  # *KEY* names
@@ -23,6 +23,15 @@ def test_secret_names():
         assert is_secret_name(name), name
     for name in ("TOKENIZERS_PARALLELISM", "HOME", "PASSAGE_DIR", "SSH_AUTH_SOCK"):
         assert not is_secret_name(name), name
+
+
+def test_a_secret_is_masked_as_a_word_and_text_that_only_contains_it_stays_as_it_is():
+    register_secret("quokka42")
+    register_public("/data/quokka42-X0l2/llama")  # a config value the user wrote (sft.config registers them)
+    line = "password quokka42; quokka42s xquokka42 /data/quokka42-X0l2/llama/config.json 'quokka42' a/quokka42/b"
+    assert mask(line) == "password ***; quokka42s xquokka42 /data/quokka42-X0l2/llama/config.json '***' a/***/b"
+    register_public("quokka42")  # a value equal to the secret is no reason to show it
+    assert mask("token quokka42") == "token ***"
 
 
 def test_planted_secrets_reach_no_file_of_the_run_and_no_terminal_line(tiny_causal_lm, tiny_chat_data, tmp_path):
@@ -61,4 +70,5 @@ def test_planted_secrets_reach_no_file_of_the_run_and_no_terminal_line(tiny_caus
                  if value in text or value.encode("unicode_escape").decode() in text
                  or value.replace("\\", "\\\\").replace('"', '\\"') in text]
         assert not leaks, (value, leaks)
-    assert "revision: '***'" in (tmp_path / "runs" / "tiny" / "config.yaml").read_text()
+    # config.yaml records where a secret variable was used, never its value.
+    assert "revision: ${WANDB_KEY}" in (tmp_path / "runs" / "tiny" / "config.yaml").read_text()

@@ -1,5 +1,6 @@
 """Formats and masking: one pure function per format returning token ids and labels (loss only where labels are
 not IGNORE_INDEX), and the batched `Dataset.map` body that applies them."""
+import re
 from bisect import bisect_left
 from collections import defaultdict
 
@@ -154,6 +155,18 @@ def render_chats(tokenizer, conversations: list[list[dict]], generation_prompt: 
     return rendered
 
 
+def class_id(label: str | int, label_names: list[str]) -> int | None:
+    """A label's class id: its place in label_names, else the label itself when it is an integer — also written
+    as text, as every CSV value is (so a CSV file of 0/1 reads as the same JSONL does); None when it is neither."""
+    if isinstance(label, str):
+        if label in label_names:
+            return label_names.index(label)
+        if not re.fullmatch(r"[+-]?\d+", label):
+            return None
+        label = int(label)
+    return label if 0 <= label < len(label_names) else None
+
+
 def tokenize_classification(tokenizer, text: str, text_pair: str | None, label: int, max_length: int | None) -> dict:
     encoded = tokenizer(text, text_pair, truncation=max_length is not None, max_length=max_length)
     return {**encoded, "labels": label}
@@ -168,8 +181,7 @@ def tokenize_record(record: dict, data_format: str, fields: Fields, tokenizer, l
                     max_length: int) -> tuple[dict, int]:
     """One validated row → (example truncated to max_length, its length before truncation)."""
     if data_format == "classification":
-        label = record[fields.label]
-        label_id = label_names.index(label) if isinstance(label, str) else label
+        label_id = class_id(record[fields.label], label_names)
         pair = record.get(fields.text_pair) if fields.text_pair else None
         example = tokenize_classification(tokenizer, record[fields.text], pair, label_id, None)
         full_length = len(example["input_ids"])

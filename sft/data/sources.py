@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -344,17 +345,23 @@ def read_sql(source: SQLSource, config_key: str, work_dir: Path) -> Rows:
     import pyarrow as pa
     from datasets import Dataset
     from sqlalchemy import create_engine, text
-    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+    from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
     url, label = _database_url(source, config_key)
+    try:
+        engine = create_engine(url, **_engine_options(url, source.timeout))
+    except (ArgumentError, ValueError) as error:  # e.g. port 5432x: int() of it raises while the URL is parsed
+        raise UserError(mask(f"{config_key}.database: {label} is not a valid database URL ({error}); write "
+                             f"postgresql://user:${{PGPASSWORD}}@host[:port]/dbname or sqlite:///path/to.db")) from None
     digest = hashlib.sha256(source.query.encode())
     arrow_file = Path(tempfile.mkstemp(dir=work_dir, prefix="query-", suffix=".arrow")[1])
     writer, schema, count = None, None, 0
-    engine = create_engine(url, **_engine_options(url, source.timeout))
     stage = "connect"
     try:
         with engine.connect() as connection:
             stage = "query"
+            if url.startswith("sqlite"):
+                _interrupt_after(connection.connection.driver_connection, source.timeout)
             # stream_results: a server-side cursor, so the database hands rows over chunk by chunk.
             result = connection.execution_options(stream_results=True, max_row_buffer=SQL_CHUNK_ROWS).execute(
                 text(source.query))
@@ -413,6 +420,13 @@ def _engine_options(url: str, timeout: float) -> dict:
             "poolclass": NullPool}
 
 
+def _interrupt_after(sqlite_connection, seconds: float) -> None:
+    """SQLite has no statement timeout: its progress handler, called every 10,000 virtual machine instructions,
+    interrupts the query (OperationalError "interrupted") once SECONDS have passed, reading rows included."""
+    deadline = time.monotonic() + seconds
+    sqlite_connection.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+
+
 def _record_batch(records: list[dict], schema, first_row: int, config_key: str):
     import pyarrow as pa
 
@@ -426,7 +440,7 @@ def _record_batch(records: list[dict], schema, first_row: int, config_key: str):
 def _sql_error(error, source: SQLSource, config_key: str, label: str, stage: str) -> str:
     original = getattr(error, "orig", None) or error
     detail = (str(original).strip().splitlines() or [type(original).__name__])[0]
-    if "statement timeout" in detail:
+    if "statement timeout" in detail or detail == "interrupted":  # PostgreSQL, SQLite (_interrupt_after)
         return mask(f"{config_key}.query: cancelled after {source.timeout:g} s (statement timeout) on {label}; "
                     f"make the query cheaper or raise {config_key}.timeout")
     if stage == "connect":

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from sft.config import Config, Fields
+from sft.data.formats import class_id
 from sft.data.sources import Rows
 from sft.errors import UserError
 
@@ -207,7 +208,7 @@ def resolve_labels(config: Config, train: Rows, eval_rows: Rows | None) -> tuple
         else:
             problems.append(f"data.eval: labels outside {outside}: {unknown.listed(eval_rows)}; fix the data or "
                             f"data.label_names")
-    seen = {_class_id(value, label_names) for value in train_labels.counts}
+    seen = {class_id(value, label_names) for value in train_labels.counts}
     missing = [label for i, label in enumerate(label_names) if i not in seen]
     if missing and len(label_names) >= 2:
         given = "declared in data.label_names" if declared is not None else \
@@ -229,7 +230,7 @@ class LabelCounts:
         return shown + (f", and {len(values) - MAX_LABELS_SHOWN} more" if len(values) > MAX_LABELS_SHOWN else "")
 
     def outside(self, label_names: list[str]) -> "LabelCounts":
-        unknown = [v for v in self.counts if _class_id(v, label_names) is None]
+        unknown = [v for v in self.counts if class_id(v, label_names) is None]
         return LabelCounts(Counter({v: self.counts[v] for v in unknown}), {v: self.first[v] for v in unknown})
 
 
@@ -252,12 +253,6 @@ def _inferred_names(labels: LabelCounts, num_labels: int | None) -> list[str]:
     if all(INTEGER.fullmatch(v) for v in values):
         return sorted(values, key=lambda v: (int(v), v))
     return sorted(values)
-
-
-def _class_id(value: str | int, label_names: list[str]) -> int | None:
-    if isinstance(value, int):
-        return value if 0 <= value < len(label_names) else None
-    return label_names.index(value) if value in label_names else None
 
 
 # Duplicates and the eval split
