@@ -139,8 +139,10 @@ def _empty(path: Path) -> None:
 # requeued has no process at all, yet its run is not abandoned. So the owner's host, pid and Slurm job are
 # written inside, and:
 #   - on the owner's host the kernel's flock is exact (the pid if flock is unsupported);
-#   - a restart of the owner's own Slurm job takes over: Slurm ends every process of a job before it runs the
-#     job again, so a lock still held from another node is stale;
+#   - a restart of the owner's own Slurm job (a higher SLURM_RESTART_COUNT) takes over: Slurm ends every process
+#     of a job before it runs the job again, so a lock still held from another node is stale. Another process of
+#     the same start (a second `srun` step in one allocation: same job id, same restart count) is no requeue:
+#     the flock decides, as between two runs outside Slurm;
 #   - another job's run is live while squeue lists that job as not ended (pending for a requeue too), when
 #     squeue is at hand (it is one quick query; inside a container it often is not);
 #   - otherwise the flock decides. Without squeue, two jobs on different nodes of a filesystem with node-local
@@ -210,6 +212,8 @@ def _fresh_lock(lock_path: Path) -> IO:
 
 def _record_owner(lock: IO) -> None:
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": manifests.slurm_job_key(),
+             "slurm_restart_count": _restart_count(os.environ.get("SLURM_RESTART_COUNT")),
+             "slurm_step": os.environ.get("SLURM_STEP_ID"),
              "since": datetime.now().astimezone().isoformat(timespec="seconds")}
     lock.seek(0)
     lock.truncate()
@@ -233,10 +237,20 @@ def _owner_running(owner: dict, held_elsewhere: bool | None) -> bool:
         return True
     job = owner.get("slurm_job")
     if job and job == manifests.slurm_job_key():
-        return False
+        requeued = _restart_count(os.environ.get("SLURM_RESTART_COUNT")) > _restart_count(
+            owner.get("slurm_restart_count"))
+        return not requeued and bool(held_elsewhere) and not here
     if job and (active := _slurm_job_active(job)) is not None:
         return active
     return bool(held_elsewhere) and not here
+
+
+def _restart_count(value) -> int:
+    """SLURM_RESTART_COUNT as a number: unset (a first start; a lock written before sft recorded it) is 0."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _pid_running(pid) -> bool:
@@ -272,11 +286,16 @@ def _in_use_message(path: Path, owner: dict) -> str:
     if not owner:
         return (f"output: {path} is being opened by another run right now; wait for it, or choose a new "
                 f"output.name")
-    job = owner.get("slurm_job")
+    job, step = owner.get("slurm_job"), owner.get("slurm_step")
     who = f"host {owner.get('host')}, pid {owner.get('pid')}" + (f", Slurm job {job}" if job else "")
-    stop = f"scancel {job}" if job else f"kill {owner.get('pid')} on {owner.get('host')}"
+    if job and job == manifests.slurm_job_key():  # a sibling step of this very job: stop that step, not the job
+        who += f", step {step}"
+        stop = f"scancel {job}.{step}" if step else f"kill {owner.get('pid')} on {owner.get('host')}"
+    else:
+        stop = f"scancel {job}" if job else f"kill {owner.get('pid')} on {owner.get('host')}"
     return (f"output: {path} belongs to a run that is still going ({who}, since {owner.get('since')}); wait for "
-            f"it to end, stop it ({stop}) and rerun to resume, or choose a new output.name")
+            f"it to end, stop it ({stop}) and rerun to resume, or choose a new output.name; if that run is gone "
+            f"(its node crashed), delete {path / LOCK} and rerun")
 
 
 # Checkpoints: Trainer writes checkpoint-N/ in place, so completeness is a marker written after every file.

@@ -37,7 +37,7 @@ def opened(config: Config, overwrite: bool = False, now: datetime = NOON):
 
 @pytest.fixture(autouse=True)
 def no_slurm(monkeypatch):
-    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_STEP_ID"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -221,11 +221,32 @@ def test_a_requeue_on_another_node_replaces_the_stale_lock_of_its_first_node(tmp
         open_run_dir(config, overwrite=False, now=NOON)
 
     monkeypatch.setenv("SLURM_JOB_ID", "500")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     run = open_run_dir(config, overwrite=False, now=NOON)
     assert run.resumed
     monkeypatch.setenv("SLURM_JOB_ID", "501")  # the new lock is really held
     with pytest.raises(UserError, match=f"host {socket.gethostname()}, pid {os.getpid()}, Slurm job 500"):
         open_run_dir(config, overwrite=False, now=NOON)
+    run.release()
+
+
+def test_a_sibling_step_of_the_same_job_is_refused_and_only_a_requeue_takes_over(tmp_path, owners, monkeypatch):
+    """Two `srun` steps of one allocation (two seeds, one `{config}-{date}` name): same job id, same restart count.
+    The owner runs on another node, whose flock this filesystem sees held."""
+    config = make_config(tmp_path)
+    owners(config, host="node-a", env={"SLURM_JOB_ID": "500", "SLURM_STEP_ID": "0"})
+    monkeypatch.setenv("PATH", str(tmp_path))  # no squeue
+    monkeypatch.setenv("SLURM_JOB_ID", "500")
+    monkeypatch.setenv("SLURM_STEP_ID", "1")
+    with pytest.raises(UserError, match=r"host node-a, pid \d+, Slurm job 500, step 0, .*stop it \(scancel 500\.0\)"):
+        open_run_dir(config, overwrite=False, now=NOON)
+    assert json.loads((tmp_path / "runs" / "sft_v1-20261125" / "run.lock").read_text())["host"] == "node-a"
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the job requeued: Slurm ended every process of its first start
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    run = open_run_dir(config, overwrite=False, now=NOON)
+    owner = json.loads((run.path / "run.lock").read_text())
+    assert run.resumed and (owner["pid"], owner["slurm_restart_count"]) == (os.getpid(), 1)
     run.release()
 
 
