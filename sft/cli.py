@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--env-file", help=".env file with DATA_PATH, tokens, ... (default: ./.env)")
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands.choices["train"].add_argument("--overwrite", action="store_true",
-                                           help="replace a finished run directory of the same name")
+                                           help="start over: delete what an earlier run of the same name left, "
+                                                "finished or not (a requeue of the same Slurm job still resumes)")
     commands.choices["check"].add_argument("--gpu-mem", metavar="SIZE",
                                            help="GPU memory to check the run's estimated peak against, e.g. 80GB "
                                                 "(default: the visible GPU)")

@@ -79,12 +79,16 @@ def open_run_dir(config: Config, overwrite: bool, now: datetime | None = None) -
     run = RunDir(path, resumed=False, lock=_lock(path))
     try:
         manifest = manifests.read_manifest(path)
-        if manifest and manifest.get("status") == "finished":
-            if not overwrite:
-                raise UserError(f"output: {path} holds a finished run; pass --overwrite to replace it, or choose a "
-                                f"new output.name (e.g. add {{time}})")
+        # --overwrite starts over whatever an earlier run left, finished or not. A requeued job reruns its own
+        # command, --overwrite included: the run its first start began is resumed, never replaced.
+        own_run = bool(job) and manifest is not None and manifest.get("slurm_job") == job
+        if manifest and overwrite and not own_run:
             _empty(path)
             manifest = None
+        if manifest and manifest.get("status") == "finished":
+            fix = f"Slurm job {job} finished it before this restart" if own_run else "pass --overwrite to replace it"
+            raise UserError(f"output: {path} holds a finished run; {fix}, or choose a new output.name (e.g. add "
+                            f"{{time}})")
         _record_owner(run.lock)
         if manifest is None:
             manifests.claim_run_dir(path, config.output.name)
@@ -121,7 +125,7 @@ def _find_by_job(output_dir: Path, job: str, template: str) -> str | None:
 
 
 def _empty(path: Path) -> None:
-    """Remove a finished run for --overwrite, keeping the lock this process holds on the directory."""
+    """Remove an earlier run for --overwrite, keeping the lock this process holds on the directory."""
     for entry in path.iterdir():
         if entry.name == LOCK:
             continue

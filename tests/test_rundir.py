@@ -66,6 +66,28 @@ def test_unfinished_run_is_resumed_and_finished_run_refused(tmp_path):
     assert not replaced.resumed and not (replaced.path / "final").exists()
 
 
+@pytest.mark.parametrize("status", ["failed", "preempted", "interrupted", "running"])
+def test_overwrite_starts_an_unfinished_run_over(tmp_path, monkeypatch, status):
+    config = make_config(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "700")
+    path = opened(config).path
+    write_json_atomic(path / "manifest.json", {"status": status, "slurm_job": "700", "restarts": [],
+                                               "name_template": config.output.name})
+    (path / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    mark_complete(path / "checkpoints" / "checkpoint-3")
+    (path / "metrics.jsonl").write_text('{"step": 3, "loss": 1.0}\n')
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeue reruns the same command, --overwrite included
+    assert opened(config, overwrite=True).resumed and (path / "checkpoints" / "checkpoint-3").is_dir()
+
+    monkeypatch.setenv("SLURM_JOB_ID", "701")  # a new submission with --overwrite: a fresh run
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    fresh = opened(config, overwrite=True)
+    assert fresh.path == path and not fresh.resumed
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "run.lock"]
+    assert json.loads((path / "manifest.json").read_text())["slurm_job"] == "701"
+
+
 def test_foreign_directory_is_never_taken_over(tmp_path):
     config = make_config(tmp_path, name="mine")
     (tmp_path / "runs" / "mine").mkdir(parents=True)
