@@ -148,7 +148,8 @@ def _empty(path: Path) -> None:
 #     the same start (a second `srun` step in one allocation: same job id, same restart count) is no requeue:
 #     the flock decides, as between two runs outside Slurm;
 #   - another job's run is live while squeue lists that job as not ended (pending for a requeue too), when
-#     squeue is at hand (it is one quick query; inside a container it often is not);
+#     squeue is at hand (it is one quick query); inside the image, which has none, the sbatch scripts pass in
+#     what squeue listed on the host as the job started (SFT_SLURM_JOBS);
 #   - otherwise the flock decides. Without squeue, two jobs on different nodes of a filesystem with node-local
 #     flock cannot see each other: then only distinct output names keep them apart.
 
@@ -270,10 +271,11 @@ def _pid_running(pid) -> bool:
 
 
 def _slurm_job_active(job: str) -> bool | None:
-    """Whether Slurm still runs (or will run again) this job; None when squeue is missing or does not answer."""
+    """Whether Slurm still runs (or will run again) this job; None when neither squeue nor the sbatch script
+    (SFT_SLURM_JOBS) answers."""
     squeue = shutil.which("squeue")
     if not squeue:
-        return None
+        return _listed_by_the_script(job)
     try:
         result = subprocess.run([squeue, "--noheader", "--jobs", job, "--format=%T"], capture_output=True,
                                 text=True, timeout=10)
@@ -284,6 +286,15 @@ def _slurm_job_active(job: str) -> bool | None:
         return False if "Invalid job id" in result.stderr else None
     states = result.stdout.split()
     return bool(states) and states[0] not in ENDED_JOB_STATES
+
+
+def _listed_by_the_script(job: str) -> bool | None:
+    """From SFT_SLURM_JOBS: this user's jobs as squeue listed them on the host when the sbatch script started
+    (slurm/common.sh), for the image, which has no squeue. A job not listed is unknown (another user's, or the
+    variable is missing): None, and the flock decides."""
+    listed = os.environ.get("SFT_SLURM_JOBS")
+    states = dict(entry.rpartition(":")[::2] for entry in listed.split()) if listed else {}
+    return states[job] not in ENDED_JOB_STATES if job in states else None
 
 
 def _in_use_message(path: Path, owner: dict) -> str:

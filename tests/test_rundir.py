@@ -37,7 +37,8 @@ def opened(config: Config, overwrite: bool = False, now: datetime = NOON):
 
 @pytest.fixture(autouse=True)
 def no_slurm(monkeypatch):
-    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_STEP_ID"):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_STEP_ID",
+                 "SFT_SLURM_JOBS"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -295,6 +296,28 @@ def test_another_jobs_run_from_another_node_is_live_while_squeue_lists_it(tmp_pa
     else:
         assert opened(config).resumed
     assert (bin_dir / "args").read_text().split() == ["--noheader", "--jobs", "600", "--format=%T"]
+
+
+@pytest.mark.parametrize("listed, live", [("601:RUNNING 600:PENDING 77_[1-3]:PENDING", True),
+                                          ("601:RUNNING 600:COMPLETING", True), ("601:RUNNING 600:PREEMPTED", False),
+                                          ("601:RUNNING", False), (None, False)])
+def test_without_squeue_the_jobs_the_sbatch_script_listed_decide(tmp_path, monkeypatch, listed, live):
+    """Inside the image there is no squeue: slurm/common.sh passes what squeue listed on the host (SFT_SLURM_JOBS).
+    Job 600 owns the run from another node; its flock is not held here (pending for a requeue, or node-local)."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no squeue
+    config = make_config(tmp_path)
+    path = opened(config).path
+    (path / "run.lock").write_text(json.dumps({"host": "node7", "pid": 4242, "slurm_job": "600",
+                                               "since": "2026-11-25T12:00:00+00:00"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "601")
+    if listed is not None:
+        monkeypatch.setenv("SFT_SLURM_JOBS", listed)
+    if live:
+        with pytest.raises(UserError, match=r"Slurm job 600, .*scancel 600.*if that run is gone \(its node crashed\), "
+                                            rf"delete {path / 'run.lock'} and rerun"):
+            open_run_dir(config, overwrite=False, now=NOON)
+    else:
+        assert opened(config).resumed
 
 
 def test_without_flock_the_owners_pid_decides_on_its_host(tmp_path, owners, monkeypatch):

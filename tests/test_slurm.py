@@ -159,6 +159,34 @@ def test_plain_scancel_checkpoints_but_stays_cancelled(slurm_cluster, workdir, j
     assert "not requeueing" in (workdir / "logs" / f"sft-{job}.out").read_text()
 
 
+def test_a_second_job_is_refused_on_a_run_whose_job_waits_in_the_queue_with_no_squeue_in_the_image(
+        slurm_cluster, workdir, job_env, lm_config, tmp_path):
+    """A preempted job waiting for its requeue holds no flock (as a node-local flock on Lustre shows none from
+    another node), and the image has no squeue: what train.sbatch asked squeue on the host is what tells."""
+    owner = slurm_cluster.sbatch("--hold", "--wrap=true", env=job_env, cwd=workdir)  # pending until released
+    run_dir = workdir / "runs" / "pending-owner"
+    run_dir.mkdir(parents=True)
+    (run_dir / "manifest.json").write_text(json.dumps({"status": "preempted", "name": "pending-owner",
+                                                       "name_template": "pending-owner", "slurm_job": owner}))
+    lock = json.dumps({"host": "node-gone", "pid": 1, "slurm_job": owner, "since": "2026-12-01T12:00:00+00:00"})
+    (run_dir / "run.lock").write_text(lock)
+    # sft as the image runs it: the same sft, with no Slurm client tools on its PATH.
+    image, venv_bin = tmp_path / "image", Path(sys.executable).parent
+    image.mkdir()
+    (image / "sft").write_text(f'#!/bin/sh\nPATH={venv_bin} exec {venv_bin / "sft"} "$@"\n')
+    (image / "sft").chmod(0o755)
+    job = slurm_cluster.sbatch(*SMALL, str(SLURM_DIR / "train.sbatch"), str(lm_config), "training.max_steps=2",
+                               "output.name=pending-owner", env={**job_env, "PATH": f"{image}:{job_env['PATH']}"},
+                               cwd=workdir)
+    slurm_cluster.wait(job, states=("FAILED",))
+    subprocess.run(["scancel", owner], env=slurm_cluster.env, check=True)
+    log = (workdir / "logs" / f"sft-{job}.out").read_text()
+    assert f"belongs to a run that is still going (host node-gone, pid 1, Slurm job {owner}, " in log
+    assert f"if that run is gone (its node crashed), delete {run_dir / 'run.lock'} and rerun" in log
+    assert (run_dir / "run.lock").read_text() == lock and sorted(p.name for p in run_dir.iterdir()) == \
+        ["manifest.json", "run.lock"]
+
+
 def test_sweep_array_gives_each_task_its_own_run_dir(slurm_cluster, workdir, job_env, lm_config):
     env = {**job_env, "SFT_SWEEP_SEEDS": "1 2", "SFT_SWEEP_LRS": "5e-4"}
     job = slurm_cluster.sbatch(*SMALL, "--array=0-1", str(SLURM_DIR / "sweep.sbatch"), str(lm_config),
