@@ -5,8 +5,9 @@ run ends with exactly the per-step losses and weights of an uninterrupted run (a
 that was never completed); a plain scancel checkpoints but is not requeued; a second job is refused on a run
 whose job waits in the queue, with sft as in the image (no squeue: the script passes squeue's answer in); a
 sweep array gives one run directory per task; train_multi.sbatch runs 2-process gloo DDP through srun + torchrun
-(two agents meeting by c10d rendezvous), writes outputs once, survives USR1 + requeue exactly too, shards with FSDP from the config
-(accelerate's GPU-only gate lifted by tests/hooks), and finishes a 40 s checkpoint after SIGTERM;
+(two agents meeting by c10d rendezvous), writes outputs once, survives USR1 + requeue exactly too, shards with
+FSDP from the config (accelerate's GPU-only gate lifted by tests/hooks), and finishes a 40 s checkpoint after
+SIGTERM;
 jupyter.sbatch serves JupyterLab behind a token on the node's address only, with the token in a file only the
 user can read and never in the Slurm log (the venv has JupyterLab from container/jupyter.lock, as the image).
 Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s); all of it takes ~3 min.
