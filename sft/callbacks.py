@@ -21,6 +21,10 @@ class MetricsFileCallback(TrainerCallback):
     def __init__(self, run_dir: Path):
         self.path = run_dir / "metrics.jsonl"
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resume loads the checkpoint's logging_steps into the state; training.logging_steps may change on resume.
+        state.logging_steps = args.logging_steps
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return

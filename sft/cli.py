@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--env-file", help=".env file with DATA_PATH, tokens, ... (default: ./.env)")
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands.choices["train"].add_argument("--overwrite", action="store_true",
-                                           help="replace a finished run directory of the same name")
+                                           help="start over: delete what an earlier run of the same name left, "
+                                                "finished or not (a requeue of the same Slurm job still resumes)")
+    commands.choices["train"].add_argument("--allow-data-change", action="store_true",
+                                           help="resume even though the data's content changed since the run started "
+                                                "(recorded in the manifest's restarts)")
     commands.choices["check"].add_argument("--gpu-mem", metavar="SIZE",
                                            help="GPU memory to check the run's estimated peak against, e.g. 80GB "
                                                 "(default: the visible GPU)")
@@ -152,7 +156,8 @@ def _train(args) -> int:
     config = load_config(args.config, args.overrides, args.env_file)
     check_settings(config)  # before a run directory exists: a bad setting costs a second, not a queue wait
     try:
-        result = run_training(config, overwrite=args.overwrite, overrides=args.overrides, env_file=args.env_file)
+        result = run_training(config, overwrite=args.overwrite, overrides=args.overrides, env_file=args.env_file,
+                              allow_data_change=args.allow_data_change)
     except Preempted as stop:
         if stop.resume_command:  # printed, not logged: the log wraps long lines, and this one gets copied
             print(f"sft: preempted; a requeued job resumes by itself, or resume with: {stop.resume_command}",

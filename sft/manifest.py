@@ -106,15 +106,17 @@ def this_start() -> dict:
             "image": image_provenance()}
 
 
-def start_manifest(run_dir: Path, config, resume_step: int | None) -> dict:
-    """Fill in manifest.json for a run's first start, or record a restart (with how the previous attempt ended)."""
+def start_manifest(run_dir: Path, config, resume_step: int | None, changed_settings: dict | None = None) -> dict:
+    """Fill in manifest.json for a run's first start, or record a restart (with how the previous attempt ended and
+    the settings it changed, {key: {"from": old, "to": new}})."""
     manifest = read_manifest(run_dir) or {}
     start = this_start()
     if "restarts" in manifest:  # a full manifest from an earlier start (not just the claim of the directory)
         previous = {"status": manifest["status"], "stopped": manifest.pop("stopped", None),
                     "error": manifest.pop("error", None)}
         manifest["restarts"].append({**start, "resumed_from_step": resume_step,
-                                     "previous": {k: v for k, v in previous.items() if v is not None}})
+                                     "previous": {k: v for k, v in previous.items() if v is not None},
+                                     **({"changed_settings": changed_settings} if changed_settings else {})})
         manifest["status"] = "running"
     else:
         manifest = {"sft_version": sft.__version__, "name": run_dir.name, "name_template": config.output.name,
@@ -128,13 +130,35 @@ def start_manifest(run_dir: Path, config, resume_step: int | None) -> dict:
     return manifest
 
 
-def record_data(manifest: dict, prepared) -> None:
-    """Format, labels, example counts, content hashes of every source (SQL: of the rows read), the data summary,
-    the cache key and the cache folder (`sft clean` may run where HF_HOME points elsewhere)."""
-    manifest["data"] = {"format": prepared.data_format, "label_names": prepared.label_names,
-                        **_counts("train", prepared.train), **_counts("eval", prepared.eval),
-                        "files": [asdict(f) for f in prepared.files], "summary": prepared.summary,
-                        "cache_key": prepared.cache_key, "cache_folder": str(Path(prepared.cache_folder).absolute())}
+def record_data(manifest: dict, prepared, resumed: bool, allow_change: bool) -> list[str]:
+    """Format, labels, example counts, content hashes of every source (SQL: of the rows read), the data summary
+    the cache key and folder (`sft clean` may run where HF_HOME points elsewhere): in the run's own record when
+    training starts from step 0, in this restart's entry when it
+    resumes from a checkpoint (the run's record keeps the data it started on). Returns the sources whose content
+    differs from what the run trained on so far ([] when none); `allow_change` marks such a restart as allowed."""
+    record = {"format": prepared.data_format, "label_names": prepared.label_names,
+              **_counts("train", prepared.train), **_counts("eval", prepared.eval),
+              "files": [asdict(f) for f in prepared.files], "summary": prepared.summary,
+              "cache_key": prepared.cache_key, "cache_folder": str(Path(prepared.cache_folder).absolute())}
+    if manifest.get("restarts"):
+        manifest["restarts"][-1]["data"] = record
+    if not resumed or not manifest.get("data"):
+        manifest["data"] = record
+        return []
+    # What the trajectory so far was trained on: the newest data a restart was allowed to change to, else the first.
+    trained_on = next((restart["data"] for restart in reversed(manifest["restarts"])
+                       if restart.get("data_change_allowed")), manifest["data"])
+    changed = _changed_sources(trained_on["files"], record["files"])
+    if changed and allow_change:
+        manifest["restarts"][-1]["data_change_allowed"] = True
+    return changed
+
+
+def _changed_sources(before: list[dict], now: list[dict]) -> list[str]:
+    if len(before) != len(now):
+        return [f"the sources ({len(before)} then, {len(now)} now)"]
+    return [f"{new['source']} (sha256 {old['sha256'][:12]} then, {new['sha256'][:12]} now)"
+            for old, new in zip(before, now) if old["sha256"] != new["sha256"]]
 
 
 def _counts(split: str, dataset) -> dict[str, int]:

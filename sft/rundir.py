@@ -79,12 +79,16 @@ def open_run_dir(config: Config, overwrite: bool, now: datetime | None = None) -
     run = RunDir(path, resumed=False, lock=_lock(path))
     try:
         manifest = manifests.read_manifest(path)
-        if manifest and manifest.get("status") == "finished":
-            if not overwrite:
-                raise UserError(f"output: {path} holds a finished run; pass --overwrite to replace it, or choose a "
-                                f"new output.name (e.g. add {{time}})")
+        # --overwrite starts over whatever an earlier run left, finished or not. A requeued job reruns its own
+        # command, --overwrite included: the run its first start began is resumed, never replaced.
+        own_run = bool(job) and manifest is not None and manifest.get("slurm_job") == job
+        if manifest and overwrite and not own_run:
             _empty(path)
             manifest = None
+        if manifest and manifest.get("status") == "finished":
+            fix = f"Slurm job {job} finished it before this restart" if own_run else "pass --overwrite to replace it"
+            raise UserError(f"output: {path} holds a finished run; {fix}, or choose a new output.name (e.g. add "
+                            f"{{time}})")
         _record_owner(run.lock)
         if manifest is None:
             manifests.claim_run_dir(path, config.output.name)
@@ -121,7 +125,7 @@ def _find_by_job(output_dir: Path, job: str, template: str) -> str | None:
 
 
 def _empty(path: Path) -> None:
-    """Remove a finished run for --overwrite, keeping the lock this process holds on the directory."""
+    """Remove an earlier run for --overwrite, keeping the lock this process holds on the directory."""
     for entry in path.iterdir():
         if entry.name == LOCK:
             continue
@@ -139,10 +143,13 @@ def _empty(path: Path) -> None:
 # requeued has no process at all, yet its run is not abandoned. So the owner's host, pid and Slurm job are
 # written inside, and:
 #   - on the owner's host the kernel's flock is exact (the pid if flock is unsupported);
-#   - a restart of the owner's own Slurm job takes over: Slurm ends every process of a job before it runs the
-#     job again, so a lock still held from another node is stale;
+#   - a restart of the owner's own Slurm job (a higher SLURM_RESTART_COUNT) takes over: Slurm ends every process
+#     of a job before it runs the job again, so a lock still held from another node is stale. Another process of
+#     the same start (a second `srun` step in one allocation: same job id, same restart count) is no requeue:
+#     the flock decides, as between two runs outside Slurm;
 #   - another job's run is live while squeue lists that job as not ended (pending for a requeue too), when
-#     squeue is at hand (it is one quick query; inside a container it often is not);
+#     squeue is at hand (it is one quick query); inside the image, which has none, the sbatch scripts pass in
+#     what squeue listed on the host as the job started (SFT_SLURM_JOBS);
 #   - otherwise the flock decides. Without squeue, two jobs on different nodes of a filesystem with node-local
 #     flock cannot see each other: then only distinct output names keep them apart.
 
@@ -210,6 +217,8 @@ def _fresh_lock(lock_path: Path) -> IO:
 
 def _record_owner(lock: IO) -> None:
     owner = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": manifests.slurm_job_key(),
+             "slurm_restart_count": _restart_count(os.environ.get("SLURM_RESTART_COUNT")),
+             "slurm_step": os.environ.get("SLURM_STEP_ID"),
              "since": datetime.now().astimezone().isoformat(timespec="seconds")}
     lock.seek(0)
     lock.truncate()
@@ -233,10 +242,20 @@ def _owner_running(owner: dict, held_elsewhere: bool | None) -> bool:
         return True
     job = owner.get("slurm_job")
     if job and job == manifests.slurm_job_key():
-        return False
+        requeued = _restart_count(os.environ.get("SLURM_RESTART_COUNT")) > _restart_count(
+            owner.get("slurm_restart_count"))
+        return not requeued and bool(held_elsewhere) and not here
     if job and (active := _slurm_job_active(job)) is not None:
         return active
     return bool(held_elsewhere) and not here
+
+
+def _restart_count(value) -> int:
+    """SLURM_RESTART_COUNT as a number: unset (a first start; a lock written before sft recorded it) is 0."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _pid_running(pid) -> bool:
@@ -252,10 +271,11 @@ def _pid_running(pid) -> bool:
 
 
 def _slurm_job_active(job: str) -> bool | None:
-    """Whether Slurm still runs (or will run again) this job; None when squeue is missing or does not answer."""
+    """Whether Slurm still runs (or will run again) this job; None when neither squeue nor the sbatch script
+    (SFT_SLURM_JOBS) answers."""
     squeue = shutil.which("squeue")
     if not squeue:
-        return None
+        return _listed_by_the_script(job)
     try:
         result = subprocess.run([squeue, "--noheader", "--jobs", job, "--format=%T"], capture_output=True,
                                 text=True, timeout=10)
@@ -268,15 +288,29 @@ def _slurm_job_active(job: str) -> bool | None:
     return bool(states) and states[0] not in ENDED_JOB_STATES
 
 
+def _listed_by_the_script(job: str) -> bool | None:
+    """From SFT_SLURM_JOBS: this user's jobs as squeue listed them on the host when the sbatch script started
+    (slurm/common.sh), for the image, which has no squeue. A job not listed is unknown (another user's, or the
+    variable is missing): None, and the flock decides."""
+    listed = os.environ.get("SFT_SLURM_JOBS")
+    states = dict(entry.rpartition(":")[::2] for entry in listed.split()) if listed else {}
+    return states[job] not in ENDED_JOB_STATES if job in states else None
+
+
 def _in_use_message(path: Path, owner: dict) -> str:
     if not owner:
         return (f"output: {path} is being opened by another run right now; wait for it, or choose a new "
                 f"output.name")
-    job = owner.get("slurm_job")
+    job, step = owner.get("slurm_job"), owner.get("slurm_step")
     who = f"host {owner.get('host')}, pid {owner.get('pid')}" + (f", Slurm job {job}" if job else "")
-    stop = f"scancel {job}" if job else f"kill {owner.get('pid')} on {owner.get('host')}"
+    if job and job == manifests.slurm_job_key():  # a sibling step of this very job: stop that step, not the job
+        who += f", step {step}"
+        stop = f"scancel {job}.{step}" if step else f"kill {owner.get('pid')} on {owner.get('host')}"
+    else:
+        stop = f"scancel {job}" if job else f"kill {owner.get('pid')} on {owner.get('host')}"
     return (f"output: {path} belongs to a run that is still going ({who}, since {owner.get('since')}); wait for "
-            f"it to end, stop it ({stop}) and rerun to resume, or choose a new output.name")
+            f"it to end, stop it ({stop}) and rerun to resume, or choose a new output.name; if that run is gone "
+            f"(its node crashed), delete {path / LOCK} and rerun")
 
 
 # Checkpoints: Trainer writes checkpoint-N/ in place, so completeness is a marker written after every file.

@@ -39,8 +39,9 @@ class RunResult:
 
 
 def run_training(config: Config, overwrite: bool = False, overrides: list[str] = (),
-                 env_file: str | None = None) -> RunResult:
-    """Train; `overrides` and `env_file` as given on the command line, for the command that resumes the run."""
+                 env_file: str | None = None, allow_data_change: bool = False) -> RunResult:
+    """Train; `overrides` and `env_file` as given on the command line, for the command that resumes the run;
+    `allow_data_change` lets a resume continue on data whose content changed since the run started."""
     from sft.callbacks import PreemptionCallback
     from sft.logs import close_run_log
     from sft.model import check_method_runs_here
@@ -49,7 +50,7 @@ def run_training(config: Config, overwrite: bool = False, overrides: list[str] =
     preemption = PreemptionCallback()
     preemption.install()
     try:
-        return _run(config, overwrite, preemption, list(overrides), env_file)
+        return _run(config, overwrite, preemption, list(overrides), env_file, allow_data_change)
     finally:
         preemption.restore()
         close_run_log()
@@ -68,7 +69,8 @@ def start_processes(config: Config):
                         timeout=timedelta(seconds=config.training.ddp_timeout))
 
 
-def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_file: str | None) -> RunResult:
+def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_file: str | None,
+         allow_data_change: bool) -> RunResult:
     from accelerate.utils import broadcast_object_list
 
     from sft import manifest as manifests
@@ -88,10 +90,9 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
         if is_main:
             add_run_log(run.path, run.resumed)
         resume_from = _resume_checkpoint(run, is_main)
-        if is_main:
-            _write_config(run.path, config, must_match=resume_from is not None)
-        manifest = manifests.start_manifest(run.path, config, resume_from and rundir.checkpoint_step(resume_from)) \
-            if is_main else {}
+        changed_settings = _write_config(run.path, config, must_match=resume_from is not None) if is_main else {}
+        manifest = manifests.start_manifest(run.path, config, resume_from and rundir.checkpoint_step(resume_from),
+                                            changed_settings) if is_main else {}
         manifest["determinism"] = determinism
         log.info("run directory %s (%s)", run.path, f"resuming from {resume_from.name}" if resume_from else "new run")
         if state.num_processes > 1:
@@ -99,7 +100,7 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
                      state.backend, config.training.ddp_timeout)
         resume = rundir.resume_command(config, run.path.name, overrides, env_file)
         try:
-            return _train(config, state, run, resume_from, manifest, preemption, resume)
+            return _train(config, state, run, resume_from, manifest, preemption, resume, allow_data_change)
         except Preempted:
             raise
         except BaseException as error:
@@ -120,7 +121,7 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
 
 
 def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, manifest: dict, preemption,
-           resume: str) -> RunResult:
+           resume: str, allow_data_change: bool) -> RunResult:
     from sft import data, loss, manifest as manifests, model as models, samples
     from sft.callbacks import tensorboard_callback
     from sft.progress import terminal_progress
@@ -137,8 +138,13 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     if config.training.max_tokens_per_batch:  # each item becomes a whole batch, read from the cached examples
         prepared = data.in_token_budget_batches(prepared, config.training.max_tokens_per_batch)
     if is_main:
-        manifests.record_data(manifest, prepared)
+        changed = manifests.record_data(manifest, prepared, resumed=resume_from is not None,
+                                        allow_change=allow_data_change)
         manifests.write_manifest(run.path, manifest)
+        if changed and not allow_data_change:
+            raise UserError(f"data: the data changed since {run.path} started ({'; '.join(changed)}); resume on the "
+                            f"data it trained on, pass --allow-data-change to continue on the new data (recorded in "
+                            f"the manifest), or choose a new output.name")
     log.info("data: %s format, %d training %s, %d eval", prepared.data_format, len(prepared.train),
              "token-budget batches" if config.training.max_tokens_per_batch else "examples", len(prepared.eval or []))
     for name, value in data.summary_rows(prepared.summary, prepared.files):
@@ -235,29 +241,49 @@ def held_fraction(model) -> float:
     return held / sum(p.numel() for p in model.parameters())
 
 
-def _write_config(run_dir: Path, config: Config, must_match: bool) -> None:
-    """config.yaml; a run resumed from a checkpoint must keep its settings (a run that never reached one may change)."""
+# Settings that say how long to wait, where to cache, how many processes tokenize, how often to log, how large an
+# eval batch is and how many checkpoints to keep: none changes what is trained, so a resume may change them (sft's
+# own errors ask to raise some). output.name may differ too: the printed resume command pins a template ({time})
+# to the name it resolved to.
+CHANGEABLE_ON_RESUME = ("output.name", "training.ddp_timeout", "training.logging_steps", "training.eval_batch_size",
+                        "training.save_total_limit", "data.wait_minutes", "data.num_proc", "data.cache_dir")
+
+
+def _changeable_on_resume(key: str) -> bool:
+    # A SQL source's timeout (data.train.timeout, data.eval.1.timeout): how long a query may take, not what it reads.
+    return key in CHANGEABLE_ON_RESUME or (key.startswith(("data.train.", "data.eval.")) and key.endswith(".timeout"))
+
+
+def _write_config(run_dir: Path, config: Config, must_match: bool) -> dict:
+    """config.yaml; a run resumed from a checkpoint must keep the settings that decide its trajectory (a run that
+    never reached one may change any). Returns the settings a resume changed, {key: {"from": old, "to": new}}."""
     path, text = run_dir / "config.yaml", resolved_yaml(config)
+    changes = {}
     if must_match and path.is_file() and path.read_text() != text:
-        # output.name may differ: the printed resume command pins a template ({time}) to the name it resolved to.
-        changed = [key for key in _changed_keys(path.read_text(), text) if key != "output.name"]
-        if not changed:
-            return
-        raise UserError(f"output: {run_dir} was started with a different config ({', '.join(changed)} changed); "
-                        f"resume with the same settings, or choose a new output.name")
+        changes = _changed_settings(path.read_text(), text)
+        refused = [key for key in changes if not _changeable_on_resume(key)]
+        if refused:
+            raise UserError(f"output: {run_dir} was started with a different config ({', '.join(refused)} changed); "
+                            f"resume with the same settings, or choose a new output.name")
+        changes.pop("output.name", None)
+        if not changes:
+            return {}
     write_text_atomic(path, text)
+    return changes
 
 
-def _changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
+def _changed_settings(old_yaml: str, new_yaml: str) -> dict:
     import yaml
 
     def flat(node, prefix=""):
-        if isinstance(node, dict):
-            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        if isinstance(node, dict | list):
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            return {k: v for key, value in items for k, v in flat(value, f"{prefix}{key}.").items()}
         return {prefix.rstrip("."): node}
 
     old, new = flat(yaml.safe_load(old_yaml)), flat(yaml.safe_load(new_yaml))
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return {k: {"from": old.get(k), "to": new.get(k)} for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)}
 
 
 def _resume_checkpoint(run: rundir.RunDir, is_main: bool) -> Path | None:

@@ -28,8 +28,9 @@ sft_started=$SECONDS
 
 # sft_setup: fill SFT_RUN (runs the image's entrypoint, i.e. `sft ARGS`), SFT_EXEC (runs any command in the
 # image; empty without a container), SFT_OPTS (options for `sft train`, which go before the config) and
-# SFT_OVERRIDES (key=value overrides, which go after it).
+# SFT_OVERRIDES (key=value overrides, which go after it); export SFT_SLURM_JOBS (sft_list_jobs).
 sft_setup() {
+  sft_list_jobs
   local container=""
   case "$SFT_RUNTIME" in
     auto) container="$(command -v apptainer || command -v singularity || true)"
@@ -76,6 +77,20 @@ sft_setup() {
   # --nv: the host's NVIDIA driver libraries and GPUs (a harmless warning on CPU nodes).
   SFT_RUN=("$container" run --nv "${binds[@]}" "$SFT_IMAGE")
   SFT_EXEC=("$container" exec --nv "${binds[@]}" "$SFT_IMAGE")
+}
+
+# sft_list_jobs: export SFT_SLURM_JOBS, this user's jobs as squeue lists them now ("JOBID:STATE ..."), for sft
+# inside the image, which has no squeue. A run directory whose owner's job is listed and not ended belongs to a
+# live run, even while that job waits in the queue to be requeued (no process holds its flock) or runs on a node
+# whose flock this node cannot see (Lustre localflock). Asked once, on the host, as the job starts; left unset
+# when squeue is missing or fails (sft's flock alone decides then).
+sft_list_jobs() {
+  local jobs
+  unset SFT_SLURM_JOBS  # a job submitted from inside another job inherits that job's list
+  if [[ -n "${SLURM_JOB_ID:-}" ]] && command -v squeue >/dev/null && \
+     jobs="$(squeue --me --noheader --format='%i:%T' 2>/dev/null)"; then
+    export SFT_SLURM_JOBS="${jobs//$'\n'/ }"
+  fi
 }
 
 # sft_print_provenance: where and with what this job runs, first thing in the log.

@@ -8,7 +8,7 @@ import pytest
 from sft.config import Config
 from sft.data import DataFile, PreparedData
 from sft.manifest import (finish_manifest, git_commit, image_provenance, read_manifest, record_data, record_failure,
-                          start_manifest)
+                          start_manifest, write_manifest)
 from sft.secrets import register_secret
 
 
@@ -96,10 +96,38 @@ def test_token_budget_batches_count_as_examples(tmp_path):
     prepared = PreparedData(Dataset.from_list(train), Dataset.from_list(examples), "text", None, files, {}, "key",
                             tmp_path, None)
     manifest = {}
-    record_data(manifest, in_token_budget_batches(prepared, max_tokens=3))  # [4, 5, 6] | [1, 2] + [3]
+    record_data(manifest, in_token_budget_batches(prepared, max_tokens=3), resumed=False,  # [4, 5, 6] | [1, 2] + [3]
+                allow_change=False)
     assert manifest["data"]["eval_batches"] == 1
     assert manifest["data"]["train_examples"] == 3 and manifest["data"]["train_batches"] == 2
     assert manifest["data"]["eval_examples"] == 2 and manifest["data"]["cache_key"] == "key"
+
+
+def test_each_start_records_its_data_and_a_resume_compares_with_what_the_run_trained_on(tmp_path):
+    def prepared(sha256: str) -> PreparedData:
+        return PreparedData([1, 2], None, "text", None, [DataFile("train.jsonl", sha256, 2)], {}, f"key-{sha256}",
+                            tmp_path, None)
+
+    manifest = start_manifest(tmp_path, make_config(tmp_path), resume_step=None)
+    assert record_data(manifest, prepared("aaa"), resumed=False, allow_change=False) == []
+    start_manifest(tmp_path, make_config(tmp_path), resume_step=None)  # a restart before any checkpoint
+    manifest = read_manifest(tmp_path)
+    assert record_data(manifest, prepared("aaa"), resumed=False, allow_change=False) == []
+
+    def resume(sha256: str, allow_change: bool = False) -> list[str]:
+        write_manifest(tmp_path, manifest)
+        start_manifest(tmp_path, make_config(tmp_path), resume_step=3)
+        manifest.clear()
+        manifest.update(read_manifest(tmp_path))
+        return record_data(manifest, prepared(sha256), resumed=True, allow_change=allow_change)
+
+    assert resume("bbb") == ["train.jsonl (sha256 aaa then, bbb now)"]  # refused by sft train
+    assert resume("bbb", allow_change=True) == ["train.jsonl (sha256 aaa then, bbb now)"]
+    assert resume("bbb") == []  # the run trains on bbb since the allowed change
+    assert resume("aaa") == ["train.jsonl (sha256 bbb then, aaa now)"]
+    assert manifest["data"]["files"][0]["sha256"] == "aaa" and manifest["data"]["cache_key"] == "key-aaa"
+    assert [(r.get("data", {}).get("cache_key"), r.get("data_change_allowed")) for r in manifest["restarts"]] \
+        == [("key-aaa", None), ("key-bbb", None), ("key-bbb", True), ("key-bbb", None), ("key-aaa", None)]
 
 
 @pytest.mark.parametrize("secret", ["tok_supersecret", 'pässwörd"1\\'])

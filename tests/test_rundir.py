@@ -37,7 +37,8 @@ def opened(config: Config, overwrite: bool = False, now: datetime = NOON):
 
 @pytest.fixture(autouse=True)
 def no_slurm(monkeypatch):
-    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_STEP_ID",
+                 "SFT_SLURM_JOBS"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -64,6 +65,28 @@ def test_unfinished_run_is_resumed_and_finished_run_refused(tmp_path):
     assert (first.path / "final").is_dir()
     replaced = opened(config, overwrite=True)
     assert not replaced.resumed and not (replaced.path / "final").exists()
+
+
+@pytest.mark.parametrize("status", ["failed", "preempted", "interrupted", "running"])
+def test_overwrite_starts_an_unfinished_run_over(tmp_path, monkeypatch, status):
+    config = make_config(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "700")
+    path = opened(config).path
+    write_json_atomic(path / "manifest.json", {"status": status, "slurm_job": "700", "restarts": [],
+                                               "name_template": config.output.name})
+    (path / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    mark_complete(path / "checkpoints" / "checkpoint-3")
+    (path / "metrics.jsonl").write_text('{"step": 3, "loss": 1.0}\n')
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeue reruns the same command, --overwrite included
+    assert opened(config, overwrite=True).resumed and (path / "checkpoints" / "checkpoint-3").is_dir()
+
+    monkeypatch.setenv("SLURM_JOB_ID", "701")  # a new submission with --overwrite: a fresh run
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    fresh = opened(config, overwrite=True)
+    assert fresh.path == path and not fresh.resumed
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "run.lock"]
+    assert json.loads((path / "manifest.json").read_text())["slurm_job"] == "701"
 
 
 def test_foreign_directory_is_never_taken_over(tmp_path):
@@ -221,11 +244,32 @@ def test_a_requeue_on_another_node_replaces_the_stale_lock_of_its_first_node(tmp
         open_run_dir(config, overwrite=False, now=NOON)
 
     monkeypatch.setenv("SLURM_JOB_ID", "500")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     run = open_run_dir(config, overwrite=False, now=NOON)
     assert run.resumed
     monkeypatch.setenv("SLURM_JOB_ID", "501")  # the new lock is really held
     with pytest.raises(UserError, match=f"host {socket.gethostname()}, pid {os.getpid()}, Slurm job 500"):
         open_run_dir(config, overwrite=False, now=NOON)
+    run.release()
+
+
+def test_a_sibling_step_of_the_same_job_is_refused_and_only_a_requeue_takes_over(tmp_path, owners, monkeypatch):
+    """Two `srun` steps of one allocation (two seeds, one `{config}-{date}` name): same job id, same restart count.
+    The owner runs on another node, whose flock this filesystem sees held."""
+    config = make_config(tmp_path)
+    owners(config, host="node-a", env={"SLURM_JOB_ID": "500", "SLURM_STEP_ID": "0"})
+    monkeypatch.setenv("PATH", str(tmp_path))  # no squeue
+    monkeypatch.setenv("SLURM_JOB_ID", "500")
+    monkeypatch.setenv("SLURM_STEP_ID", "1")
+    with pytest.raises(UserError, match=r"host node-a, pid \d+, Slurm job 500, step 0, .*stop it \(scancel 500\.0\)"):
+        open_run_dir(config, overwrite=False, now=NOON)
+    assert json.loads((tmp_path / "runs" / "sft_v1-20261125" / "run.lock").read_text())["host"] == "node-a"
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the job requeued: Slurm ended every process of its first start
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    run = open_run_dir(config, overwrite=False, now=NOON)
+    owner = json.loads((run.path / "run.lock").read_text())
+    assert run.resumed and (owner["pid"], owner["slurm_restart_count"]) == (os.getpid(), 1)
     run.release()
 
 
@@ -252,6 +296,28 @@ def test_another_jobs_run_from_another_node_is_live_while_squeue_lists_it(tmp_pa
     else:
         assert opened(config).resumed
     assert (bin_dir / "args").read_text().split() == ["--noheader", "--jobs", "600", "--format=%T"]
+
+
+@pytest.mark.parametrize("listed, live", [("601:RUNNING 600:PENDING 77_[1-3]:PENDING", True),
+                                          ("601:RUNNING 600:COMPLETING", True), ("601:RUNNING 600:PREEMPTED", False),
+                                          ("601:RUNNING", False), (None, False)])
+def test_without_squeue_the_jobs_the_sbatch_script_listed_decide(tmp_path, monkeypatch, listed, live):
+    """Inside the image there is no squeue: slurm/common.sh passes what squeue listed on the host (SFT_SLURM_JOBS).
+    Job 600 owns the run from another node; its flock is not held here (pending for a requeue, or node-local)."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no squeue
+    config = make_config(tmp_path)
+    path = opened(config).path
+    (path / "run.lock").write_text(json.dumps({"host": "node7", "pid": 4242, "slurm_job": "600",
+                                               "since": "2026-11-25T12:00:00+00:00"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "601")
+    if listed is not None:
+        monkeypatch.setenv("SFT_SLURM_JOBS", listed)
+    if live:
+        with pytest.raises(UserError, match=r"Slurm job 600, .*scancel 600.*if that run is gone \(its node crashed\), "
+                                            rf"delete {path / 'run.lock'} and rerun"):
+            open_run_dir(config, overwrite=False, now=NOON)
+    else:
+        assert opened(config).resumed
 
 
 def test_without_flock_the_owners_pid_decides_on_its_host(tmp_path, owners, monkeypatch):

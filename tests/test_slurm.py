@@ -2,10 +2,12 @@
 
 What they check: a tiny run completes under train.sbatch; USR1 mid-run → checkpoint → requeue → the resumed
 run ends with exactly the per-step losses and weights of an uninterrupted run (and ignores a checkpoint
-that was never completed); a plain scancel checkpoints but is not requeued; a sweep array gives one run
-directory per task; train_multi.sbatch runs 2-process gloo DDP through srun + torchrun (two agents meeting by
-c10d rendezvous), writes outputs once, survives USR1 + requeue exactly too, shards with FSDP from the config
-(accelerate's GPU-only gate lifted by tests/hooks), and finishes a 40 s checkpoint after SIGTERM;
+that was never completed); a plain scancel checkpoints but is not requeued; a second job is refused on a run
+whose job waits in the queue, with sft as in the image (no squeue: the script passes squeue's answer in); a
+sweep array gives one run directory per task; train_multi.sbatch runs 2-process gloo DDP through srun + torchrun
+(two agents meeting by c10d rendezvous), writes outputs once, survives USR1 + requeue exactly too, shards with
+FSDP from the config (accelerate's GPU-only gate lifted by tests/hooks), and finishes a 40 s checkpoint after
+SIGTERM;
 jupyter.sbatch serves JupyterLab behind a token on the node's address only, with the token in a file only the
 user can read and never in the Slurm log (the venv has JupyterLab from container/jupyter.lock, as the image).
 Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s); all of it takes ~3 min.
@@ -157,6 +159,34 @@ def test_plain_scancel_checkpoints_but_stays_cancelled(slurm_cluster, workdir, j
     _wait_for(lambda: "total time" in (workdir / "logs" / f"sft-{job}.out").read_text(), "the script's end",
               slurm_cluster, timeout=30)
     assert "not requeueing" in (workdir / "logs" / f"sft-{job}.out").read_text()
+
+
+def test_a_second_job_is_refused_on_a_run_whose_job_waits_in_the_queue_with_no_squeue_in_the_image(
+        slurm_cluster, workdir, job_env, lm_config, tmp_path):
+    """A preempted job waiting for its requeue holds no flock (as a node-local flock on Lustre shows none from
+    another node), and the image has no squeue: what train.sbatch asked squeue on the host is what tells."""
+    owner = slurm_cluster.sbatch("--hold", "--wrap=true", env=job_env, cwd=workdir)  # pending until released
+    run_dir = workdir / "runs" / "pending-owner"
+    run_dir.mkdir(parents=True)
+    (run_dir / "manifest.json").write_text(json.dumps({"status": "preempted", "name": "pending-owner",
+                                                       "name_template": "pending-owner", "slurm_job": owner}))
+    lock = json.dumps({"host": "node-gone", "pid": 1, "slurm_job": owner, "since": "2026-12-01T12:00:00+00:00"})
+    (run_dir / "run.lock").write_text(lock)
+    # sft as the image runs it: the same sft, with no Slurm client tools on its PATH.
+    image, venv_bin = tmp_path / "image", Path(sys.executable).parent
+    image.mkdir()
+    (image / "sft").write_text(f'#!/bin/sh\nPATH={venv_bin} exec {venv_bin / "sft"} "$@"\n')
+    (image / "sft").chmod(0o755)
+    job = slurm_cluster.sbatch(*SMALL, str(SLURM_DIR / "train.sbatch"), str(lm_config), "training.max_steps=2",
+                               "output.name=pending-owner", env={**job_env, "PATH": f"{image}:{job_env['PATH']}"},
+                               cwd=workdir)
+    slurm_cluster.wait(job, states=("FAILED",))
+    subprocess.run(["scancel", owner], env=slurm_cluster.env, check=True)
+    log = (workdir / "logs" / f"sft-{job}.out").read_text()
+    assert f"belongs to a run that is still going (host node-gone, pid 1, Slurm job {owner}, " in log
+    assert f"if that run is gone (its node crashed), delete {run_dir / 'run.lock'} and rerun" in log
+    assert (run_dir / "run.lock").read_text() == lock and sorted(p.name for p in run_dir.iterdir()) == \
+        ["manifest.json", "run.lock"]
 
 
 def test_sweep_array_gives_each_task_its_own_run_dir(slurm_cluster, workdir, job_env, lm_config):

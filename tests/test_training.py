@@ -493,6 +493,74 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_exactly(resumable, tmp_path):
             f"output.name=preempted\n") in (tmp_path / "stdout.log").read_text()
 
 
+@pytest.mark.slow
+def test_a_resume_may_change_settings_that_do_not_change_what_is_trained(resumable, tmp_path):
+    """Waits, caches, tokenizer processes, logging, eval batches, checkpoints kept (sft's own errors ask to raise
+    some of them): the resumed run applies them, records them, and trains the same model; a learning-rate setting
+    is still refused."""
+    make_config, runs = resumable
+    config_path = make_config("resettled")
+    run_dir = runs / "resettled"
+    killed = run_cli("train", str(config_path), env={**os.environ, "PYTHONPATH": str(REPO / "tests" / "hooks"),
+                                                    "SFT_TEST_KILL_AT": "step:8"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    harmless = {"training.ddp_timeout": 900, "data.wait_minutes": 5, "data.num_proc": 1,
+                "data.cache_dir": str(tmp_path / "cache"), "training.logging_steps": 2, "training.eval_batch_size": 2,
+                "training.save_total_limit": 9}
+    overrides = [f"{key}={value}" for key, value in harmless.items()]
+
+    refused = run_cli("train", str(config_path), *overrides, "training.warmup_ratio=0.1")
+    assert refused.returncode == EXIT_USER_ERROR
+    assert "was started with a different config (training.warmup_ratio changed)" in refused.stderr
+
+    resumed = run_cli("train", str(config_path), *overrides)
+    assert resumed.returncode == 0, resumed.stderr
+    from safetensors.torch import load_file
+
+    expected, actual = (load_file(d / "final" / "model.safetensors") for d in (runs / "reference", run_dir))
+    assert expected.keys() == actual.keys() and all((expected[name] == actual[name]).all() for name in expected)
+    # logging_steps 2 applies after checkpoint-6 (plus the log forced before each checkpoint, every 3 steps).
+    assert [step for step, _ in train_losses(run_dir)] == [*range(1, 7), 8, 9, 10, 12, 14, 15, 16, 18, 20, 21, 22, 24]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    changed = manifest["restarts"][0]["changed_settings"]
+    assert {key: change["to"] for key, change in changed.items()} == harmless
+    assert changed["training.ddp_timeout"]["from"] == 1800
+    assert load_config(run_dir / "config.yaml").training.logging_steps == 2
+    assert (tmp_path / "cache" / "tokenized").is_dir()
+
+
+@pytest.mark.slow
+def test_a_resume_on_changed_data_is_refused_unless_allowed_and_the_manifest_keeps_both(tiny_causal_lm, tiny_chat_data,
+                                                                                       tmp_path, write_config):
+    import shutil
+
+    data = shutil.copy(tiny_chat_data, tmp_path / "chat.jsonl")
+    config_path = write_config(tiny_lm_config(tiny_causal_lm, data, tmp_path / "runs", max_steps=8, save_steps=3))
+    killed = run_cli("train", str(config_path), env={**os.environ, "PYTHONPATH": str(REPO / "tests" / "hooks"),
+                                                    "SFT_TEST_KILL_AT": "step:5"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    started_on = json.loads((run_dir / "manifest.json").read_text())["data"]
+    with open(data, "a") as f:  # the file is edited while the job waits in the queue
+        f.write(Path(data).read_text().splitlines()[0] + "\n")
+
+    refused = run_cli("train", str(config_path))
+    assert refused.returncode == EXIT_USER_ERROR, refused.stderr[-3000:]
+    message = refused.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"sft: error: data: the data changed since {run_dir} started ({data} (sha256 ")
+    assert "--allow-data-change" in message and "Traceback" not in refused.stderr
+    assert json.loads((run_dir / "manifest.json").read_text())["data"] == started_on
+
+    allowed = run_cli("train", str(config_path), "--allow-data-change")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["data"] == started_on
+    now = manifest["restarts"][-1]
+    assert now["resumed_from_step"] == 3 and now["data_change_allowed"]
+    assert now["data"]["files"][0]["sha256"] != started_on["files"][0]["sha256"]
+    assert now["data"]["train_examples"] == started_on["train_examples"] + 1
+
+
 def test_a_run_that_failed_before_any_checkpoint_restarts_with_a_corrected_config(tiny_causal_lm, tiny_chat_data,
                                                                                   tmp_path, write_config):
     config = tiny_lm_config(tmp_path / "no-such-model", tiny_chat_data, tmp_path / "runs", max_steps=2)
