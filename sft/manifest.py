@@ -131,11 +131,11 @@ def start_manifest(run_dir: Path, config, resume_step: int | None, changed_setti
 
 
 def record_data(manifest: dict, prepared, resumed: bool, allow_change: bool) -> list[str]:
-    """Format, labels, example counts, content hashes of every source (SQL: of the rows read), the data summary
+    """Format, labels, example counts, content hashes of every source (SQL: of the rows read), the data summary,
     the cache key and folder (`sft clean` may run where HF_HOME points elsewhere): in the run's own record when
-    training starts from step 0, in this restart's entry when it
-    resumes from a checkpoint (the run's record keeps the data it started on). Returns the sources whose content
-    differs from what the run trained on so far ([] when none); `allow_change` marks such a restart as allowed."""
+    training starts from step 0, in this restart's entry when it resumes from a checkpoint (the run's record keeps
+    the data it started on). Returns the sources whose content differs from what the run trained on so far ([] when
+    none); `allow_change` marks such a restart as allowed."""
     record = {"format": prepared.data_format, "label_names": prepared.label_names,
               **_counts("train", prepared.train), **_counts("eval", prepared.eval),
               "files": [asdict(f) for f in prepared.files], "summary": prepared.summary,
