@@ -10,6 +10,8 @@
     sft clean RUN_DIR [--dry-run]          remove a finished run's checkpoints and data cache
     sft fetch MODEL [--revision R]         download a hub model and its tokenizer into the cache (login node)
     sft report RUN_DIR                     plots and report.md of a run (also written when training finishes)
+    sft diff RUN_A RUN_B                   what differs between two runs (inputs, environment, outcome), verdict
+    sft reproduce RUN_DIR [--name NEW]     train again from what a run recorded, then diff against it
 """
 import argparse
 import os
@@ -17,7 +19,8 @@ import sys
 
 from sft.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = ("train", "check", "prepare", "info", "fetch", "predict", "export", "runs", "clean", "report")
+COMMANDS = ("train", "check", "prepare", "info", "fetch", "predict", "export", "runs", "clean", "report", "diff",
+            "reproduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
                                              "manifest, metrics and evaluation (finished, running or stopped).")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/demo-2024-05-01")
     report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _add_reproducibility_commands(commands)
     return parser
+
+
+def _add_reproducibility_commands(commands) -> None:
+    """diff, reproduce (sft.diff, sft.reproduce)."""
+    diff = commands.add_parser("diff", help="compare two run directories: inputs, environment, outcome, verdict",
+                               description="Compare two run directories (finished, failed, preempted or copied from "
+                                           "another machine: data hashes decide, not paths). Exit code 0 only when "
+                                           "identical.")
+    diff.add_argument("run_a", metavar="RUN_A", help="a run directory")
+    diff.add_argument("run_b", metavar="RUN_B", help="another run directory")
+    reproduce = commands.add_parser("reproduce", help="train again from a run's recorded config, then diff",
+                                    description="Train again from RUN_DIR/config.yaml (variables and secrets read "
+                                                "again from the environment/.env) after checking every data source "
+                                                "still has its recorded hash; then compare with the original.")
+    reproduce.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to reproduce")
+    reproduce.add_argument("--name", help="name of the new run directory, next to RUN_DIR "
+                                          "(default: RUN_DIR's name + -reproduce)")
+    reproduce.add_argument("--env-file", help=".env file with DATA_PATH, tokens, ... (default: ./.env)")
+    for command in (diff, reproduce):
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 RUN_STATUSES = """statuses:
@@ -124,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": _train, "check": _check, "prepare": _prepare, "info": _info, "fetch": _fetch,
                 "predict": _predict, "export": _export, "runs": _runs, "clean": _clean,
-                "report": _report}[args.command](args)
+                "report": _report, "diff": _diff, "reproduce": _reproduce}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
@@ -257,3 +281,24 @@ def _report(args) -> int:
 
     print(f"sft: wrote {write_report(args.run_dir)}")
     return 0
+
+
+def _diff(args) -> int:
+    from sft.diff import diff
+
+    text, identical = diff(args.run_a, args.run_b)
+    print(text)
+    return 0 if identical else 1
+
+
+def _reproduce(args) -> int:
+    from sft.reproduce import reproduce
+    from sft.training import Preempted
+
+    try:
+        text, identical = reproduce(args.run_dir, args.name, args.env_file)
+    except Preempted as stop:
+        print(f"sft: preempted; resume with the same `sft reproduce` command", file=sys.stderr)
+        return stop.exit_code
+    print(text)
+    return 0 if identical else 1
