@@ -6,7 +6,7 @@
     sft info                               versions, GPUs and container provenance
     sft predict RUN_DIR INPUT [--output F] a finished run's predictions on new rows, as JSONL
     sft export RUN_DIR [--merge] [--to DIR] a standalone safetensors model + tokenizer
-    sft runs [OUTPUT_DIR]                  one line per run: status, steps, best metric, age, Slurm job
+    sft runs [OUTPUT_DIR] [--html FILE]    one line per run: status, steps, best metric, age, Slurm job; a dashboard
     sft clean RUN_DIR [--dry-run]          remove a finished run's checkpoints and data cache
     sft fetch MODEL [--revision R]         download a hub model and its tokenizer into the cache (login node)
     sft report RUN_DIR                     plots and report.md of a run (also written when training finishes)
@@ -113,6 +113,8 @@ def _add_tool_commands(commands) -> None:
     export.add_argument("--to", help="new or empty folder to write (default: RUN_DIR/export)")
     runs = add("runs", "list run directories: status, steps, best evaluation, age, Slurm job", epilog=RUN_STATUSES)
     runs.add_argument("output_dir", nargs="?", default="runs", help="a config's output.dir (default: runs)")
+    runs.add_argument("--html", metavar="FILE", help="also write a self-contained dashboard page: the runs table, "
+                                                     "differing config keys, loss and eval curves, report links")
     clean = add("clean", "remove a finished run's checkpoints and tokenized data cache; keeps final/, config, "
                          "manifest, metrics, logs and report")
     clean.add_argument("run_dir", help="a finished run directory")
@@ -253,6 +255,10 @@ def _runs(args) -> int:
 
     runs = list_runs(args.output_dir)
     print(format_runs(runs, datetime.now().astimezone()) if runs else f"sft: no runs in {args.output_dir}")
+    if args.html:
+        from sft.dashboard import write_dashboard
+
+        print(f"sft: wrote {write_dashboard(args.output_dir, args.html)}")
     return 0
 
 
