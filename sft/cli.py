@@ -12,6 +12,7 @@
     sft report RUN_DIR                     plots and report.md of a run (also written when training finishes)
     sft diff RUN_A RUN_B                   what differs between two runs (inputs, environment, outcome), verdict
     sft reproduce RUN_DIR [--name NEW]     train again from what a run recorded, then diff against it
+    sft kernel install [--image sft.sif]   a Jupyter kernel running the image's (or this venv's) Python
 """
 import argparse
 import os
@@ -20,7 +21,7 @@ import sys
 from sft.errors import EXIT_USER_ERROR, UserError
 
 COMMANDS = ("train", "check", "prepare", "info", "fetch", "predict", "export", "runs", "clean", "report", "diff",
-            "reproduce")
+            "reproduce", "kernel")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +76,17 @@ def _add_reproducibility_commands(commands) -> None:
     reproduce.add_argument("--name", help="name of the new run directory, next to RUN_DIR "
                                           "(default: RUN_DIR's name + -reproduce)")
     reproduce.add_argument("--env-file", help=".env file with DATA_PATH, tokens, ... (default: ./.env)")
-    for command in (diff, reproduce):
+    kernel = commands.add_parser("kernel", help="install a Jupyter kernel that runs in the training environment")
+    install = kernel.add_subparsers(dest="kernel_command", required=True).add_parser(
+        "install", help="write a user kernelspec", description="Write a Jupyter kernelspec whose Python is the "
+        "image's (apptainer exec --nv with the binds of the sbatch scripts, from this directory's data/, .env, "
+        "runs/, .cache/ or the SFT_* settings) or, without --image, this venv's.")
+    install.add_argument("--image", help="container image, e.g. sft.sif")
+    install.add_argument("--name", help="kernel name (default: sft, or sft-image with --image)")
+    install.add_argument("--display-name", help="name shown in JupyterLab's launcher")
+    install.add_argument("--prefix", help="install under PREFIX/share/jupyter/kernels instead of the user's "
+                                          "Jupyter data directory")
+    for command in (diff, reproduce, kernel, install):
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
@@ -150,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": _train, "check": _check, "prepare": _prepare, "info": _info, "fetch": _fetch,
                 "predict": _predict, "export": _export, "runs": _runs, "clean": _clean,
-                "report": _report, "diff": _diff, "reproduce": _reproduce}[args.command](args)
+                "report": _report, "diff": _diff, "reproduce": _reproduce,
+                "kernel": _kernel}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
@@ -308,3 +320,13 @@ def _reproduce(args) -> int:
         return stop.exit_code
     print(text)
     return 0 if identical else 1
+
+
+def _kernel(args) -> int:
+    import shlex
+
+    from sft.kernel import install
+
+    folder, argv = install(args.image, args.name, args.display_name, args.prefix)
+    print(f"sft: installed kernel {folder.name} in {folder}: {shlex.join(argv)}")
+    return 0
