@@ -51,6 +51,10 @@ class RunDiff:
         if self.environment:
             outcome = "different outcome" if self.outcome or self.first_step is not None else "same outcome"
             return f"same inputs, different environment ({', '.join(_names(self.environment))}), {outcome}"
+        ended = [d for d in self.outcome if d.key in ("status", "last logged step")]
+        if self.first_step is None and ended:  # e.g. a preempted run against its finished reproduction
+            return (f"same inputs and environment, same values on the steps both logged, ended differently ("
+                    f"{'; '.join(f'{d.key} {_show(d.a)} → {_show(d.b)}' for d in ended)})")
         why = [f"values first differ at step {self.first_step}"] if self.first_step is not None else []
         if self.largest:
             why.append(f"largest difference {self.largest[1]:.3g} in {self.largest[0]}")

@@ -4,6 +4,7 @@ with `sft diff`. On CPU, and on GPUs with training.deterministic, a reproduction
     sft reproduce runs/baseline                  # → runs/baseline-reproduce, then the diff and its verdict
     sft reproduce /shared/alice/runs/baseline --name baseline-bob --env-file .env
 """
+import copy
 import logging
 import re
 import tempfile
@@ -50,7 +51,7 @@ def recorded_config(original, name: str, env_file: str | None, path: Path):
     existing = read_manifest(target) if target.is_dir() else None
     if existing and existing.get("status") == "finished":
         raise UserError(f"{target} holds a finished run already; pass --name NEW to reproduce into a new directory")
-    raw = original.config
+    raw = copy.deepcopy(original.config)
     for key, parts in (original.manifest.get("config_variables") or {}).items():
         _set(raw, key, "".join(part if isinstance(part, str) else _reference(part) for part in parts))
     masked = next((key for key, value in _strings(raw) if MASK in value), None)
@@ -59,7 +60,8 @@ def recorded_config(original, name: str, env_file: str | None, path: Path):
                         f"take from a ${{VARIABLE}}, so it cannot be read again; write it as ${{NAME}} in the config "
                         f"and train anew, or reproduce from the original config with `sft train`")
     raw["env_file"] = None
-    raw["output"] = {**raw.get("output", {}), "dir": str(original.path.parent), "name": name}
+    pinned = name.replace("{", "{{").replace("}", "}}")  # a literal name, not a template
+    raw["output"] = {**raw.get("output", {}), "dir": str(original.path.parent), "name": pinned}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return load_config(path, env_file=env_file)
 

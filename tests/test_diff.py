@@ -35,7 +35,7 @@ def make_run(path: Path, config: dict = CONFIG, manifest: dict = MANIFEST, metri
 
 
 def changed(document: dict, **changes) -> dict:
-    """A deep copy with `a.b=value` style changes (keys separated by dots)."""
+    """A deep copy with changes given as keyword arguments, nested keys joined by `__` (data__train=...)."""
     document = copy.deepcopy(document)
     for key, value in changes.items():
         *parents, leaf = key.split("__")
@@ -64,8 +64,8 @@ def test_a_copy_on_another_cluster_with_other_paths_and_timings_is_identical(tmp
     manifest["data"]["files"][0]["source"] = "/home/bob/data/chat.jsonl"
     metrics = [{**record, "real_tokens_per_s": 90.0} if "real_tokens_per_s" in record else record
                for record in METRICS]
-    copy_ = make_run(tmp_path / "bob", config, manifest, metrics)
-    code, out = run_diff(capsys, original, copy_)
+    bobs_copy = make_run(tmp_path / "bob", config, manifest, metrics)
+    code, out = run_diff(capsys, original, bobs_copy)
     assert verdict(out) == "verdict: identical"
     assert code == 0
 
@@ -123,6 +123,8 @@ def test_a_preempted_run_compares_on_the_steps_it_logged(tmp_path, capsys):
     assert "  status: finished → preempted" in out and "  last logged step: 3 → 2" in out
     assert "values first differ" not in out  # steps 1 and 2 agree
     assert "train_loss 1.5 | (none)" in out
+    assert verdict(out) == ("verdict: same inputs and environment, same values on the steps both logged, ended "
+                            "differently (status finished → preempted; last logged step 3 → 2)")
 
 
 def test_final_weights_that_differ_make_runs_different(tmp_path, capsys):
