@@ -1,25 +1,51 @@
-"""sft reproduce: a run trained again from its run directory comes out bit-identical on CPU (losses, metrics, final
-weights), with secrets read again from the environment; changed data is refused before anything trains."""
+"""sft reproduce: a run trained again from its run directory comes out bit-identical (losses, metrics, final weights)
+on CPU, and with training.deterministic on a GPU where one is visible; secrets are read again from the
+environment; changed data is refused before anything trains."""
 import shutil
 
 import pytest
 import yaml
 
-from conftest import CHAT_ROWS, tiny_lm_config, write_jsonl
+from conftest import CHAT_ROWS, SIZES, tiny_lm_config, write_jsonl
 from sft.cli import main
 from sft.diff import weights_digest
+from sft.files import write_json_atomic
+
+
+@pytest.fixture
+def deterministic_kernels_restored():
+    """training.deterministic switches torch's global deterministic mode: switched back after the test."""
+    import torch
+
+    yield
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic = False
 
 
 @pytest.mark.parametrize("task, method", [("classification", "full"), ("causal_lm", "lora")])
-def test_a_copied_run_reproduces_bit_identically(finished_runs, tmp_path, capsys, task, method):
+def test_a_copied_run_reproduces_bit_identically(tiny_causal_lm, tiny_chat_data, tmp_path, capsys, task, method,
+                                                 deterministic_kernels_restored):
+    """On CPU, and on a GPU where one is visible (training.deterministic is on)."""
+    from sft.config import load_config
+    from sft.training import run_training
+
+    data = tiny_chat_data if task == "causal_lm" else write_jsonl(
+        tmp_path / "classes.jsonl", [{"text": f"add {a} and {b}", "label": SIZES[min((a + b) // 3, 2)]}
+                                     for a in range(6) for b in range(4)])
+    config = tiny_lm_config(tiny_causal_lm, data, tmp_path / "alice", max_steps=4, deterministic=True,
+                            learning_rate=2e-2 if method == "lora" else 3e-3)
+    config |= {"task": task, "method": {"name": method, "lora": {"r": 8, "alpha": 32}}}
+    path = tmp_path / f"{task}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    trained = run_training(load_config(path)).run_dir
     # Copied as from another machine: the reproduction lands next to the copy.
-    original = shutil.copytree(finished_runs[task, method], tmp_path / "runs" / "original")
+    original = shutil.copytree(trained, tmp_path / "bob" / "original")
     assert main(["reproduce", str(original), "--name", "again"]) == 0
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == "verdict: identical"
-    again = tmp_path / "runs" / "again"
+    again = tmp_path / "bob" / "again"
     assert weights_digest(again) == weights_digest(original) is not None
-    assert (again / "metrics.jsonl").read_text().count('"loss"') == 6
+    assert (again / "metrics.jsonl").read_text().count('"loss"') == 4
 
 
 def train_with_secret_data_folder(tmp_path, model, monkeypatch):
@@ -60,8 +86,10 @@ def test_reproduction_on_changed_data_is_refused_naming_the_source(tiny_causal_l
     assert not (tmp_path / "runs" / "tiny-reproduce").exists()
 
 
-def test_a_finished_reproduction_is_never_overwritten(finished_runs, tmp_path, capsys):
-    original = shutil.copytree(finished_runs["causal_lm", "lora"], tmp_path / "runs" / "original")
-    shutil.copytree(original, tmp_path / "runs" / "taken")
-    assert main(["reproduce", str(original), "--name", "taken"]) == 2
+def test_a_finished_reproduction_is_never_overwritten(tmp_path, capsys):
+    for name in ("original", "taken"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("task: causal_lm\n")
+        write_json_atomic(tmp_path / name / "manifest.json", {"status": "finished"})
+    assert main(["reproduce", str(tmp_path / "original"), "--name", "taken"]) == 2
     assert "holds a finished run already; pass --name NEW" in capsys.readouterr().err
