@@ -93,3 +93,25 @@ def test_a_finished_reproduction_is_never_overwritten(tmp_path, capsys):
         write_json_atomic(tmp_path / name / "manifest.json", {"status": "finished"})
     assert main(["reproduce", str(tmp_path / "original"), "--name", "taken"]) == 2
     assert "holds a finished run already; pass --name NEW" in capsys.readouterr().err
+
+
+def test_a_reproduction_says_where_the_environment_differs_from_the_recorded_one(tiny_causal_lm, tiny_chat_data,
+                                                                                 tmp_path, capsys):
+    from sft.config import load_config
+    from sft.manifest import read_manifest, write_manifest
+    from sft.training import run_training
+
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=2)))
+    run = run_training(load_config(path)).run_dir
+    manifest = read_manifest(run)
+    manifest["versions"]["transformers"] = "4.0.0"  # as if trained in an older image
+    write_manifest(run, manifest)
+    capsys.readouterr()
+    assert main(["reproduce", str(run)]) == 1
+    out, err = capsys.readouterr()
+    said = " ".join(err.split())  # the terminal log wraps long lines
+    assert "environment differs from the recorded run: versions.transformers: recorded 4.0.0, now " in said
+    assert "  versions.transformers: 4.0.0 → " in out
+    assert out.strip().splitlines()[-1] == ("verdict: same inputs, different environment (versions.transformers), "
+                                            "same outcome")
