@@ -132,7 +132,15 @@ def _input_differences(a: RunRecord, b: RunRecord) -> list[Difference]:
     for key in ("train_examples", "eval_examples", "format", "label_names", "cache_key"):
         if data_a.get(key) != data_b.get(key):
             differences.append(Difference(f"data.{key}", data_a.get(key), data_b.get(key)))
+    if not _same_tokenizing_libraries(a.manifest, b.manifest):
+        # The cache key hashes these versions too: then the environment group explains it, not the inputs.
+        differences = [d for d in differences if d.key != "data.cache_key"]
     return differences
+
+
+def _same_tokenizing_libraries(a: dict, b: dict) -> bool:
+    versions_a, versions_b = a.get("versions") or {}, b.get("versions") or {}
+    return all(versions_a.get(name) == versions_b.get(name) for name in ("sft", "transformers", "tokenizers"))
 
 
 def source_keys(config: dict) -> list[str]:

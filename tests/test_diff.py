@@ -114,6 +114,20 @@ def test_an_other_image_and_gpus_are_the_environment(tmp_path, capsys):
     assert verdict(out) == "verdict: same inputs, different environment (image.git_commit, gpus), same outcome"
 
 
+def test_a_cache_key_that_differs_with_the_transformers_version_is_not_an_input(tmp_path, capsys):
+    """The cache key hashes the tokenizer files and the tokenizing libraries' versions: with equal versions it
+    tells that the tokenizer differs; with other versions the environment group already says why."""
+    a = make_run(tmp_path / "a")
+    manifest = changed(MANIFEST, versions={**MANIFEST["versions"], "transformers": "4.47.0"})
+    manifest["data"]["cache_key"] = "k2"
+    b = make_run(tmp_path / "b", manifest=manifest)
+    assert verdict(run_diff(capsys, a, b)[1]) == ("verdict: same inputs, different environment "
+                                                  "(versions.transformers), same outcome")
+    manifest["versions"]["transformers"] = MANIFEST["versions"]["transformers"]
+    c = make_run(tmp_path / "c", manifest=manifest)
+    assert verdict(run_diff(capsys, a, c)[1]) == "verdict: different inputs: data.cache_key"
+
+
 def test_a_preempted_run_compares_on_the_steps_it_logged(tmp_path, capsys):
     finished = make_run(tmp_path / "finished")
     preempted = make_run(tmp_path / "preempted", manifest=changed(MANIFEST, status="preempted", results={}),
