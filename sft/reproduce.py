@@ -53,7 +53,7 @@ def recorded_config(original, name: str, env_file: str | None, path: Path):
         raise UserError(f"{target} holds a finished run already; pass --name NEW to reproduce into a new directory")
     raw = copy.deepcopy(original.config)
     for key, parts in (original.manifest.get("config_variables") or {}).items():
-        _set(raw, key, "".join(part if isinstance(part, str) else _reference(part) for part in parts))
+        _restore(raw, key, parts)
     masked = next((key for key, value in _strings(raw) if MASK in value), None)
     if masked:
         raise UserError(f"{original.path / 'config.yaml'}: {masked} holds a masked secret that the config did not "
@@ -71,16 +71,18 @@ def _reference(part: dict) -> str:
     return f"${{{part['variable']}{'' if default is None else ':-' + default}}}"
 
 
-def _set(raw: dict, key: str, value: str) -> None:
-    """Put VALUE at a flat key such as data.train[0].path, in place of the substituted string there."""
+def _restore(raw: dict, key: str, parts: list) -> None:
+    """Put the ${VARIABLE} template back at a flat key such as data.train[0].path, where the recorded value is one
+    it produced (an override on the command line may have replaced it; then the recorded value stands)."""
     *parents, leaf = [int(step) if step.isdigit() else step for step in STEP.findall(key)]
+    produced = re.compile("".join(re.escape(part) if isinstance(part, str) else ".*" for part in parts), re.S)
     node: Any = raw
     try:
         for step in parents:
             node = node[step]
-        if isinstance(node[leaf], str):
-            node[leaf] = value
-    except (KeyError, IndexError, TypeError):  # an override replaced the section: the recorded value stands
+        if isinstance(node[leaf], str) and produced.fullmatch(node[leaf]):
+            node[leaf] = "".join(part if isinstance(part, str) else _reference(part) for part in parts)
+    except (KeyError, IndexError, TypeError):  # the section was replaced by an override
         pass
 
 

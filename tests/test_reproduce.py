@@ -115,3 +115,20 @@ def test_a_reproduction_says_where_the_environment_differs_from_the_recorded_one
     assert "  versions.transformers: 4.0.0 → " in out
     assert out.strip().splitlines()[-1] == ("verdict: same inputs, different environment (versions.transformers), "
                                             "same outcome")
+
+
+def test_a_template_is_put_back_only_where_it_produced_the_recorded_value(tmp_path, monkeypatch):
+    """`sft train x.yaml data.eval=...` replaced the YAML's ${DATA_PATH}/eval.jsonl: the override's value stands."""
+    from sft.diff import RunRecord
+    from sft.reproduce import recorded_config
+
+    monkeypatch.setenv("DATA_PATH", "/bob/data")
+    config = {"task": "causal_lm", "model": {"name": "m"},
+              "data": {"train": "/alice/data/train.jsonl", "eval": "/alice/other/dev.jsonl"},
+              "output": {"dir": "/alice/runs", "name": "x"}}
+    templates = {"data.train": [{"variable": "DATA_PATH", "default": None}, "/train.jsonl"],
+                 "data.eval": [{"variable": "DATA_PATH", "default": None}, "/eval.jsonl"]}
+    original = RunRecord(tmp_path / "runs" / "x", config, {"config_variables": templates}, [])
+    loaded = recorded_config(original, "x-again", None, tmp_path / "x.yaml")
+    assert (loaded.data.train, loaded.data.eval) == ("/bob/data/train.jsonl", "/alice/other/dev.jsonl")
+    assert (loaded.output.dir, loaded.output.name) == (str(tmp_path / "runs"), "x-again")
