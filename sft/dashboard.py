@@ -20,15 +20,16 @@ MAX_POINTS = 400
 
 
 def write_dashboard(output_dir: str | Path, html_file: str | Path) -> Path:
+    from sft.notebook import differing_config_keys
     from sft.runs import list_runs
 
     folder, page = Path(output_dir), Path(html_file)
-    if page.is_dir():
-        raise UserError(f"--html {page}: is a directory; name a file, e.g. {page / 'index.html'}")
+    if page.is_dir() or not page.parent.is_dir():
+        raise UserError(f"--html {page}: " + ("is a directory; name a file in it, e.g. " + str(page / "index.html")
+                                              if page.is_dir() else f"no folder {page.parent}; create it first"))
     runs = [run_data(folder / info.name, info, page.parent) for info in list_runs(folder)]
-    from sft.notebook import differing_config_keys
-
-    differing = differing_config_keys([run.pop("config") for run in runs if run.get("config")])
+    configs = [run.pop("config") for run in runs]
+    differing = differing_config_keys([config for config in configs if config])
     for run in runs:
         run["settings"] = {key: run["settings"].get(key) for key in differing}
     title = f"sft runs: {folder.resolve()}"

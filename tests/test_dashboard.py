@@ -80,6 +80,13 @@ def test_nothing_is_loaded_from_the_network(tmp_path):
     assert re.findall(r"https?://[^\"'\s]+", html) == ["http://www.w3.org/2000/svg"]  # a namespace name, not fetched
 
 
+def test_a_page_in_a_missing_folder_is_one_line_and_exit_code_2(tmp_path, capsys):
+    make_sweep(tmp_path / "runs", 1)
+    assert main(["runs", str(tmp_path / "runs"), "--html", str(tmp_path / "site" / "index.html")]) == 2
+    assert capsys.readouterr().err == f"sft: error: --html {tmp_path}/site/index.html: no folder {tmp_path}/site; " \
+                                      f"create it first\n"
+
+
 def test_a_config_value_cannot_close_the_script_element():
     html = render("runs", {"runs": [{"name": "x", "settings": {"model.name": "</script><script>alert(1)"}}],
                            "differing": []})
