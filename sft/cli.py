@@ -315,8 +315,12 @@ def _reproduce(args) -> int:
 
     try:
         text, identical = reproduce(args.run_dir, args.name, args.env_file)
-    except Preempted as stop:
-        print(f"sft: preempted; resume with the same `sft reproduce` command", file=sys.stderr)
+    except Preempted as stop:  # a rerun of the same command finds the unfinished reproduction and resumes it
+        import shlex
+
+        words = ["sft", "reproduce", args.run_dir, *(["--name", args.name] if args.name else []),
+                 *(["--env-file", args.env_file] if args.env_file else [])]
+        print(f"sft: preempted; resume with: {shlex.join(words)}", file=sys.stderr)
         return stop.exit_code
     print(text)
     return 0 if identical else 1
