@@ -194,7 +194,17 @@ def environment_of(manifest: dict) -> dict[str, Any]:
 
 
 def _environment_differences(a: dict, b: dict) -> list[Difference]:
-    return _compare(environment_of(a), environment_of(b))
+    return _compare(environment_of(a), environment_of(b)) + _compare(restart_changes(a), restart_changes(b))
+
+
+def restart_changes(manifest: dict) -> dict[str, Any]:
+    """Where a restart (a requeue, a resume) ran on something else than the first start: other GPUs, another
+    image, other versions. Keys as `restart 1: gpus`."""
+    first, changes = environment_of(manifest), {}
+    for number, restart in enumerate(manifest.get("restarts") or [], start=1):
+        here = environment_of({**manifest, **{key: restart.get(key) for key in ("versions", "accelerator", "image")}})
+        changes |= {f"restart {number}: {key}": value for key, value in here.items() if first.get(key) != value}
+    return changes
 
 
 # Outcome

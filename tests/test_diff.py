@@ -114,6 +114,17 @@ def test_an_other_image_and_gpus_are_the_environment(tmp_path, capsys):
     assert verdict(out) == "verdict: same inputs, different environment (image.git_commit, gpus), same outcome"
 
 
+def test_a_restart_on_other_gpus_is_an_environment_difference(tmp_path, capsys):
+    """A preempted run requeued onto other hardware trained partly there: not the same environment."""
+    restart = {key: MANIFEST[key] for key in ("versions", "accelerator", "image")}
+    a = make_run(tmp_path / "a", manifest=changed(MANIFEST, restarts=[restart]))
+    b = make_run(tmp_path / "b", manifest=changed(MANIFEST, restarts=[
+        {**restart, "accelerator": {**MANIFEST["accelerator"], "gpus": [{"name": "NVIDIA A100"}] * 2}}]))
+    code, out = run_diff(capsys, a, b)
+    assert code == 1 and "  restart 1: gpus: (none) → 2 × NVIDIA A100" in out
+    assert verdict(out) == "verdict: same inputs, different environment (restart 1: gpus), same outcome"
+
+
 def test_a_cache_key_that_differs_with_the_transformers_version_is_not_an_input(tmp_path, capsys):
     """The cache key hashes the tokenizer files and the tokenizing libraries' versions: with equal versions it
     tells that the tokenizer differs; with other versions the environment group already says why."""
