@@ -132,8 +132,11 @@ def _input_differences(a: RunRecord, b: RunRecord) -> list[Difference]:
     for key in ("train_examples", "eval_examples", "format", "label_names", "cache_key"):
         if data_a.get(key) != data_b.get(key):
             differences.append(Difference(f"data.{key}", data_a.get(key), data_b.get(key)))
-    if not _same_tokenizing_libraries(a.manifest, b.manifest):
-        # The cache key hashes these versions too: then the environment group explains it, not the inputs.
+    # The cache key hashes the data, its settings, the seed where it picks rows, the tokenizer's files and the
+    # tokenizing libraries: it tells something new only when the tokenizer is all that can explain it.
+    explained = any(d.key in ("seed", "task", "model.num_labels") or d.key.startswith("data.") and
+                    d.key != "data.cache_key" for d in differences)
+    if explained or not _same_tokenizing_libraries(a.manifest, b.manifest):
         differences = [d for d in differences if d.key != "data.cache_key"]
     return differences
 

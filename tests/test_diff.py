@@ -126,8 +126,8 @@ def test_a_restart_on_other_gpus_is_an_environment_difference(tmp_path, capsys):
 
 
 def test_a_cache_key_that_differs_with_the_transformers_version_is_not_an_input(tmp_path, capsys):
-    """The cache key hashes the tokenizer files and the tokenizing libraries' versions: with equal versions it
-    tells that the tokenizer differs; with other versions the environment group already says why."""
+    """The cache key hashes the tokenizer files, the tokenizing libraries' versions, the data and the seed: it is
+    named only when nothing else explains it (then the tokenizer's files differ)."""
     a = make_run(tmp_path / "a")
     manifest = changed(MANIFEST, versions={**MANIFEST["versions"], "transformers": "4.47.0"})
     manifest["data"]["cache_key"] = "k2"
@@ -136,7 +136,10 @@ def test_a_cache_key_that_differs_with_the_transformers_version_is_not_an_input(
                                                   "(versions.transformers), same outcome")
     manifest["versions"]["transformers"] = MANIFEST["versions"]["transformers"]
     c = make_run(tmp_path / "c", manifest=manifest)
-    assert verdict(run_diff(capsys, a, c)[1]) == "verdict: different inputs: data.cache_key"
+    assert verdict(run_diff(capsys, a, c)[1]) == "verdict: different inputs: data.cache_key"  # the tokenizer's files
+    # Another seed picks other eval rows, which changes the key too: the seed says it all.
+    d = make_run(tmp_path / "d", changed(CONFIG, training__seed=7), changed(manifest, seed=7))
+    assert verdict(run_diff(capsys, a, d)[1]) == "verdict: different inputs: seed"
 
 
 def test_a_preempted_run_compares_on_the_steps_it_logged(tmp_path, capsys):
