@@ -16,6 +16,20 @@ def train(config_path: str, **overrides: Any) -> "object":
     return run_training(load_config(config_path, overrides=flat), overrides=flat)
 
 
+def load_run(path: str) -> "object":
+    """A run directory for a notebook: `.config`, `.manifest`, `.metrics` (pandas DataFrame, one row per step)."""
+    from sft.notebook import load_run as load
+
+    return load(path)
+
+
+def load_runs(output_dir: str = "runs") -> "object":
+    """A pandas DataFrame with one row per run under OUTPUT_DIR: status, steps, results, differing config keys."""
+    from sft.notebook import load_runs as load
+
+    return load(output_dir)
+
+
 def _flatten(overrides: dict[str, Any], prefix: str = "") -> list[str]:
     import yaml
 

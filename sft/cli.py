@@ -6,10 +6,13 @@
     sft info                               versions, GPUs and container provenance
     sft predict RUN_DIR INPUT [--output F] a finished run's predictions on new rows, as JSONL
     sft export RUN_DIR [--merge] [--to DIR] a standalone safetensors model + tokenizer
-    sft runs [OUTPUT_DIR]                  one line per run: status, steps, best metric, age, Slurm job
+    sft runs [OUTPUT_DIR] [--html FILE]    one line per run: status, steps, best metric, age, Slurm job; a dashboard
     sft clean RUN_DIR [--dry-run]          remove a finished run's checkpoints and data cache
     sft fetch MODEL [--revision R]         download a hub model and its tokenizer into the cache (login node)
     sft report RUN_DIR                     plots and report.md of a run (also written when training finishes)
+    sft diff RUN_A RUN_B                   what differs between two runs (inputs, environment, outcome), verdict
+    sft reproduce RUN_DIR [--name NEW]     train again from what a run recorded, then diff against it
+    sft kernel install [--image sft.sif]   a Jupyter kernel running the image's (or this venv's) Python
 """
 import argparse
 import os
@@ -17,7 +20,8 @@ import sys
 
 from sft.errors import EXIT_USER_ERROR, UserError
 
-COMMANDS = ("train", "check", "prepare", "info", "fetch", "predict", "export", "runs", "clean", "report")
+COMMANDS = ("train", "check", "prepare", "info", "fetch", "predict", "export", "runs", "clean", "report", "diff",
+            "reproduce", "kernel")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +61,38 @@ def build_parser() -> argparse.ArgumentParser:
                                              "manifest, metrics and evaluation (finished, running or stopped).")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. runs/demo-2024-05-01")
     report.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _add_reproducibility_commands(commands)
     return parser
+
+
+def _add_reproducibility_commands(commands) -> None:
+    """diff, reproduce (sft.diff, sft.reproduce)."""
+    diff = commands.add_parser("diff", help="compare two run directories: inputs, environment, outcome, verdict",
+                               description="Compare two run directories (finished, failed, preempted or copied from "
+                                           "another machine: data hashes decide, not paths). Exit code 0 only when "
+                                           "identical.")
+    diff.add_argument("run_a", metavar="RUN_A", help="a run directory")
+    diff.add_argument("run_b", metavar="RUN_B", help="another run directory")
+    reproduce = commands.add_parser("reproduce", help="train again from a run's recorded config, then diff",
+                                    description="Train again from RUN_DIR/config.yaml (variables and secrets read "
+                                                "again from the environment/.env) after checking every data source "
+                                                "still has its recorded hash; then compare with the original.")
+    reproduce.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to reproduce")
+    reproduce.add_argument("--name", help="name of the new run directory, next to RUN_DIR "
+                                          "(default: RUN_DIR's name + -reproduce)")
+    reproduce.add_argument("--env-file", help=".env file with DATA_PATH, tokens, ... (default: ./.env)")
+    kernel = commands.add_parser("kernel", help="install a Jupyter kernel that runs in the training environment")
+    install = kernel.add_subparsers(dest="kernel_command", required=True).add_parser(
+        "install", help="write a user kernelspec", description="Write a Jupyter kernelspec whose Python is the "
+        "image's (apptainer exec --nv with the binds of the sbatch scripts, from this directory's data/, .env, "
+        "runs/, .cache/ or the SFT_* settings) or, without --image, this venv's.")
+    install.add_argument("--image", help="container image, e.g. sft.sif")
+    install.add_argument("--name", help="kernel name (default: sft, or sft-image with --image)")
+    install.add_argument("--display-name", help="name shown in JupyterLab's launcher")
+    install.add_argument("--prefix", help="install under PREFIX/share/jupyter/kernels instead of the user's "
+                                          "Jupyter data directory")
+    for command in (diff, reproduce, kernel, install):
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 RUN_STATUSES = """statuses:
@@ -94,6 +129,8 @@ def _add_tool_commands(commands) -> None:
     export.add_argument("--to", help="new or empty folder to write (default: RUN_DIR/export)")
     runs = add("runs", "list run directories: status, steps, best evaluation, age, Slurm job", epilog=RUN_STATUSES)
     runs.add_argument("output_dir", nargs="?", default="runs", help="a config's output.dir (default: runs)")
+    runs.add_argument("--html", metavar="FILE", help="also write a self-contained dashboard page: the runs table, "
+                                                     "differing config keys, loss and eval curves, report links")
     clean = add("clean", "remove a finished run's checkpoints and tokenized data cache; keeps final/, config, "
                          "manifest, metrics, logs and report")
     clean.add_argument("run_dir", help="a finished run directory")
@@ -129,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": _train, "check": _check, "prepare": _prepare, "info": _info, "fetch": _fetch,
                 "predict": _predict, "export": _export, "runs": _runs, "clean": _clean,
-                "report": _report}[args.command](args)
+                "report": _report, "diff": _diff, "reproduce": _reproduce,
+                "kernel": _kernel}[args.command](args)
     except UserError as error:
         if args.debug:
             raise
@@ -240,6 +278,10 @@ def _runs(args) -> int:
     for run in runs:  # on stderr: the table stays one parseable line per run
         for problem in run.problems:
             print(f"sft: {run.name}: {problem}", file=sys.stderr)
+    if args.html:
+        from sft.dashboard import write_dashboard
+
+        print(f"sft: wrote {write_dashboard(args.output_dir, args.html)}")
     return 0
 
 
@@ -267,4 +309,39 @@ def _report(args) -> int:
     from sft.run_report import write_report
 
     print(f"sft: wrote {write_report(args.run_dir)}")
+    return 0
+
+
+def _diff(args) -> int:
+    from sft.diff import diff
+
+    text, identical = diff(args.run_a, args.run_b)
+    print(text)
+    return 0 if identical else 1
+
+
+def _reproduce(args) -> int:
+    from sft.reproduce import reproduce
+    from sft.training import Preempted
+
+    try:
+        text, identical = reproduce(args.run_dir, args.name, args.env_file)
+    except Preempted as stop:  # a rerun of the same command finds the unfinished reproduction and resumes it
+        import shlex
+
+        words = ["sft", "reproduce", args.run_dir, *(["--name", args.name] if args.name else []),
+                 *(["--env-file", args.env_file] if args.env_file else [])]
+        print(f"sft: preempted; resume with: {shlex.join(words)}", file=sys.stderr)
+        return stop.exit_code
+    print(text)
+    return 0 if identical else 1
+
+
+def _kernel(args) -> int:
+    import shlex
+
+    from sft.kernel import install
+
+    folder, argv = install(args.image, args.name, args.display_name, args.prefix)
+    print(f"sft: installed kernel {folder.name} in {folder}: {shlex.join(argv)}")
     return 0

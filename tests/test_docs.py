@@ -192,6 +192,12 @@ def test_every_sft_command_shown_parses_and_its_overrides_validate():
             check_sft_arguments(argv, command.where)
 
 
+def test_the_readme_shows_every_command():
+    readme = (REPO / "README.md").read_text()
+    missing = [command for command in COMMANDS if not re.search(rf"\bsft {command}\b", readme)]
+    assert not missing, f"README.md never shows these commands: {missing}"
+
+
 def test_every_sbatch_line_names_a_script_that_exists_with_valid_overrides():
     for command in bash_commands():
         if command.words[0] not in ("sbatch", "bash") or "--wrap" in command.words:
