@@ -174,7 +174,7 @@ def _check(args) -> int:
     config = load_config(args.config, args.overrides, args.env_file)
     gpu_bytes = parse_memory(args.gpu_mem) if args.gpu_mem else visible_gpu_memory()
     with tempfile.TemporaryDirectory(prefix="sft-check-") as work_dir:
-        loaded, lines, model = run_checks(config, Path(work_dir))
+        loaded, lines, model = run_checks(config, Path(work_dir), gpu=gpu_bytes is not None)
     print_check(config, loaded, lines)
     print_preflight(config, gpu_bytes, model.config)
     return 0
