@@ -1,6 +1,7 @@
 """Trainer's arguments from a config, without a model or data: `sft train` builds them for Trainer and `sft check`
 builds the very same object, so what check accepts, Trainer accepts (transformers' refusals become one line that
 names the config key)."""
+import logging
 from pathlib import Path
 
 from sft.config import Config
@@ -71,12 +72,23 @@ def training_arguments(config: Config, output_dir: Path, gpu: bool | None = None
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
     )
+    # training.fsdp is Trainer's option string, which transformers warns about on every construction: noise in
+    # the log, and a second line under `sft check`'s one-line error.
+    logger, drop = logging.getLogger("transformers.training_args"), _DropFsdpStringWarning()
+    logger.addFilter(drop)
     try:
         # An unset setting (None) means Trainer's default: passed on, None replaces the default (save_strategy steps
         # with save_steps None failed with a TypeError after data preparation).
         return TrainingArguments(**{name: value for name, value in options.items() if value is not None})
     except (ValueError, TypeError) as error:
         raise UserError(trainer_refusal(str(error))) from None
+    finally:
+        logger.removeFilter(drop)
+
+
+class _DropFsdpStringWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Passing `fsdp` as a string is deprecated" not in record.getMessage()
 
 
 # A fragment of what transformers says when it refuses a setting → the config key it is about, and how to fix it.
