@@ -21,7 +21,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 # A checkpoint holds the trained parameters in fp32 (4 bytes) and AdamW's two fp32 moments (8 bytes).
 CHECKPOINT_BYTES_PER_PARAMETER = 12
 FINAL_BYTES_PER_PARAMETER = 4
-DEFAULT_SAVE_STEPS = 500  # TrainingArguments' save_steps when save_strategy is steps without save_steps
 GB = 1e9
 
 
@@ -236,7 +235,9 @@ def _checkpoints_kept(config: Config, train_examples: int) -> int:
     if t.save_strategy == "epoch":
         saves = math.ceil(total_steps / steps_per_epoch)
     else:
-        saves = max(1, total_steps // (t.save_steps or DEFAULT_SAVE_STEPS))
+        from transformers import TrainingArguments
+
+        saves = max(1, total_steps // (t.save_steps or TrainingArguments.save_steps))  # unset: Trainer's default
     return min(saves, t.save_total_limit + 1) if t.save_total_limit else saves
 
 

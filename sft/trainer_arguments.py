@@ -22,6 +22,7 @@ def training_arguments(config: Config, output_dir: Path, gpu: bool | None = None
     has_eval = config.data.eval is not None or config.data.eval_fraction > 0
     by_tokens = bool(t.max_tokens_per_batch) and config.task == "causal_lm"
     dtype = training_dtype(config, gpu)
+    # The device settings follow this machine: TrainingArguments sets up the device it is built on.
     on_gpu = torch.cuda.is_available()
     stopping = t.early_stopping
     # Trainer tracks the best checkpoint (kept by the rotation) whenever it has a metric for it.
