@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.choices["train"].add_argument("--overwrite", action="store_true",
                                            help="replace a finished run directory of the same name")
     commands.choices["check"].add_argument("--gpu-mem", metavar="SIZE",
-                                           help="GPU memory to check the run's estimated peak against, e.g. 80GB "
-                                                "(default: the visible GPU)")
+                                           help="memory of the GPU the run trains on, e.g. 80GB: the settings are "
+                                                "checked for a GPU run and the estimated peak against it (default: "
+                                                "the visible GPU; without one, a CPU run)")
     commands.add_parser("info", help="show versions, GPUs and container provenance").add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     fetch = commands.add_parser("fetch", help="download a hub model and its tokenizer into the cache (needs network)",

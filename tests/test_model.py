@@ -52,7 +52,8 @@ def test_full_fine_tuning_trains_every_weight(tiny_causal_lm):
 def test_unavailable_attention_kernel_is_a_user_error(tiny_causal_lm):
     config = make_config(str(tiny_causal_lm), task="causal_lm", method="full")
     config.model.attn_implementation = "flash_attention_2"
-    with pytest.raises(UserError, match="model.attn_implementation: flash_attention_2: .*Use sdpa or flex_attention"):
+    with pytest.raises(UserError, match="model.attn_implementation: flash_attention_2 needs the flash-attn package.*"
+                                        "use sdpa or flex_attention"):
         load_model(config)
 
 
