@@ -68,10 +68,11 @@ def settings_problems(config: Config, gpu: bool | None = None) -> list[str]:
 def model_limit_problems(config: Config, model_config: dict) -> list[str]:
     """Settings beyond what the model's config.json allows: examples longer than its position embeddings (a
     BERT-style model fails at the first step with an index error)."""
-    limit = model_config.get("max_position_embeddings") or model_config.get("n_positions")
+    key = next((key for key in ("max_position_embeddings", "n_positions") if model_config.get(key)), None)
+    limit = model_config.get(key)
     if limit and config.data.max_length > limit:
         return [f"data.max_length: {config.data.max_length} tokens is more than the model's {limit} positions "
-                f"(max_position_embeddings in its config.json); set data.max_length to {limit} or less"]
+                f"({key} in its config.json); set data.max_length to {limit} or less"]
     return []
 
 
@@ -302,7 +303,6 @@ def run_checks(config: Config, work_dir: Path, gpu: bool = False):
     directory. Returns the loaded rows, (name, value) lines for the report and the model's files; raises one
     UserError listing every problem."""
     from sft.data import load_rows
-
     from sft.trainer_arguments import trainer_problems
 
     problems = settings_problems(config, gpu) + trainer_problems(config, gpu)
