@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            help="resume even though the data's content changed since the run started "
                                                 "(recorded in the manifest's restarts)")
     commands.choices["check"].add_argument("--gpu-mem", metavar="SIZE",
-                                           help="GPU memory to check the run's estimated peak against, e.g. 80GB "
-                                                "(default: the visible GPU)")
+                                           help="memory of the GPU the run trains on, e.g. 80GB: the settings are "
+                                                "checked for a GPU run and the estimated peak against it (default: "
+                                                "the visible GPU; without one, a CPU run)")
     commands.add_parser("info", help="show versions, GPUs and container provenance").add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     fetch = commands.add_parser("fetch", help="download a hub model and its tokenizer into the cache (needs network)",
@@ -218,7 +219,7 @@ def _check(args) -> int:
     config = load_config(args.config, args.overrides, args.env_file)
     gpu_bytes = parse_memory(args.gpu_mem) if args.gpu_mem else visible_gpu_memory()
     with tempfile.TemporaryDirectory(prefix="sft-check-") as work_dir:
-        loaded, lines, model = run_checks(config, Path(work_dir))
+        loaded, lines, model = run_checks(config, Path(work_dir), gpu=gpu_bytes is not None)
     print_check(config, loaded, lines)
     print_preflight(config, gpu_bytes, model.config)
     return 0

@@ -40,17 +40,20 @@ def local_model_folder(config: Config) -> Path | None:
         return None
 
 
-def training_dtype(config: Config):
+def training_dtype(config: Config, gpu: bool | None = None):
     """The compute dtype (autocast): bf16 where the GPU supports it, fp32 on CPU unless asked for (CPU bf16
-    autocast works but is slower on CPUs without bf16 instructions). fp16 needs a GPU (a loss scaler on CUDA)."""
+    autocast works but is slower on CPUs without bf16 instructions). fp16 needs a GPU (a loss scaler on CUDA).
+    gpu: whether the run trains on a GPU; None: this machine's device."""
     import torch
 
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if config.model.dtype == "float16" and not torch.cuda.is_available():
+    on_gpu = torch.cuda.is_available() if gpu is None else gpu
+    if config.model.dtype == "float16" and not on_gpu:
         raise UserError("model.dtype: float16 needs a CUDA GPU (no GPU is visible); use bfloat16 or float32 on CPU")
     if config.model.dtype != "auto":
         return names[config.model.dtype]
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    # `sft check --gpu-mem` on a login node cannot ask the GPU: the GPUs jobs train on (A100, H100) support bf16.
+    if on_gpu and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float32
 
@@ -75,12 +78,30 @@ CPU_ATTENTION = "eager"
 GPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET = 8192, 1024
 
 
+def attention_problem(config: Config, gpu: bool) -> str | None:
+    """Why model.attn_implementation, as set in the config, cannot train on a GPU (gpu) or on CPU; None if it can."""
+    requested = config.model.attn_implementation
+    if requested == "flex_attention" and not gpu:
+        return ("model.attn_implementation: flex_attention has no backward pass on CPU (torch raises "
+                "NotImplementedError at the first step); use auto (eager on CPU) or sdpa, or train on a GPU "
+                "(`sft check --gpu-mem SIZE` checks for one)")
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        return ("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not installed; "
+                "use sdpa or flex_attention")
+    if requested == "flash_attention_2" and not gpu:
+        return "model.attn_implementation: flash_attention_2 runs on CUDA GPUs only; use auto (eager on CPU) or sdpa"
+    return None
+
+
 def choose_attention(config: Config) -> tuple[str, str]:
     """model.attn_implementation resolved for this device and task, and why."""
     import torch
 
     requested = config.model.attn_implementation
     if requested != "auto":
+        problem = attention_problem(config, torch.cuda.is_available())
+        if problem:
+            raise UserError(problem)
         return requested, "set in the config"
     if config.task == "classification":
         return "sdpa", "classification batches are padded, not packed"
@@ -146,18 +167,26 @@ def for_this_device(config: Config) -> Config:
     return resolved
 
 
+def method_problem(config: Config, gpu: bool) -> str | None:
+    """Why method.name cannot train on a GPU (gpu) or on CPU; None if it can."""
+    if config.method.name != "qlora":
+        return None
+    if not gpu:
+        return ("method.name: qlora quantizes the base model with bitsandbytes on a CUDA GPU, and no GPU is "
+                "visible; use lora (or full) on CPU, or run on a GPU node")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ("method.name: qlora needs the bitsandbytes package, which is not installed; "
+                "pip install bitsandbytes (the GPU image ships it), or use lora")
+    return None
+
+
 def check_method_runs_here(config: Config) -> None:
     """qlora needs a CUDA GPU and bitsandbytes: say so before any data is tokenized or weights are read."""
     import torch
 
-    if config.method.name != "qlora":
-        return
-    if not torch.cuda.is_available():
-        raise UserError("method.name: qlora quantizes the base model with bitsandbytes on a CUDA GPU, and no GPU is "
-                        "visible; use lora (or full) on CPU, or run on a GPU node")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("method.name: qlora needs the bitsandbytes package, which is not installed; "
-                        "pip install bitsandbytes (the GPU image ships it), or use lora")
+    problem = method_problem(config, torch.cuda.is_available())
+    if problem:
+        raise UserError(problem)
 
 
 def load_tokenizer(config: Config):

@@ -1,7 +1,7 @@
 """Checks before the queue: what `sft check` verifies beyond the config and the data rows, without a GPU and without
-loading weights — Trainer settings that would fail only inside Trainer, the model's files, that every example keeps
-trainable tokens, and that the output directory is writable with room for the run. Every problem is reported at once."""
-import importlib.util
+loading weights — settings that would fail only inside Trainer (by building Trainer's own arguments as train does),
+the model's files and config.json limits, that every example keeps trainable tokens, and that the output directory is
+writable with room for the run. Every problem is reported at once."""
 import json
 import math
 import shutil
@@ -15,24 +15,12 @@ from typing import Any
 from sft.config import Config
 from sft.errors import UserError
 
-# transformers' SchedulerType and FSDPOption values, written out because importing them loads torch (seconds on a
-# login node); tests/test_preflight.py keeps them in step with the installed transformers.
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
-              "warmup_stable_decay", "greedy")
-# These need lr_scheduler_kwargs (min_lr, num_decay_steps), which sft does not pass: Trainer fails at its first step.
-SCHEDULERS_NEEDING_KWARGS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
-SCHEDULERS_NEEDING_EVAL = ("reduce_lr_on_plateau", "greedy")  # they step on the eval loss
-POLYNOMIAL_END_LR = 1e-7  # transformers' lr_end for polynomial decay; the learning rate must start above it
-FSDP_OPTIONS = ("full_shard", "shard_grad_op", "no_shard", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap")
-FSDP1_ONLY = ("no_shard", "hybrid_shard", "hybrid_shard_zero2")  # transformers runs FSDP2, which lacks these
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
                    "spiece.model")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # A checkpoint holds the trained parameters in fp32 (4 bytes) and AdamW's two fp32 moments (8 bytes).
 CHECKPOINT_BYTES_PER_PARAMETER = 12
 FINAL_BYTES_PER_PARAMETER = 4
-DEFAULT_SAVE_STEPS = 500  # TrainingArguments' save_steps when save_strategy is steps without save_steps
 GB = 1e9
 
 
@@ -52,44 +40,24 @@ class ModelFiles:
         return 12 * layers * hidden ** 2 + self.config.get("vocab_size", 0) * hidden
 
 
-def settings_problems(config: Config) -> list[str]:
-    """Settings that pass the schema but fail only once Trainer or the model loader sees them."""
-    t = config.training
+def settings_problems(config: Config, gpu: bool | None = None) -> list[str]:
+    """Settings that pass the schema but fail only once the model loader or Trainer sees them, by the rules train
+    applies: the attention kernel and method for the device (gpu: whether the run trains on a GPU; None: this
+    machine's), FSDP, the run's name. Trainer's own arguments: sft.trainer_arguments.trainer_problems."""
+    import torch
+
+    from sft.model import attention_problem, method_problem
+    from sft.rundir import resolve_name
+
+    gpu = torch.cuda.is_available() if gpu is None else gpu
     problems = []
-    has_eval = config.data.eval is not None or config.data.eval_fraction > 0
-    if t.lr_scheduler not in SCHEDULERS:
-        problems.append(f"training.lr_scheduler: unknown scheduler '{t.lr_scheduler}'; use one of "
-                        f"{', '.join(s for s in SCHEDULERS if s not in SCHEDULERS_NEEDING_KWARGS)}")
-    elif t.lr_scheduler in SCHEDULERS_NEEDING_KWARGS:
-        problems.append(f"training.lr_scheduler: {t.lr_scheduler} needs scheduler arguments (min_lr, "
-                        f"num_decay_steps) that sft does not pass; use cosine, linear or constant_with_warmup")
-    elif t.lr_scheduler in SCHEDULERS_NEEDING_EVAL and (t.eval_strategy == "no" or not has_eval):
-        problems.append(f"training.lr_scheduler: {t.lr_scheduler} adjusts the rate from the eval loss, and this run "
-                        f"does not evaluate; set training.eval_strategy (and data.eval or data.eval_fraction) or "
-                        f"use cosine")
-    elif t.lr_scheduler == "polynomial" and t.learning_rate <= POLYNOMIAL_END_LR:
-        problems.append(f"training.learning_rate: polynomial decay ends at {POLYNOMIAL_END_LR:g}, so the rate must "
-                        f"start above it; raise it or use linear")
-    options = t.fsdp.split()
-    unknown = [option for option in options if option not in FSDP_OPTIONS]
-    if unknown:
-        problems.append(f"training.fsdp: unknown option {', '.join(map(repr, unknown))}; write space-separated "
-                        f"options from {', '.join(o for o in FSDP_OPTIONS if o not in FSDP1_ONLY)}, e.g. "
-                        f"'full_shard auto_wrap'")
-    old = [option for option in options if option in FSDP1_ONLY]
-    if old:
-        problems.append(f"training.fsdp: {', '.join(old)} exists only in FSDP1, and transformers runs FSDP2; use "
-                        f"full_shard or shard_grad_op")
+    options = config.training.fsdp.split()
     if {"full_shard", "shard_grad_op"} <= set(options):
         problems.append("training.fsdp: full_shard and shard_grad_op are two sharding strategies; keep one")
     if options and config.method.name == "lora" and config.method.merge:
         problems.append("method.merge: under training.fsdp no process holds the whole trained model to merge; set "
                         "method.merge: false and merge the saved adapter afterwards")
-    if config.model.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
-                        "installed; use sdpa or flex_attention")
-    from sft.rundir import resolve_name
-
+    problems += [problem for problem in (attention_problem(config, gpu), method_problem(config, gpu)) if problem]
     try:
         resolve_name(config.output.name, config, datetime.now())
     except UserError as error:
@@ -97,9 +65,29 @@ def settings_problems(config: Config) -> list[str]:
     return problems
 
 
+def model_limit_problems(config: Config, model_config: dict) -> list[str]:
+    """Settings beyond what the model's config.json allows: examples longer than its position embeddings (a
+    BERT-style model fails at the first step with an index error)."""
+    key = next((key for key in ("max_position_embeddings", "n_positions") if model_config.get(key)), None)
+    limit = model_config.get(key)
+    if limit and config.data.max_length > limit:
+        return [f"data.max_length: {config.data.max_length} tokens is more than the model's {limit} positions "
+                f"({key} in its config.json); set data.max_length to {limit} or less"]
+    return []
+
+
 def check_settings(config: Config) -> None:
-    """For `sft train`: fail in a second, before a run directory exists, instead of inside Trainer."""
+    """For `sft train`: fail in seconds, before the processes start and a run directory exists, instead of inside
+    Trainer (sft.training checks Trainer's own arguments once the processes have started)."""
+    from sft.estimate import read_model_config
+
     problems = settings_problems(config)
+    try:
+        model_config = read_model_config(config)
+    except UserError:  # the model is not there: loading it says so
+        model_config = None
+    if model_config:
+        problems += model_limit_problems(config, model_config)
     if problems:
         raise UserError("; ".join(problems))
 
@@ -248,7 +236,9 @@ def _checkpoints_kept(config: Config, train_examples: int) -> int:
     if t.save_strategy == "epoch":
         saves = math.ceil(total_steps / steps_per_epoch)
     else:
-        saves = max(1, total_steps // (t.save_steps or DEFAULT_SAVE_STEPS))
+        from transformers import TrainingArguments
+
+        saves = max(1, total_steps // (t.save_steps or TrainingArguments.save_steps))  # unset: Trainer's default
     return min(saves, t.save_total_limit + 1) if t.save_total_limit else saves
 
 
@@ -308,16 +298,19 @@ def untrainable_problems(config: Config, loaded, tokenizer) -> list[str]:
 
 # Everything at once
 
-def run_checks(config: Config, work_dir: Path):
-    """`sft check`: settings, model, data rows and labels, trainable tokens, output directory. Returns the loaded
-    rows, (name, value) lines for the report and the model's files; raises one UserError listing every problem."""
+def run_checks(config: Config, work_dir: Path, gpu: bool = False):
+    """`sft check`: settings (for a run on a GPU, or on CPU), model, data rows and labels, trainable tokens, output
+    directory. Returns the loaded rows, (name, value) lines for the report and the model's files; raises one
+    UserError listing every problem."""
     from sft.data import load_rows
+    from sft.trainer_arguments import trainer_problems
 
-    problems = settings_problems(config)
+    problems = settings_problems(config, gpu) + trainer_problems(config, gpu)
     model, model_problems = find_model(config)
     problems += model_problems
     if model:
-        problems += lora_problems(config, model) + chunked_loss_problems(config, model)
+        problems += (model_limit_problems(config, model.config) + lora_problems(config, model)
+                     + chunked_loss_problems(config, model))
     try:
         loaded = load_rows(config, work_dir)
     except UserError as error:

@@ -76,9 +76,15 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
     from sft import manifest as manifests
     from sft.determinism import seed_everything
     from sft.logs import add_run_log
+    from sft.trainer_arguments import trainer_problems
 
     state = start_processes(config)
     is_main = state.is_main_process
+    # Trainer's own arguments, before a run directory exists; built only now because building them sets up the
+    # process group, which start_processes must create first (with training.ddp_timeout).
+    problems = trainer_problems(config)
+    if problems:
+        raise UserError("; ".join(problems))
     # Before any model or data object exists: a new classifier head or LoRA adapter draws from these generators.
     determinism = seed_everything(config.training.seed, config.training.deterministic)
     if not is_main:
@@ -311,73 +317,22 @@ def _drop_metrics_after(run_dir: Path, step: int) -> None:
 # Trainer wiring
 
 def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared, preemption):
-    import torch
-    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
 
     from sft.callbacks import (CompleteCheckpointCallback, EvalMetricsCallback, MetricsFileCallback,
                                NonFiniteLossCallback, OverfittingWarningCallback)
     from sft.metrics import ClassificationMetrics, CausalLMMetrics, predicted_token_ids
-    from sft.model import training_dtype
     from sft.throughput import ThroughputCallback
+    from sft.trainer_arguments import training_arguments
 
     t = config.training
     has_eval = prepared.eval is not None
-    by_tokens = bool(t.max_tokens_per_batch) and config.task == "causal_lm"
-    dtype = training_dtype(config)
-    on_gpu = torch.cuda.is_available()
     stopping = t.early_stopping
-    # Trainer tracks the best checkpoint (kept by the rotation) whenever it has a metric for it.
-    best_metric = (stopping.metric if stopping else "eval_loss") if stopping or t.load_best_model_at_end else None
     compute_metrics = None
     if has_eval:
         compute_metrics = ClassificationMetrics(prepared.label_names) if config.task == "classification" \
             else CausalLMMetrics()
-    args = TrainingArguments(
-        output_dir=str(run.checkpoints),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        # With a token budget each dataset row already is a whole batch.
-        per_device_train_batch_size=1 if by_tokens else t.batch_size,
-        per_device_eval_batch_size=1 if by_tokens else (t.eval_batch_size or t.batch_size),
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of total steps
-        lr_scheduler_type=t.lr_scheduler,
-        max_grad_norm=t.max_grad_norm,
-        eval_strategy=t.eval_strategy if has_eval else "no",
-        eval_steps=t.eval_steps,
-        save_strategy=t.save_strategy,
-        save_steps=t.save_steps,
-        save_total_limit=None,  # CompleteCheckpointCallback rotates, after the new checkpoint is complete
-        load_best_model_at_end=t.load_best_model_at_end,
-        metric_for_best_model=best_metric,
-        # A resumed run continues early stopping's patience count instead of starting it again (off by default).
-        restore_callback_states_from_checkpoint=True,
-        logging_strategy="steps",
-        logging_steps=t.logging_steps,
-        logging_nan_inf_filter=False,  # a non-finite loss must reach the log: NonFiniteLossCallback stops on it
-        seed=t.seed,
-        data_seed=t.seed,
-        # Autocast to the compute dtype over fp32 trained weights (model.weights_dtype); on CPU too when asked for.
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        activation_checkpointing=t.gradient_checkpointing,
-        ddp_backend=t.ddp_backend,
-        ddp_timeout=t.ddp_timeout,
-        # Every trainable parameter takes part in each forward pass; searching for unused ones costs a graph walk.
-        ddp_find_unused_parameters=False,
-        fsdp=t.fsdp,
-        torch_compile=t.compile,
-        report_to="none",
-        remove_unused_columns=False,
-        disable_tqdm=True,  # sft.progress draws the bar on a terminal
-        use_cpu=not on_gpu,
-        # Loading an 8,192-token batch from the cache takes 1.5 ms (bench/dataloader_probe.py), under 1% of a 0.5B
-        # model's step on an H100: workers would overlap almost nothing and cost a process each.
-        dataloader_num_workers=0,
-        dataloader_pin_memory=on_gpu,
-    )
+    args = training_arguments(config, run.checkpoints)
     trainer = Trainer(
         model=model,
         args=args,

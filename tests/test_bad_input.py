@@ -83,15 +83,18 @@ CASES = [
     case("label-names-not-a-list", ("data.label_names: input should be a valid list",),
          config={"data": {"label_names": "neg"}}),
     # Settings that used to fail only inside Trainer, after the queue
-    case("unknown-scheduler", ("training.lr_scheduler: unknown scheduler 'cosine_annealing'", "use one of"),
+    case("unknown-scheduler", ("training.lr_scheduler: cosine_annealing is not a valid SchedulerType",
+                               "use a transformers scheduler name"),
          config={"training": {"lr_scheduler": "cosine_annealing"}}),
-    case("scheduler-needs-arguments", ("training.lr_scheduler: cosine_with_min_lr needs scheduler arguments",
-                                       "use cosine"), config={"training": {"lr_scheduler": "cosine_with_min_lr"}}),
-    case("plateau-without-eval", ("training.lr_scheduler: reduce_lr_on_plateau", "set training.eval_strategy"),
+    case("scheduler-needs-arguments", ("training.lr_scheduler: One of min_lr or min_lr_rate should be set",
+                                       "sft passes no scheduler arguments; use cosine"), config={"training": {"lr_scheduler": "cosine_with_min_lr"}}),
+    case("plateau-without-eval", ("training.lr_scheduler: lr_scheduler_type reduce_lr_on_plateau requires an eval",
+                                  "set training.eval_strategy"),
          config={"training": {"lr_scheduler": "reduce_lr_on_plateau", "eval_strategy": "no"}}),
-    case("fsdp-typo", ("training.fsdp: unknown option 'autowrap'", "e.g. 'full_shard auto_wrap'"),
+    case("fsdp-typo", ("training.fsdp: Unknown `fsdp` option: autowrap", "options from full_shard"),
          config={"training": {"fsdp": "full_shard autowrap"}}),
-    case("fsdp1-only-option", ("training.fsdp: hybrid_shard exists only in FSDP1", "use full_shard"),
+    case("fsdp1-only-option", ("training.fsdp: `fsdp=hybrid_shard` is only available with FSDP1",
+                               "options from full_shard"),
          config={"training": {"fsdp": "hybrid_shard"}}),
     case("fsdp-two-strategies", ("training.fsdp: full_shard and shard_grad_op", "keep one"),
          config={"training": {"fsdp": "full_shard shard_grad_op"}}),
@@ -104,8 +107,19 @@ CASES = [
          config={"output": {"name": "run-{user}"}}),
     case("output-dir-under-a-file", ("output.dir: ", "blocker is a file", "choose another output.dir"),
          config={"output": {"dir": "blocker/runs"}}, files={"blocker": "x"}),
-    case("train-bad-scheduler-before-run-dir", ("training.lr_scheduler: unknown scheduler",),
-         args=("training.lr_scheduler=cosine_annealing",), command="train"),
+    case("train-bad-scheduler-before-run-dir", ("training.lr_scheduler: cosine_annealing is not a valid",),
+         args=("training.lr_scheduler=cosine_annealing", "output.name=new-run"), command="train"),
+    # `sft check` refuses what `sft train` would fail on, and train refuses it before a run directory exists
+    *[case(f"{command}-max-length-above-positions", ("data.max_length: 1024 tokens is more than the model's 512 "
+                                                     "positions", "set data.max_length to 512 or less"),
+           config={"data": {"max_length": 1024}}, args=("output.name=new-run",), command=command)
+      for command in ("check", "train")],
+    *[case(f"{command}-best-model-save-steps-without-eval-steps",
+           ("training.load_best_model_at_end: ", "not a round multiple of 10", "eval_steps defaults to "
+                                                                                "training.logging_steps"),
+           config={"training": {"load_best_model_at_end": True, "eval_strategy": "steps", "save_steps": 5}},
+           args=("output.name=new-run",), command=command)
+      for command in ("check", "train")],
     case("train-over-a-finished-run", ("runs/old-run holds a finished run", "pass --overwrite"), command="train"),
     # Model paths
     case("model-folder-missing", ("model.name: folder models/none does not exist", "check the path"),

@@ -52,7 +52,8 @@ def test_full_fine_tuning_trains_every_weight(tiny_causal_lm):
 def test_unavailable_attention_kernel_is_a_user_error(tiny_causal_lm):
     config = make_config(str(tiny_causal_lm), task="causal_lm", method="full")
     config.model.attn_implementation = "flash_attention_2"
-    with pytest.raises(UserError, match="model.attn_implementation: flash_attention_2: .*Use sdpa or flex_attention"):
+    with pytest.raises(UserError, match="model.attn_implementation: flash_attention_2 needs the flash-attn package.*"
+                                        "use sdpa or flex_attention"):
         load_model(config)
 
 
@@ -131,10 +132,12 @@ def test_auto_attention_picks_the_fastest_exact_kernel_for_the_device(monkeypatc
     assert choose_attention(causal)[0] == CPU_ATTENTION  # no GPU here: flex_attention has no CPU backward
     assert choose_attention(classifier)[0] == "sdpa"
     causal.model.attn_implementation = "flex_attention"
-    assert choose_attention(causal) == ("flex_attention", "set in the config")
-    causal.model.attn_implementation = "auto"
+    with pytest.raises(UserError, match="^model.attn_implementation: flex_attention has no backward pass on CPU"):
+        choose_attention(causal)
     # On a GPU: varlen flash attention when flash-attn is installed, else flex_attention.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_attention(causal) == ("flex_attention", "set in the config")
+    causal.model.attn_implementation = "auto"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     monkeypatch.setattr(transformers.utils, "is_flash_attn_3_available", lambda: False)
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)

@@ -3,8 +3,10 @@ only in a valid result or a UserError. Derandomized (the same examples every run
 import codecs
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -153,3 +155,99 @@ def test_random_bytes_as_a_data_file_raise_a_user_error(content, kind):
         config = Config.model_validate({"task": "causal_lm", "model": {"name": "m"}, "data": {"train": str(path)}})
         with pytest.raises(UserError):
             load_rows(config, Path(folder))
+
+
+# `sft check` agrees with `sft train`: configs over the settings that reach Trainer, the model loader and the data
+# stage. Whenever check (on CPU, as `sft check` without a GPU) accepts one, train on the tiny CPU model gets through
+# Trainer's construction and its first optimizer step; whenever check refuses, the message is one line naming the
+# key. Not varied: training.fsdp (whether it shards depends on the number of processes, which check cannot know;
+# train refuses it on one process) and training.compile (tens of seconds per example).
+# transformers' scheduler names (cosine_with_min_lr and warmup_stable_decay need arguments sft does not pass), and one
+# that is not a scheduler.
+SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay", "greedy",
+              "cosine_annealing"]
+NAMES_A_KEY = re.compile(r"(^|: |; )(task|(model|data|method|training|output)\.[a-z_][a-z_0-9.]*): ")
+optional_steps = st.none() | st.integers(1, 4)
+
+
+def mostly(usual, *others):
+    """`usual` three times in four, else one of `others`: each example changes a few settings, so that both sides
+    of the property (trained, refused) are reached."""
+    return st.sampled_from([usual] * 3 * len(others) + list(others))
+
+
+@st.composite
+def run_configs(draw, model: Path, chat_data: Path, label_data: Path, output: Path) -> dict:
+    task = draw(st.sampled_from(["causal_lm", "classification"]))
+    training = {
+        "max_steps": 1, "logging_steps": draw(st.sampled_from([1, 2, 10])),
+        "batch_size": draw(st.integers(1, 4)), "gradient_accumulation_steps": draw(st.integers(1, 3)),
+        "max_tokens_per_batch": draw(mostly(None, "auto", 128)),
+        "learning_rate": draw(mostly(1e-3, 1e-8)), "warmup_ratio": draw(st.sampled_from([0.0, 0.5])),
+        "lr_scheduler": draw(mostly("linear", *SCHEDULERS)),
+        "eval_strategy": (evaluate := draw(st.sampled_from(["epoch", "steps", "no"]))),
+        "eval_steps": draw(optional_steps),
+        "save_strategy": draw(mostly(evaluate, "epoch", "steps", "no")), "save_steps": draw(optional_steps),
+        "load_best_model_at_end": draw(mostly(False, True)),
+        "early_stopping": draw(mostly(None, {"patience": 1, "metric": "eval_loss"},
+                                      {"patience": 1, "metric": "eval_accuracy"},
+                                      {"patience": 1, "metric": "eval_token_accuracy"})),
+        "gradient_checkpointing": draw(st.booleans()), "chunked_loss": draw(mostly("auto", True, False)),
+    }
+    return {"task": task, "model": {"name": str(model),
+                                    "attn_implementation": draw(mostly("auto", "sdpa", "eager", "flex_attention",
+                                                                       "flash_attention_2")),
+                                    "dtype": draw(mostly("auto", "float32", "bfloat16", "float16"))},
+            "data": {"train": str(chat_data if task == "causal_lm" else label_data),
+                     "eval_fraction": draw(st.sampled_from([0.0, 0.25])),
+                     "max_length": draw(mostly(64, 16, 300))},  # the tiny Llama has 256 positions
+            "method": {"name": draw(mostly("full", "lora", "qlora")), "merge": draw(mostly(False, True))},
+            "training": {key: value for key, value in training.items() if value is not None},
+            "output": {"dir": str(output), "samples": 0}}
+
+
+def check_agrees_with_train(data, model: Path, chat_data: Path) -> None:
+    from sft.preflight import run_checks
+    from sft.training import run_training
+
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        raw = data.draw(run_configs(model, chat_data, label_file(folder), folder / "runs"))
+        path = folder / "c.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        try:
+            config = load_config(path)
+            run_checks(config, folder / "work", gpu=False)
+        except UserError as refusal:
+            message = str(refusal)
+            assert "\n" not in message and NAMES_A_KEY.search(message), message
+            event(f"refused: {NAMES_A_KEY.search(message)[2]}")
+            return
+        # Any exception fails the test: check accepted what train cannot run. report.md and its plots (half of a
+        # tiny run's time) are written after training, and are not what this test is about.
+        with mock.patch("sft.training.write_report_of"):
+            result = run_training(config)
+    assert result.metrics["steps"] == 1, result.metrics
+    event("trained one step")
+
+
+def label_file(folder: Path) -> Path:
+    path = folder / "labels.jsonl"
+    path.write_text("".join(json.dumps({"text": f"add {a} and {b}", "label": "small" if a + b < 4 else "big"}) + "\n"
+                            for a in range(6) for b in range(4)))
+    return path
+
+
+@settings(SETTINGS, max_examples=15)
+@given(data=st.data())
+def test_what_check_accepts_trains_and_what_it_refuses_names_the_key(tiny_causal_lm, tiny_chat_data, data):
+    check_agrees_with_train(data, tiny_causal_lm, tiny_chat_data)
+
+
+# More of the same: `make test` runs it too (it runs the slow tests); `pytest -m "not slow"` leaves it out.
+@pytest.mark.slow
+@settings(SETTINGS, max_examples=100)
+@given(data=st.data())
+def test_what_check_accepts_trains_over_many_configs(tiny_causal_lm, tiny_chat_data, data):
+    check_agrees_with_train(data, tiny_causal_lm, tiny_chat_data)
