@@ -146,12 +146,16 @@ def _train(args) -> int:
     from sft.config import load_config
     from sft.preflight import check_settings
     from sft.report import print_summary
+    from sft.rundir import RunAlreadyFinished
     from sft.training import Preempted, run_training
 
     config = load_config(args.config, args.overrides, args.env_file)
     check_settings(config)  # before a run directory exists: a bad setting costs a second, not a queue wait
     try:
         result = run_training(config, overwrite=args.overwrite, overrides=args.overrides, env_file=args.env_file)
+    except RunAlreadyFinished as done:
+        print(f"sft: {done}", file=sys.stderr)
+        return 0
     except Preempted as stop:
         if stop.resume_command:  # printed, not logged: the log wraps long lines, and this one gets copied
             print(f"sft: preempted; a requeued job resumes by itself, or resume with: {stop.resume_command}",

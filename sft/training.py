@@ -2,6 +2,7 @@
 checkpoint, and leave a finished run directory (config, manifest, log, metrics, final model)."""
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,12 +45,14 @@ def run_training(config: Config, overwrite: bool = False, overrides: list[str] =
     from sft.callbacks import PreemptionCallback
     from sft.logs import close_run_log
     from sft.model import check_method_runs_here
+    from sft.walltime import WallTimeCallback
 
     check_method_runs_here(config)  # before a run directory exists: nothing to clean up
     preemption = PreemptionCallback()
     preemption.install()
+    walltime = WallTimeCallback.for_session(config, preemption)  # a stop_at duration counts from now
     try:
-        return _run(config, overwrite, preemption, list(overrides), env_file)
+        return _run(config, overwrite, preemption, walltime, list(overrides), env_file)
     finally:
         preemption.restore()
         close_run_log()
@@ -68,7 +71,8 @@ def start_processes(config: Config):
                         timeout=timedelta(seconds=config.training.ddp_timeout))
 
 
-def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_file: str | None) -> RunResult:
+def _run(config: Config, overwrite: bool, preemption, walltime, overrides: list[str],
+         env_file: str | None) -> RunResult:
     from accelerate.utils import broadcast_object_list
 
     from sft import manifest as manifests
@@ -99,7 +103,7 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
                      state.backend, config.training.ddp_timeout)
         resume = rundir.resume_command(config, run.path.name, overrides, env_file)
         try:
-            return _train(config, state, run, resume_from, manifest, preemption, resume)
+            return _train(config, state, run, resume_from, manifest, preemption, walltime, resume)
         except Preempted:
             raise
         except BaseException as error:
@@ -120,7 +124,7 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
 
 
 def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, manifest: dict, preemption,
-           resume: str) -> RunResult:
+           walltime, resume: str) -> RunResult:
     from sft import data, loss, manifest as manifests, model as models, samples
     from sft.callbacks import tensorboard_callback
     from sft.progress import terminal_progress
@@ -151,7 +155,7 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     _check_fsdp_settings(config, state.num_processes)
     model = models.load_model(config, prepared.label_names)
     manifest["performance"]["chunked_loss"] = loss.apply_to(config, model)
-    trainer = build_trainer(config, run, model, tokenizer, prepared, preemption)
+    trainer = build_trainer(config, run, model, tokenizer, prepared, preemption, walltime)
     if is_main:
         trainer.add_callback(tensorboard_callback(run.path, resume_from and rundir.checkpoint_step(resume_from)))
         progress = terminal_progress()
@@ -173,6 +177,8 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     # A signal during the very last step leaves nothing to resume: finish normally instead.
     if preemption.stopped_by and trainer.state.global_step < trainer.state.max_steps:
         if is_main:
+            manifests.record_session(manifest, walltime.ended_by(), walltime.save_seconds,
+                                     seconds_left=walltime.seconds_left())
             manifests.finish_manifest(run.path, manifest, "preempted")
         log.warning("stopped by %s at step %d after saving a complete checkpoint", preemption.stopped_by,
                     trainer.state.global_step)
@@ -193,8 +199,11 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     metrics = {**final_metrics(trainer.state.log_history), **run_throughput(trainer)}
     if trainer.state.best_model_checkpoint:
         metrics["best_checkpoint"] = Path(trainer.state.best_model_checkpoint).name
+    save_started = time.time()
     save_final(trainer, config, run.path)
     if is_main:
+        manifests.record_session(manifest, "finished", walltime.save_seconds, final_save_s=time.time() - save_started,
+                                 seconds_left=walltime.seconds_left())
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
         write_report_of(run.path, (lambda: samples.record(run.path, trainer.model, tokenizer, prompts, "after"))
                         if prompts else None)
@@ -239,8 +248,10 @@ def _write_config(run_dir: Path, config: Config, must_match: bool) -> None:
     """config.yaml; a run resumed from a checkpoint must keep its settings (a run that never reached one may change)."""
     path, text = run_dir / "config.yaml", resolved_yaml(config)
     if must_match and path.is_file() and path.read_text() != text:
-        # output.name may differ: the printed resume command pins a template ({time}) to the name it resolved to.
-        changed = [key for key in _changed_keys(path.read_text(), text) if key != "output.name"]
+        # output.name may differ: the printed resume command pins a template ({time}) to the name it resolved to;
+        # training.stop_at: when this session's allocation ends, which may differ each session.
+        changed = [key for key in _changed_keys(path.read_text(), text)
+                   if key not in ("output.name", "training.stop_at")]
         if not changed:
             return
         raise UserError(f"output: {run_dir} was started with a different config ({', '.join(changed)} changed); "
@@ -284,7 +295,7 @@ def _drop_metrics_after(run_dir: Path, step: int) -> None:
 
 # Trainer wiring
 
-def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared, preemption):
+def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared, preemption, walltime):
     import torch
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
 
@@ -364,7 +375,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         # ThroughputCallback first: it adds tokens/s to the logs that MetricsFileCallback writes.
         callbacks=[ThroughputCallback(), MetricsFileCallback(run.path), EvalMetricsCallback(run.path, compute_metrics),
                    OverfittingWarningCallback(run.path, t.overfitting_warning),
-                   CompleteCheckpointCallback(t.save_total_limit), preemption, NonFiniteLossCallback()]
+                   CompleteCheckpointCallback(t.save_total_limit), walltime, preemption, NonFiniteLossCallback()]
                   + ([EarlyStoppingCallback(stopping.patience, stopping.threshold)] if stopping else []),
     )
     # Without tqdm Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
