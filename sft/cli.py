@@ -160,6 +160,9 @@ def _train(args) -> int:
         if stop.resume_command:  # printed, not logged: the log wraps long lines, and this one gets copied
             print(f"sft: preempted; a requeued job resumes by itself, or resume with: {stop.resume_command}",
                   file=sys.stderr)
+            if os.environ.get("SFT_STOP_FILE"):  # set by slurm/common.sh: torchrun hides this exit code from it
+                with open(os.environ["SFT_STOP_FILE"], "w") as stop_file:
+                    stop_file.write("stopped for a requeue\n")
         return stop.exit_code
     if result.is_main_process:
         print_summary(result)

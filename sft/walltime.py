@@ -75,7 +75,8 @@ class WallTimeCallback(TrainerCallback):
         self._mark = now
         if self.end is None or self.fired or self.preemption.received:
             return
-        left, needed = self.end - now, self.seconds_to_stop()
+        # A save due at this step delays the next chance to stop by its length: stop now if that chance comes late.
+        left, needed = self.end - now, self.seconds_to_stop() + (self.save_s() if control.should_save else 0.0)
         if left < needed:
             self.fired = True
             self.preemption.received = GUARD
