@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
+    import signal
+
     from sft.config import load_config
     from sft.preflight import check_settings
     from sft.report import print_summary
@@ -164,6 +166,8 @@ def _train(args) -> int:
                 with open(os.environ["SFT_STOP_FILE"], "w") as stop_file:
                     stop_file.write("stopped for a requeue\n")
         return stop.exit_code
+    # Finished: a USR1 now (the time limit's warning, late) must not kill the exiting process with status 138.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if result.is_main_process:
         print_summary(result)
     return 0

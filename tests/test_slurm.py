@@ -217,6 +217,53 @@ def test_sweep_file_gives_each_task_its_line_of_overrides(tmp_path, tiny_causal_
     assert (saved["training"]["seed"], saved["training"]["learning_rate"]) == (6, 2e-3)
 
 
+def _train_sbatch_with_fake_sft(tmp_path: Path, sft_train: str, job_end: int | None = None):
+    """train.sbatch as Slurm would run it (job 77), with fakes on PATH: `sft train` runs the bash in sft_train,
+    squeue answers job_end (seconds since the epoch; none: no time limit), scontrol records its calls.
+    (completed process, scontrol's calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fakes = {"sft": f'[[ "$1" == info ]] && exit 0\n{sft_train}',
+             "scontrol": 'echo "$*" >> "$SCONTROL_CALLS"',
+             "squeue": f"date -d @{job_end} +%Y-%m-%dT%H:%M:%S" if job_end else "echo Unknown"}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "scontrol-calls"
+    calls.unlink(missing_ok=True)
+    (tmp_path / "config.yaml").touch()
+    env = {**_outside_slurm(), "SLURM_JOB_ID": "77", "SFT_RUNTIME": "none", "SFT_SLURM_DIR": str(SLURM_DIR),
+           "SFT_OUTPUT_DIR": str(tmp_path / "runs"), "PATH": f"{bin_dir}:/usr/bin:/bin", "SCONTROL_CALLS": str(calls)}
+    result = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), str(tmp_path / "config.yaml")], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    return result, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_train_sbatch_requeues_only_when_sft_stopped_for_a_requeue(tmp_path):
+    # The issue's 4th start: USR1 hit sft as it exited a finished run (exit 138); the requeue then failed.
+    finished, calls = _train_sbatch_with_fake_sft(tmp_path, "kill -USR1 $PPID; sleep 10; exit 0")
+    assert finished.returncode == 138 and "got SIGUSR1" in finished.stdout, finished.stdout + finished.stderr
+    assert "without stopping for a requeue" in finished.stdout and "requeue 77" not in calls
+    # The wall-time guard: exit 75 with no signal at all.
+    guarded, calls = _train_sbatch_with_fake_sft(tmp_path, "exit 75")
+    assert "requeue 77" in calls and "requeueing job 77" in guarded.stdout, guarded.stdout + guarded.stderr
+    # Under torchrun the exit code is the launcher's 1: the stop file says it instead.
+    launched, calls = _train_sbatch_with_fake_sft(tmp_path, 'echo stopped > "$SFT_STOP_FILE"; exit 1')
+    assert "requeue 77" in calls and not list((tmp_path / "runs").glob(".sft-stop-*")), launched.stdout
+    crashed, calls = _train_sbatch_with_fake_sft(tmp_path, "exit 1")
+    assert crashed.returncode == 1 and calls == []
+
+
+def test_train_sbatch_passes_the_job_end_and_reports_a_time_limit_shorter_than_the_signal_lead(tmp_path):
+    end = int(time.time()) + 120  # --time=2 under the script's --signal=B:USR1@300: Slurm sends USR1 at once
+    result, calls = _train_sbatch_with_fake_sft(tmp_path, 'kill -USR1 $PPID; sleep 1; echo "end=$SFT_JOB_END"',
+                                                job_end=end)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"end={end}" in result.stdout
+    assert "is shorter than the USR1 lead (300 s" in result.stdout and "got SIGUSR1" in result.stdout
+    assert "ignored" in result.stdout and calls == []
+
+
 @pytest.fixture(scope="module")
 def ddp_uninterrupted(slurm_cluster, workdir, job_env, lm_config) -> tuple[str, Path]:
     """train_multi.sbatch: 2 processes, gloo, DDP_STEPS steps, not interrupted: (job id, run dir)."""
