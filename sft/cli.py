@@ -6,7 +6,7 @@
     sft info                               versions, GPUs and container provenance
     sft predict RUN_DIR INPUT [--output F] a finished run's predictions on new rows, as JSONL
     sft export RUN_DIR [--merge] [--to DIR] a standalone safetensors model + tokenizer
-    sft runs [OUTPUT_DIR]                  one line per run: status, steps, best metric, age, Slurm job
+    sft runs [OUTPUT_DIR]                  one line per run: status, steps, best metric, age, Slurm job, endings
     sft clean RUN_DIR [--dry-run]          remove a finished run's checkpoints and data cache
     sft fetch MODEL [--revision R]         download a hub model and its tokenizer into the cache (login node)
     sft report RUN_DIR                     plots and report.md of a run (also written when training finishes)
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 RUN_STATUSES = """statuses:
   running      a live process (or a Slurm job that will run again) owns the directory
-  preempted    stopped at a complete checkpoint by a signal; a requeued job or `sft train` resumes it
+  preempted    stopped at a complete checkpoint by a signal or the wall-time guard; a requeued job or
+               `sft train` resumes it
   finished     final/ holds the trained model
   failed       ended by an error (manifest.json: error); fix it and rerun to resume
   interrupted  stopped by Ctrl-C; rerun to resume
@@ -87,7 +88,8 @@ def _add_tool_commands(commands) -> None:
     export.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights "
                                                              "(needed for LoRA runs)")
     export.add_argument("--to", help="new or empty folder to write (default: RUN_DIR/export)")
-    runs = add("runs", "list run directories: status, steps, best evaluation, age, Slurm job", epilog=RUN_STATUSES)
+    runs = add("runs", "list run directories: status, steps, best evaluation, age, Slurm job, how each session "
+                       "ended (guard: the wall-time guard), longest checkpoint save", epilog=RUN_STATUSES)
     runs.add_argument("output_dir", nargs="?", default="runs", help="a config's output.dir (default: runs)")
     clean = add("clean", "remove a finished run's checkpoints and tokenized data cache; keeps final/, config, "
                          "manifest, metrics, logs and report")

@@ -159,6 +159,90 @@ def test_plain_scancel_checkpoints_but_stays_cancelled(slurm_cluster, workdir, j
     assert "not requeueing" in (workdir / "logs" / f"sft-{job}.out").read_text()
 
 
+@pytest.fixture(scope="module")
+def no_signal_script(workdir) -> Path:
+    """train.sbatch without its `#SBATCH --signal` line: no warning before the time limit, as at a site that drops
+    it or in an interactive session. (It finds common.sh through SFT_SLURM_DIR.)"""
+    path = workdir / "train-no-signal.sbatch"
+    lines = (SLURM_DIR / "train.sbatch").read_text().splitlines(keepends=True)
+    path.write_text("".join(line for line in lines if not line.startswith("#SBATCH --signal")))
+    return path
+
+
+def _guarded_run(slurm_cluster, workdir, job_env, lm_config, script: Path, name: str, limit: str,
+                 test_env: dict[str, str], *overrides: str) -> tuple[str, Path, dict]:
+    """Submit with a time limit and test-only delays (tests/hooks), wait until the run finishes through its
+    requeues: (job id, run dir, manifest)."""
+    env = {**job_env, "SFT_SLURM_DIR": str(SLURM_DIR), "PYTHONPATH": str(REPO / "tests" / "hooks"), **test_env}
+    job = slurm_cluster.sbatch(*SMALL, f"--time={limit}", str(script), str(lm_config), *overrides,
+                               f"output.name={name}", env=env, cwd=workdir)
+    records = slurm_cluster.wait(job, timeout=900)
+    assert int(records[0]["Restarts"]) >= 1, "the run finished within one time limit: make it longer"
+    run_dir = workdir / "runs" / name
+    return job, run_dir, json.loads((run_dir / "manifest.json").read_text())
+
+
+def test_short_time_limit_without_signal_checkpoints_requeues_and_resumes_exactly(
+        slurm_cluster, workdir, job_env, lm_config, uninterrupted, no_signal_script):
+    """--time=2 and no --signal: steps slowed to 0.15 s (tests/hooks), 90 s of training does not fit in one start.
+    The wall-time guard reads the job's end (the script's squeue, SFT_JOB_END), checkpoints while a step and a
+    save still fit, exits 75, the script requeues, and the run ends as the uninterrupted one did, bit for bit."""
+    job, run_dir, manifest = _guarded_run(slurm_cluster, workdir, job_env, lm_config, no_signal_script, "walltime",
+                                          "00:02:00", {"SFT_TEST_STEP_DELAY": "0.15"},
+                                          f"training.max_steps={PREEMPT_STEPS}")
+    log = (workdir / "logs" / f"sft-{job}.out").read_text()
+    assert "got SIG" not in log and f"requeueing job {job}" in log and "wall-time guard:" in log
+    assert manifest["status"] == "finished"
+    sessions = manifest["sessions"]
+    assert [s["ended_by"] for s in sessions] == ["wall-time guard"] * (len(sessions) - 1) + ["finished"]
+    assert len(manifest["restarts"]) == len(sessions) - 1
+    assert all(s["seconds_left"] > 0 and len(s["checkpoint_saves_s"]) == 1 for s in sessions[:-1])
+    _, baseline = uninterrupted
+    assert [(r["step"], r["loss"]) for r in _loss_records(run_dir)] \
+        == [(r["step"], r["loss"]) for r in _loss_records(baseline)]
+    _assert_same_weights(run_dir / "final", baseline / "final")
+
+
+def test_slow_saves_make_the_guard_stop_early_enough(slurm_cluster, workdir, job_env, lm_config, no_signal_script):
+    """Every checkpoint save takes 40 s (tests/hooks), longer than the guard's fixed margin: the guard measures
+    the first scheduled save (step 20) and starts its stop that much earlier, so the stop's save completes and
+    the job requeues before the limit; the resumed run equals an uninterrupted one."""
+    steps = ("training.max_steps=60", "training.save_steps=20")
+    baseline = slurm_cluster.sbatch(*SMALL, str(SLURM_DIR / "train.sbatch"), str(lm_config), *steps,
+                                    "output.name=slow-save-baseline", env=job_env, cwd=workdir)
+    job, run_dir, manifest = _guarded_run(slurm_cluster, workdir, job_env, lm_config, no_signal_script,
+                                          "walltime-slow-save", "00:03:00", {"SFT_TEST_SAVE_DELAY": "40"}, *steps)
+    slurm_cluster.wait(baseline)
+    first = manifest["sessions"][0]
+    assert first["ended_by"] == "wall-time guard" and first["seconds_left"] > 0
+    assert len(first["checkpoint_saves_s"]) == 2 and min(first["checkpoint_saves_s"]) >= 40
+    log = (workdir / "logs" / f"sft-{job}.out").read_text()
+    left = float(re.search(r"wall-time guard: (\d+) s left", log)[1])
+    assert left > 40 + 30, "the stop began no earlier than a rule that ignores the measured save would start it"
+    assert manifest["status"] == "finished" and manifest["sessions"][-1]["ended_by"] == "finished"
+    reference = workdir / "runs" / "slow-save-baseline"
+    assert [(r["step"], r["loss"]) for r in _loss_records(run_dir)] \
+        == [(r["step"], r["loss"]) for r in _loss_records(reference)]
+    _assert_same_weights(run_dir / "final", reference / "final")
+
+
+def test_a_job_requeued_after_its_run_finished_completes_without_touching_it(slurm_cluster, workdir, job_env,
+                                                                              lm_config):
+    """The issue's last start: a job requeued after its run finished (there: by a USR1 that hit the exiting
+    process; here: by scontrol) exits 0 instead of failing on 'holds a finished run'."""
+    job = slurm_cluster.sbatch(*SMALL, str(SLURM_DIR / "train.sbatch"), str(lm_config), "training.max_steps=3",
+                               "output.name=finished-then-requeued", env=job_env, cwd=workdir)
+    slurm_cluster.wait(job)
+    final = workdir / "runs" / "finished-then-requeued" / "final" / "model.safetensors"
+    written = final.stat().st_mtime_ns
+    subprocess.run(["scontrol", "requeue", job], env=slurm_cluster.env, check=True)
+    _wait_for(lambda: slurm_cluster.job(job)["Restarts"] == "1", f"job {job} requeued", slurm_cluster)
+    record = slurm_cluster.wait(job)[0]
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0")
+    log = (workdir / "logs" / f"sft-{job}.out").read_text()
+    assert "already finished; nothing left to do" in log and final.stat().st_mtime_ns == written
+
+
 def test_sweep_array_gives_each_task_its_own_run_dir(slurm_cluster, workdir, job_env, lm_config):
     env = {**job_env, "SFT_SWEEP_SEEDS": "1 2", "SFT_SWEEP_LRS": "5e-4"}
     job = slurm_cluster.sbatch(*SMALL, "--array=0-1", str(SLURM_DIR / "sweep.sbatch"), str(lm_config),
