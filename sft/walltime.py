@@ -32,11 +32,10 @@ class WallTimeCallback(TrainerCallback):
     list (so a single process stops at this very step) and after CompleteCheckpointCallback (whose marking and
     rotation are part of a save's cost)."""
 
-    def __init__(self, end: float | None, source: str | None, preemption, save_steps: int | None):
+    def __init__(self, end: float | None, source: str | None, preemption):
         self.end = end
         self.source = source
         self.preemption = preemption
-        self.save_steps = save_steps
         self.fired = False
         self.session_start = time.time()
         self.step_seconds: deque[float] = deque(maxlen=RECENT_STEPS)
@@ -49,7 +48,7 @@ class WallTimeCallback(TrainerCallback):
     def for_session(cls, config, preemption) -> "WallTimeCallback":
         """Reads when this session's allocation ends (a stop_at duration counts from this call)."""
         end = allocation.allocation_end(config.training.stop_at, time.time())
-        return cls(end and end[0], end and end[1], preemption, config.training.save_steps)
+        return cls(end and end[0], end and end[1], preemption)
 
     def ended_by(self) -> str:
         """How a stopped session ended, for the manifest: the guard, or the signal that came first."""
@@ -109,24 +108,34 @@ class WallTimeCallback(TrainerCallback):
         return (2 * self.step_s() + self.save_s()) * MARGIN_FACTOR + MARGIN_S
 
     def _check_interval_fits(self, state, args) -> None:
-        """Said once per session: an allocation shorter than one checkpoint interval plus a save only ever ends
-        by the guard's checkpoint, and each requeue costs queue time and a restart."""
+        """Said once per session: an allocation shorter than one checkpoint interval plus a stop only ever ends by
+        the guard's checkpoint, and each requeue costs a queue wait and a restart."""
         if self._warned or self.end is None:
             return
-        allocation = self.end - self.session_start
-        interval_steps = self.save_steps or state.max_steps  # save_strategy epoch: at worst the whole run
-        interval = interval_steps * self.step_s() if self.step_seconds else 0.0
-        needed = interval + self.seconds_to_stop()
+        allocation, stop = self.end - self.session_start, self.seconds_to_stop()
+        interval_steps = _checkpoint_interval(args, state)
+        measured_steps = bool(self.step_seconds) and interval_steps > 0
+        needed = stop + (interval_steps * self.step_s() if measured_steps else 0.0)
         if allocation >= needed:
             return
         self._warned = True
-        what = f"one checkpoint interval ({interval_steps} steps, ~{_minutes(interval)}) plus a save" \
-            if self.step_seconds else "a checkpoint save"
-        advice = f"lower training.save_steps to about {max(1, int((allocation - self.seconds_to_stop()) / self.step_s()))}" \
-            if self.step_seconds and allocation > self.seconds_to_stop() else "lower training.save_steps"
+        what = f"one checkpoint interval ({interval_steps} steps, ~{_minutes(needed - stop)}) plus a stop" \
+            if measured_steps else "a checkpoint save and stop"
+        fitting_steps = int((allocation - stop) / self.step_s()) if measured_steps and allocation > stop else 0
+        advice = f"set training.save_steps to about {fitting_steps}" if fitting_steps else "save less often"
         log.warning("wall-time guard: this allocation (%s) cannot fit %s (by %s, ~%s with the margin): %s or ask for "
-                    "more time (sbatch --time); the guard checkpoints before the limit either way", _minutes(allocation),
-                    what, "measurement" if self.save_seconds else "estimate", _minutes(needed), advice)
+                    "more time (sbatch --time); the guard checkpoints before the limit either way",
+                    _minutes(allocation), what, "measurement" if self.save_seconds else "estimate", _minutes(needed),
+                    advice)
+
+
+def _checkpoint_interval(args, state) -> int:
+    """Optimizer steps between scheduled checkpoints; 0 when none are scheduled (save_strategy no or best)."""
+    if args.save_strategy == "steps":
+        return int(args.save_steps)
+    if args.save_strategy == "epoch" and state.num_train_epochs:
+        return -(-state.max_steps // state.num_train_epochs)
+    return 0
 
 
 def _clock(epoch: float) -> str:

@@ -46,7 +46,6 @@ sft_setup() {
     *) echo "sft: error: SFT_RUNTIME=$SFT_RUNTIME; use auto, apptainer, singularity or none" >&2; exit 2 ;;
   esac
   mkdir -p "$SFT_OUTPUT_DIR" "$SFT_CACHE_DIR/huggingface"
-  sft_read_job_end
   # Where sft says it stopped for a requeue (a checkpoint is complete): under torchrun its exit code 75 reaches
   # this shell only as the launcher's 1. In the output directory, which the container sees at /outputs.
   sft_stop_file="$SFT_OUTPUT_DIR/.sft-stop-${SLURM_JOB_ID:-$$}"
@@ -119,6 +118,7 @@ sft_read_job_end() {
 sft_print_provenance() {
   echo "== $(date '+%F %T') job ${SLURM_JOB_ID:-none} (${SLURM_JOB_NAME:-no name}, restart ${SLURM_RESTART_COUNT:-0})" \
        "on $(hostname), nodes ${SLURM_JOB_NODELIST:-$(hostname)}"
+  sft_read_job_end
   if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader || true
   else
