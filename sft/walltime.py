@@ -26,6 +26,7 @@ MARGIN_S = 30.0
 ASSUMED_WRITE_BYTES_PER_S = 500e6
 RECENT_STEPS = 20  # the step time is the longest of the last steps: one slow batch should not be forgotten at once
 
+
 class WallTimeCallback(TrainerCallback):
     """Measures steps and checkpoint saves, and asks `preemption` (sft.callbacks.PreemptionCallback) to stop
     while one more step and a checkpoint still fit before `end`. Goes before PreemptionCallback in the callback
@@ -47,8 +48,8 @@ class WallTimeCallback(TrainerCallback):
     @classmethod
     def for_session(cls, config, preemption) -> "WallTimeCallback":
         """Reads when this session's allocation ends (a stop_at duration counts from this call)."""
-        end = allocation.allocation_end(config.training.stop_at, time.time())
-        return cls(end and end[0], end and end[1], preemption)
+        end, source = allocation.allocation_end(config.training.stop_at, time.time()) or (None, None)
+        return cls(end, source, preemption)
 
     def ended_by(self) -> str:
         """How a stopped session ended, for the manifest: the guard, or the signal that came first."""
@@ -123,7 +124,7 @@ class WallTimeCallback(TrainerCallback):
             if measured_steps else "a checkpoint save and stop"
         fitting_steps = int((allocation - stop) / self.step_s()) if measured_steps and allocation > stop else 0
         advice = f"set training.save_steps to about {fitting_steps}" if fitting_steps else "save less often"
-        log.warning("wall-time guard: this allocation (%s) cannot fit %s (by %s, ~%s with the margin): %s or ask for "
+        log.warning("wall-time guard: the %s left of this allocation at sft's start cannot fit %s (by %s, ~%s with the margin): %s or ask for "
                     "more time (sbatch --time); the guard checkpoints before the limit either way",
                     _minutes(allocation), what, "measurement" if self.save_seconds else "estimate", _minutes(needed),
                     advice)
