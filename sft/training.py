@@ -15,7 +15,8 @@ log = logging.getLogger("sft")
 
 
 class Preempted(Exception):
-    """Training stopped on SIGUSR1/SIGTERM after writing a complete checkpoint; the job should be requeued.
+    """Training stopped on SIGUSR1/SIGTERM or by the wall-time guard (sft/walltime.py) after writing a complete
+    checkpoint; the job should be requeued.
     On rank 0 it carries the command that resumes the run."""
     exit_code = EXIT_PREEMPTED
 
