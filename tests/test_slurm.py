@@ -435,7 +435,7 @@ def test_multi_node_script_finishes_a_slow_checkpoint_on_sigterm(slurm_cluster, 
     checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / ".complete").is_file()
     log = (workdir / "logs" / f"sft-multi-{job}.out").read_text()
-    assert "got SIGTERM" in log and "requeueing" not in log
+    assert "got SIGTERM" in log and "requeueing job" not in log
 
 
 def test_jupyter_sbatch_serves_lab_behind_a_token_and_prints_the_tunnel(slurm_cluster, workdir, job_env, tmp_path):
