@@ -184,7 +184,7 @@ sft_supervise() {
 sft_forward() {
   if [[ "$1" == USR1 ]] && (( SECONDS < SFT_EARLY_USR1_UNTIL )); then
     echo "== $(date '+%F %T') got SIGUSR1 before the time limit's lead even began (see the warning above): ignored"
-    return
+    return 0  # a bare return in a trap handler returns the interrupted `wait`'s 138, and set -e would exit on it
   fi
   SFT_SIGNAL="$1"
   if [[ "$1" == USR1 ]]; then
