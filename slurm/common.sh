@@ -93,12 +93,15 @@ sft_setup() {
 # that USR1 for the first 2 minutes (SFT_EARLY_USR1_UNTIL); the guard checkpoints before the limit instead.
 SFT_EARLY_USR1_UNTIL=0
 sft_read_job_end() {
-  local end lead left
+  local answer end limit lead left
   if [[ -z "${SLURM_JOB_ID:-}" ]] || ! command -v squeue >/dev/null; then
     return 0
   fi
-  end="$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null || true)"
-  if [[ ! "$end" =~ ^[0-9]{4}- ]]; then  # Unknown or NONE: no time limit
+  answer="$(squeue -h -j "$SLURM_JOB_ID" -o '%e %l' 2>/dev/null || true)"
+  end="${answer%% *}"
+  limit="${answer#* }"
+  # Without a time limit squeue still shows an end (a year after the start) or none at all.
+  if [[ ! "$end" =~ ^[0-9]{4}- || "$limit" == UNLIMITED || "$limit" == INFINITE ]]; then
     return 0
   fi
   SFT_JOB_END="$(date -d "$end" +%s)"

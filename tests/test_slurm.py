@@ -309,7 +309,7 @@ def _train_sbatch_with_fake_sft(tmp_path: Path, sft_train: str, job_end: int | N
     bin_dir.mkdir(exist_ok=True)
     fakes = {"sft": f'[[ "$1" == info ]] && exit 0\n{sft_train}',
              "scontrol": 'echo "$*" >> "$SCONTROL_CALLS"',
-             "squeue": f"date -d @{job_end} +%Y-%m-%dT%H:%M:%S" if job_end else "echo Unknown"}
+             "squeue": f'echo "$(date -d @{job_end} +%Y-%m-%dT%H:%M:%S) 2:00"' if job_end else "echo 'N/A UNLIMITED'"}
     for name, body in fakes.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
