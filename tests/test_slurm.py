@@ -8,7 +8,10 @@ c10d rendezvous), writes outputs once, survives USR1 + requeue exactly too, shar
 (accelerate's GPU-only gate lifted by tests/hooks), and finishes a 40 s checkpoint after SIGTERM;
 jupyter.sbatch serves JupyterLab behind a token on the node's address only, with the token in a file only the
 user can read and never in the Slurm log (the venv has JupyterLab from container/jupyter.lock, as the image).
-Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s); all of it takes ~3 min.
+The wall-time guard: a job with a 2-minute limit and no --signal checkpoints, requeues and resumes exactly, and
+so does one whose saves take 40 s; a job requeued after its run finished exits 0; train.sbatch requeues only
+when sft stopped for a requeue (with a fake sft). The guard tests wait out real time limits: ~8 min of the run.
+Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s); the rest takes ~3 min.
 """
 import json
 import os
