@@ -6,7 +6,7 @@
     sft info                               versions, GPUs and container provenance
     sft predict RUN_DIR INPUT [--output F] a finished run's predictions on new rows, as JSONL
     sft export RUN_DIR [--merge] [--to DIR] a standalone safetensors model + tokenizer
-    sft runs [OUTPUT_DIR] [--html FILE]    one line per run: status, steps, best metric, age, Slurm job; a dashboard
+    sft runs [OUTPUT_DIR] [--html FILE]    one line per run: status, steps, best metric, age, Slurm job, endings
     sft clean RUN_DIR [--dry-run]          remove a finished run's checkpoints and data cache
     sft fetch MODEL [--revision R]         download a hub model and its tokenizer into the cache (login node)
     sft report RUN_DIR                     plots and report.md of a run (also written when training finishes)
@@ -98,7 +98,8 @@ def _add_reproducibility_commands(commands) -> None:
 
 RUN_STATUSES = """statuses:
   running      a live process (or a Slurm job that will run again) owns the directory
-  preempted    stopped at a complete checkpoint by a signal; a requeued job or `sft train` resumes it
+  preempted    stopped at a complete checkpoint by a signal or the wall-time guard; a requeued job or
+               `sft train` resumes it
   finished     final/ holds the trained model
   failed       ended by an error (manifest.json: error); fix it and rerun to resume
   interrupted  stopped by Ctrl-C; rerun to resume
@@ -128,7 +129,8 @@ def _add_tool_commands(commands) -> None:
     export.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base weights "
                                                              "(needed for LoRA runs)")
     export.add_argument("--to", help="new or empty folder to write (default: RUN_DIR/export)")
-    runs = add("runs", "list run directories: status, steps, best evaluation, age, Slurm job", epilog=RUN_STATUSES)
+    runs = add("runs", "list run directories: status, steps, best evaluation, age, Slurm job, how each session "
+                       "ended (guard: the wall-time guard), longest checkpoint save", epilog=RUN_STATUSES)
     runs.add_argument("output_dir", nargs="?", default="runs", help="a config's output.dir (default: runs)")
     runs.add_argument("--html", metavar="FILE", help="also write a self-contained dashboard page: the runs table, "
                                                      "differing config keys, loss and eval curves, report links")
@@ -187,9 +189,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
+    import signal
+
     from sft.config import load_config
     from sft.preflight import check_settings
     from sft.report import print_summary
+    from sft.rundir import RunAlreadyFinished
     from sft.training import Preempted, run_training
 
     config = load_config(args.config, args.overrides, args.env_file)
@@ -197,11 +202,19 @@ def _train(args) -> int:
     try:
         result = run_training(config, overwrite=args.overwrite, overrides=args.overrides, env_file=args.env_file,
                               allow_data_change=args.allow_data_change)
+    except RunAlreadyFinished as done:
+        print(f"sft: {done}", file=sys.stderr)
+        return 0
     except Preempted as stop:
         if stop.resume_command:  # printed, not logged: the log wraps long lines, and this one gets copied
             print(f"sft: preempted; a requeued job resumes by itself, or resume with: {stop.resume_command}",
                   file=sys.stderr)
+            if os.environ.get("SFT_STOP_FILE"):  # set by slurm/common.sh: torchrun hides this exit code from it
+                with open(os.environ["SFT_STOP_FILE"], "w") as stop_file:
+                    stop_file.write("stopped for a requeue\n")
         return stop.exit_code
+    # Finished: a USR1 now (the time limit's warning, late) must not kill the exiting process with status 138.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if result.is_main_process:
         print_summary(result)
     return 0

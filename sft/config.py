@@ -13,7 +13,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag,
                       ValidationError, model_validator)
 
-from sft import secrets
+from sft import allocation, secrets
 from sft.errors import UserError
 
 
@@ -179,6 +179,15 @@ class EarlyStopping(Section):
     threshold: float = Field(0.0, ge=0, description="Smallest change of the metric that counts as an improvement.")
 
 
+def _end_time_or_duration(value: Any) -> Any:
+    """training.stop_at: YAML reads an unquoted 2026-12-07T18:00:00 as a datetime; keep it as the text it was."""
+    if isinstance(value, datetime.datetime):
+        value = value.isoformat()
+    if isinstance(value, str):
+        allocation.parse_end(value, now=0)  # ValueError: reported with the key's path
+    return value
+
+
 class TrainingConfig(Section):
     """The Trainer recipe: steps, batches, optimizer, evaluation, checkpoints, processes."""
     epochs: float = Field(3, gt=0, description="Passes over the training data; fractions allowed.")
@@ -238,6 +247,12 @@ class TrainingConfig(Section):
     ddp_timeout: int = Field(1800, ge=1, description="Seconds a rank waits in a collective (a barrier, an all-reduce) "
                                                      "before the job fails; raise it if rank 0's data preparation "
                                                      "or checkpoint writes take longer.")
+    stop_at: Annotated[str | None, BeforeValidator(_end_time_or_duration)] = Field(
+        None, description="When this session's allocation ends, for schedulers other than Slurm (under Slurm the "
+                          "job's end time is read by itself): a time (2026-12-07T18:00, local time) or a duration "
+                          "from the session's start (3h30m, 90m). Before it, sft checkpoints and stops with exit code "
+                          "75 while one more step and a checkpoint save still fit (docs/slurm.md). The SFT_JOB_END "
+                          "environment variable does the same; the earliest end wins.")
 
     @model_validator(mode="after")
     def _steps_imply_strategy(self) -> "TrainingConfig":

@@ -218,6 +218,19 @@ def finish_manifest(run_dir: Path, manifest: dict, status: str, results: dict | 
     write_manifest(run_dir, manifest)
 
 
+def record_session(manifest: dict, ended_by: str, checkpoint_saves_s: list[float], final_save_s: float | None = None,
+                   seconds_left: float | None = None) -> None:
+    """How this session (this start of the run) ended: finished, wall-time guard, or the signal (SIGUSR1, SIGTERM),
+    with the seconds each checkpoint save and the final save took and the seconds left before the allocation's
+    end, when known: what to size --signal and save_steps by (docs/slurm.md)."""
+    session = {"ended": _now(), "ended_by": ended_by, "checkpoint_saves_s": [round(s, 2) for s in checkpoint_saves_s]}
+    if final_save_s is not None:
+        session["final_save_s"] = round(final_save_s, 2)
+    if seconds_left is not None:
+        session["seconds_left"] = seconds_left
+    manifest.setdefault("sessions", []).append(session)
+
+
 def record_failure(run_dir: Path, manifest: dict, error: BaseException) -> None:
     """A run that ended by an exception: `failed` with the error's first line, or `interrupted` for Ctrl-C."""
     manifest["status"] = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"

@@ -79,6 +79,9 @@ def open_run_dir(config: Config, overwrite: bool, now: datetime | None = None) -
     run = RunDir(path, resumed=False, lock=_lock(path))
     try:
         manifest = manifests.read_manifest(path)
+        if manifest and manifest.get("status") == "finished" and _requeued_after_finishing(manifest):
+            raise RunAlreadyFinished(f"output: {path} holds the run this Slurm job ({job}) already finished; "
+                                     f"nothing left to do (the job was requeued after the run ended)")
         # --overwrite starts over whatever an earlier run left, finished or not. A requeued job reruns its own
         # command, --overwrite included: the run its first start began is resumed, never replaced.
         own_run = bool(job) and manifest is not None and manifest.get("slurm_job") == job
@@ -97,6 +100,25 @@ def open_run_dir(config: Config, overwrite: bool, now: datetime | None = None) -
     except BaseException:
         run.release()
         raise
+
+
+class RunAlreadyFinished(UserError):
+    """A Slurm job requeued after it finished its run (a signal or an operator's requeue hit it at the end):
+    `sft train` exits 0, so the job and any `afterok` dependency succeed, and the run is left as it is."""
+
+
+def _requeued_after_finishing(manifest: dict) -> bool:
+    """The start that finished this run was this very job, and this is a later start of it (a higher
+    SLURM_RESTART_COUNT). A second `sft train` within the same start of a job is no requeue: it gets the usual
+    choice (--overwrite or another output.name)."""
+    restarts = manifest.get("restarts") or []
+    finishing_start = restarts[-1] if restarts else {"slurm_job": manifest.get("slurm_job"),
+                                                      "slurm_restart_count": (manifest.get("slurm") or {}).get(
+                                                          "SLURM_RESTART_COUNT")}
+    job = manifests.slurm_job_key()
+    this_start = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    return job is not None and finishing_start.get("slurm_job") == job \
+        and this_start > int(finishing_start.get("slurm_restart_count") or 0)
 
 
 def resume_command(config: Config, run_name: str, overrides: list[str], env_file: str | None) -> str:

@@ -1,4 +1,5 @@
-"""`sft runs [OUTPUT_DIR]`: one line per run directory — status, steps, best evaluation, age, Slurm job — read from
+"""`sft runs [OUTPUT_DIR]`: one line per run directory — status, steps, best evaluation, age, Slurm job, how each
+session ended and the longest checkpoint save — read from
 each run's manifest.json, metrics.jsonl and run.lock (nothing is written, no lock is taken).
 
     sft runs            # the runs under ./runs (output.dir's default)
@@ -21,6 +22,8 @@ class RunInfo:
     best: str  # e.g. "eval_accuracy 0.912 @ 40", empty before the first evaluation
     started: datetime | None
     slurm_job: str | None
+    ended: str = ""  # how each session ended, oldest first, e.g. "guard,SIGUSR1,finished"
+    longest_save_s: float | None = None  # the longest checkpoint save measured in any session
     problems: list[str] = field(default_factory=list)  # what in its files is odd (shown apart from the table)
 
 
@@ -47,10 +50,18 @@ def read_run(path: Path) -> RunInfo:
         # A resume in a new job (not a requeue) records its own job: show the one that ran last.
         job = restarts[-1].get("slurm_job") if restarts else manifest.get("slurm_job")
         started = _time(manifest.get("started"), problems)
-        return RunInfo(path.name, status(path, manifest), steps, best, started, job and str(job), problems)
+        sessions = manifest.get("sessions") or []
+        saves = [seconds for session in sessions for seconds in session.get("checkpoint_saves_s") or []]
+        return RunInfo(path.name, status(path, manifest), steps, best, started, job and str(job),
+                       ",".join(_short_ending(session.get("ended_by", "?")) for session in sessions),
+                       max(saves, default=None), problems)
     except (AttributeError, TypeError, ValueError) as error:  # e.g. the manifest is a list, restarts hold numbers
         return RunInfo(path.name, "unreadable manifest", None, "", None, None,
-                       [f"{manifests.MANIFEST} has an unexpected shape ({type(error).__name__}: {error})"])
+                       problems=[f"{manifests.MANIFEST} has an unexpected shape ({type(error).__name__}: {error})"])
+
+
+def _short_ending(ended_by: str) -> str:
+    return {"wall-time guard": "guard", "signal on another rank": "signal"}.get(ended_by, ended_by)
 
 
 def status(path: Path, manifest: dict) -> str:
@@ -112,8 +123,9 @@ def age(started: datetime | None, now: datetime) -> str:
 
 def format_runs(runs: list[RunInfo], now: datetime) -> str:
     """Aligned plain columns (grep- and awk-friendly, also in a Slurm log)."""
-    header = ("RUN", "STATUS", "STEPS", "BEST", "AGE", "SLURM_JOB")
+    header = ("RUN", "STATUS", "STEPS", "BEST", "AGE", "SLURM_JOB", "ENDED", "SAVE")
     rows = [header] + [(run.name, run.status, "-" if run.steps is None else str(run.steps), run.best or "-",
-                        age(run.started, now), run.slurm_job or "-") for run in runs]
+                        age(run.started, now), run.slurm_job or "-", run.ended or "-",
+                        "-" if run.longest_save_s is None else f"{run.longest_save_s:.1f}s") for run in runs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

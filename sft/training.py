@@ -2,6 +2,7 @@
 checkpoint, and leave a finished run directory (config, manifest, log, metrics, final model)."""
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,8 @@ log = logging.getLogger("sft")
 
 
 class Preempted(Exception):
-    """Training stopped on SIGUSR1/SIGTERM after writing a complete checkpoint; the job should be requeued.
+    """Training stopped on SIGUSR1/SIGTERM or by the wall-time guard (sft/walltime.py) after writing a complete
+    checkpoint; the job should be requeued.
     On rank 0 it carries the command that resumes the run."""
     exit_code = EXIT_PREEMPTED
 
@@ -45,12 +47,14 @@ def run_training(config: Config, overwrite: bool = False, overrides: list[str] =
     from sft.callbacks import PreemptionCallback
     from sft.logs import close_run_log
     from sft.model import check_method_runs_here
+    from sft.walltime import WallTimeCallback
 
     check_method_runs_here(config)  # before a run directory exists: nothing to clean up
     preemption = PreemptionCallback()
     preemption.install()
+    walltime = WallTimeCallback.for_session(config, preemption)  # a stop_at duration counts from now
     try:
-        return _run(config, overwrite, preemption, list(overrides), env_file, allow_data_change)
+        return _run(config, overwrite, preemption, walltime, list(overrides), env_file, allow_data_change)
     finally:
         preemption.restore()
         close_run_log()
@@ -69,7 +73,7 @@ def start_processes(config: Config):
                         timeout=timedelta(seconds=config.training.ddp_timeout))
 
 
-def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_file: str | None,
+def _run(config: Config, overwrite: bool, preemption, walltime, overrides: list[str], env_file: str | None,
          allow_data_change: bool) -> RunResult:
     from accelerate.utils import broadcast_object_list
 
@@ -106,7 +110,7 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
                      state.backend, config.training.ddp_timeout)
         resume = rundir.resume_command(config, run.path.name, overrides, env_file)
         try:
-            return _train(config, state, run, resume_from, manifest, preemption, resume, allow_data_change)
+            return _train(config, state, run, resume_from, manifest, preemption, walltime, resume, allow_data_change)
         except Preempted:
             raise
         except BaseException as error:
@@ -127,7 +131,7 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
 
 
 def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, manifest: dict, preemption,
-           resume: str, allow_data_change: bool) -> RunResult:
+           walltime, resume: str, allow_data_change: bool) -> RunResult:
     from sft import data, loss, manifest as manifests, model as models, samples
     from sft.callbacks import tensorboard_callback
     from sft.progress import terminal_progress
@@ -163,7 +167,7 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     _check_fsdp_settings(config, state.num_processes)
     model = models.load_model(config, prepared.label_names)
     manifest["performance"]["chunked_loss"] = loss.apply_to(config, model)
-    trainer = build_trainer(config, run, model, tokenizer, prepared, preemption)
+    trainer = build_trainer(config, run, model, tokenizer, prepared, preemption, walltime)
     if is_main:
         trainer.add_callback(tensorboard_callback(run.path, resume_from and rundir.checkpoint_step(resume_from)))
         progress = terminal_progress()
@@ -185,6 +189,8 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     # A signal during the very last step leaves nothing to resume: finish normally instead.
     if preemption.stopped_by and trainer.state.global_step < trainer.state.max_steps:
         if is_main:
+            manifests.record_session(manifest, walltime.ended_by(), walltime.save_seconds,
+                                     seconds_left=walltime.seconds_left())
             manifests.finish_manifest(run.path, manifest, "preempted")
         log.warning("stopped by %s at step %d after saving a complete checkpoint", preemption.stopped_by,
                     trainer.state.global_step)
@@ -205,8 +211,11 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     metrics = {**final_metrics(trainer.state.log_history), **run_throughput(trainer)}
     if trainer.state.best_model_checkpoint:
         metrics["best_checkpoint"] = Path(trainer.state.best_model_checkpoint).name
+    save_started = time.time()
     save_final(trainer, config, run.path)
     if is_main:
+        manifests.record_session(manifest, "finished", walltime.save_seconds, final_save_s=time.time() - save_started,
+                                 seconds_left=walltime.seconds_left())
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
         write_report_of(run.path, (lambda: samples.record(run.path, trainer.model, tokenizer, prompts, "after"))
                         if prompts else None)
@@ -250,9 +259,9 @@ def held_fraction(model) -> float:
 # Settings that say how long to wait, where to cache, how many processes tokenize, how often to log, how large an
 # eval batch is and how many checkpoints to keep: none changes what is trained, so a resume may change them (sft's
 # own errors ask to raise some). output.name may differ too: the printed resume command pins a template ({time})
-# to the name it resolved to.
-CHANGEABLE_ON_RESUME = ("output.name", "training.ddp_timeout", "training.logging_steps", "training.eval_batch_size",
-                        "training.save_total_limit", "data.wait_minutes", "data.num_proc", "data.cache_dir")
+# to the name it resolved to; and training.stop_at, when this session's allocation ends, may differ each session.
+CHANGEABLE_ON_RESUME = ("output.name", "training.stop_at", "training.ddp_timeout", "training.logging_steps",
+                        "training.eval_batch_size", "training.save_total_limit", "data.wait_minutes", "data.num_proc", "data.cache_dir")
 
 
 def _changeable_on_resume(key: str) -> bool:
@@ -316,7 +325,7 @@ def _drop_metrics_after(run_dir: Path, step: int) -> None:
 
 # Trainer wiring
 
-def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared, preemption):
+def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared, preemption, walltime):
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
 
     from sft.callbacks import (CompleteCheckpointCallback, EvalMetricsCallback, MetricsFileCallback,
@@ -345,7 +354,7 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         # ThroughputCallback first: it adds tokens/s to the logs that MetricsFileCallback writes.
         callbacks=[ThroughputCallback(), MetricsFileCallback(run.path), EvalMetricsCallback(run.path, compute_metrics),
                    OverfittingWarningCallback(run.path, t.overfitting_warning),
-                   CompleteCheckpointCallback(t.save_total_limit), preemption, NonFiniteLossCallback()]
+                   CompleteCheckpointCallback(t.save_total_limit), walltime, preemption, NonFiniteLossCallback()]
                   + ([EarlyStoppingCallback(stopping.patience, stopping.threshold)] if stopping else []),
     )
     # Without tqdm Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.

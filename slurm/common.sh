@@ -10,6 +10,8 @@
 #   SFT_OUTPUT_DIR  where run directories go, read-write at /outputs, output.dir=   (default: ./runs)
 #   SFT_CACHE_DIR   caches, read-write at /cache; HF_HOME is its huggingface/       (default: ./.cache)
 #   SFT_BINDS       more binds, comma-separated, apptainer syntax (src[:dst[:ro]]), e.g. a config outside ./
+#   SFT_SIGNAL_LEAD seconds of the USR1 warning (default: the script's own #SBATCH --signal=B:USR1@N line); set it
+#                   when you pass another --signal to sbatch, so a time limit shorter than it is recognised
 # "./" is the directory sbatch was called from. The container paths are the image's bind contract
 # (docs/container.md); apptainer also binds $HOME and ./ itself, which is how configs/ is found.
 
@@ -45,8 +47,13 @@ sft_setup() {
     *) echo "sft: error: SFT_RUNTIME=$SFT_RUNTIME; use auto, apptainer, singularity or none" >&2; exit 2 ;;
   esac
   mkdir -p "$SFT_OUTPUT_DIR" "$SFT_CACHE_DIR/huggingface"
+  # Where sft says it stopped for a requeue (a checkpoint is complete): under torchrun its exit code 75 reaches
+  # this shell only as the launcher's 1. In the output directory, which the container sees at /outputs.
+  sft_stop_file="$SFT_OUTPUT_DIR/.sft-stop-${SLURM_JOB_ID:-$$}"
+  rm -f "$sft_stop_file"
   SFT_OPTS=()
   if [[ -z "$container" ]]; then
+    export SFT_STOP_FILE="$sft_stop_file"
     # A shell that never activated the venv `make venv` built next to these scripts still finds its sft,
     # torchrun and jupyter (without this, jupyter.sbatch died with "jupyter: command not found").
     if ! command -v sft >/dev/null && [[ -x "$sft_venv_bin/sft" ]]; then
@@ -64,6 +71,7 @@ sft_setup() {
          "or set SFT_IMAGE=/path/to/sft.sif" >&2
     exit 2
   fi
+  export SFT_STOP_FILE="/outputs/${sft_stop_file##*/}"
   local binds=(--bind "$SFT_OUTPUT_DIR:/outputs" --bind "$SFT_CACHE_DIR:/cache")
   SFT_OVERRIDES=("output.dir=/outputs")
   if [[ -d "$SFT_DATA_DIR" ]]; then
@@ -93,10 +101,42 @@ sft_list_jobs() {
   fi
 }
 
+# sft_read_job_end: export SFT_JOB_END, this job's end (seconds since the epoch, from squeue on the host: the
+# container has none) for sft's wall-time guard, which checkpoints and stops for a requeue while one step and
+# a save still fit, signal or not (docs/slurm.md). A time limit shorter than the USR1 lead makes Slurm send
+# USR1 at the first check after the start, so every start would stop after a few steps: say so, and ignore
+# that USR1 for the first 2 minutes (SFT_EARLY_USR1_UNTIL); the guard checkpoints before the limit instead.
+SFT_EARLY_USR1_UNTIL=0
+sft_read_job_end() {
+  local answer end limit lead left
+  if [[ -z "${SLURM_JOB_ID:-}" ]] || ! command -v squeue >/dev/null; then
+    return 0
+  fi
+  answer="$(squeue -h -j "$SLURM_JOB_ID" -o '%e %l' 2>/dev/null || true)"
+  end="${answer%% *}"
+  limit="${answer#* }"
+  # Without a time limit squeue still shows an end (a year after the start) or none at all.
+  if [[ ! "$end" =~ ^[0-9]{4}- || "$limit" == UNLIMITED || "$limit" == INFINITE ]]; then
+    return 0
+  fi
+  SFT_JOB_END="$(date -d "$end" +%s)"
+  export SFT_JOB_END
+  left=$((SFT_JOB_END - $(date +%s)))
+  lead="${SFT_SIGNAL_LEAD:-$(sed -n 's/^#SBATCH --signal=B:USR1@\([0-9]*\).*/\1/p' "$0" | head -n 1)}"
+  echo "== the job ends $end, in ${left} s (sft's wall-time guard checkpoints before then)"
+  if [[ -n "$lead" ]] && (( left <= lead )); then
+    echo "== warning: the time limit (${left} s left) is shorter than the USR1 lead (${lead} s, --signal=B:USR1@$lead):" \
+         "Slurm sends USR1 right away; ignoring it for 2 minutes, the wall-time guard checkpoints before the limit." \
+         "Ask for a longer --time, or a lead well below it (sbatch --signal=B:USR1@SECONDS; set SFT_SIGNAL_LEAD too)"
+    SFT_EARLY_USR1_UNTIL=$((SECONDS + 120))
+  fi
+}
+
 # sft_print_provenance: where and with what this job runs, first thing in the log.
 sft_print_provenance() {
   echo "== $(date '+%F %T') job ${SLURM_JOB_ID:-none} (${SLURM_JOB_NAME:-no name}, restart ${SLURM_RESTART_COUNT:-0})" \
        "on $(hostname), nodes ${SLURM_JOB_NODELIST:-$(hostname)}"
+  sft_read_job_end
   if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader || true
   else
@@ -160,6 +200,10 @@ sft_supervise() {
 }
 
 sft_forward() {
+  if [[ "$1" == USR1 ]] && (( SECONDS < SFT_EARLY_USR1_UNTIL )); then
+    echo "== $(date '+%F %T') got SIGUSR1 before the time limit's lead even began (see the warning above): ignored"
+    return 0  # a bare return in a trap handler returns the interrupted `wait`'s 138, and set -e would exit on it
+  fi
   SFT_SIGNAL="$1"
   if [[ "$1" == USR1 ]]; then
     SFT_GOT_USR1=1
@@ -178,29 +222,42 @@ sft_pass_on() {
   kill -s "$signal" "$SFT_CHILD" 2>/dev/null || true
 }
 
-# sft_requeue_if_preempted: after USR1 (Slurm's warning before the time limit, --signal=B:USR1@300, or a
-# `scancel --signal=USR1 --batch`), requeue the job so that it resumes from the checkpoint sft wrote. sft
-# exits 75 then; under torchrun the launcher reports a failed worker instead, so any failure after USR1
-# counts. The requeued job keeps its id, reruns this script with SLURM_RESTART_COUNT+1, appends to the same
-# log and resumes from the newest complete checkpoint.
+# sft_requeue_if_preempted: requeue the job when sft says it stopped for a requeue: exit 75 (EX_TEMPFAIL), or
+# under torchrun, whose own status is 1 whatever its workers' was, the stop file sft writes ($SFT_STOP_FILE).
+# It says so after a complete checkpoint, whether USR1 (Slurm's warning before the time limit,
+# --signal=B:USR1@300, or `scancel --signal=USR1 --batch`) or its wall-time guard stopped it. The requeued job
+# keeps its id, reruns this script with SLURM_RESTART_COUNT+1, appends to the same log and resumes from the
+# newest complete checkpoint. Any other status is never requeued: after USR1 too (a USR1 that hit sft as it
+# exited a finished run made it die with 138, and the requeue then failed on "holds a finished run").
 # SIGTERM alone never requeues: it is what a plain `scancel` sends (the job must then stay cancelled), and
 # Slurm requeues a job preempted with PreemptMode=REQUEUE by itself. sft checkpoints on it all the same.
 sft_requeue_if_preempted() {
+  local stopped_for_requeue=0
+  if (( SFT_STATUS == 75 )) || [[ -f "$sft_stop_file" ]]; then
+    stopped_for_requeue=1
+  fi
+  rm -f "$sft_stop_file"
   if (( SFT_STATUS == 0 )); then
     return 0
   fi
-  if (( ! SFT_GOT_USR1 )); then
-    if (( SFT_STATUS == 75 )); then
-      echo "== stopped by SIG${SFT_SIGNAL:-TERM} after a complete checkpoint; not requeueing (scancel or" \
-           "preemption: Slurm requeues preempted jobs itself). Submit the same command again to resume."
+  if (( ! stopped_for_requeue )); then
+    if (( SFT_GOT_USR1 )); then
+      echo "== sft exited $SFT_STATUS after SIGUSR1 without stopping for a requeue (it had finished, or failed" \
+           "before a checkpoint): not requeueing"
     fi
+    return 0
+  fi
+  if [[ "$SFT_SIGNAL" == TERM ]] && (( ! SFT_GOT_USR1 )); then
+    echo "== stopped by SIGTERM after a complete checkpoint; not requeueing (scancel or" \
+         "preemption: Slurm requeues preempted jobs itself). Submit the same command again to resume."
     return 0
   fi
   if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     echo "== preempted; not under Slurm, so rerun the same command to resume"
     return 0
   fi
-  echo "== $(date '+%F %T') preempted (exit $SFT_STATUS after SIGUSR1): requeueing job $SLURM_JOB_ID"
+  echo "== $(date '+%F %T') stopped for a requeue (exit $SFT_STATUS${SFT_SIGNAL:+ after SIG$SFT_SIGNAL}):" \
+       "requeueing job $SLURM_JOB_ID"
   # The requeue ends this shell with a signal, which skips the EXIT trap: print the total time now.
   sft_print_total_time "$SFT_STATUS"
   trap - EXIT

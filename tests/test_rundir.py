@@ -15,8 +15,8 @@ import pytest
 from sft.config import Config
 from sft.errors import UserError
 from sft.files import write_json_atomic
-from sft.rundir import (complete_checkpoints, discard_incomplete_checkpoints, mark_complete, open_run_dir,
-                        resolve_name, resume_command)
+from sft.rundir import (RunAlreadyFinished, complete_checkpoints, discard_incomplete_checkpoints, mark_complete,
+                        open_run_dir, resolve_name, resume_command)
 
 NOON = datetime(2026, 11, 25, 12, 0, 0)
 SETTINGS = {"task": "classification", "model": {"name": "m"}, "data": {"train": "a"}}
@@ -342,3 +342,35 @@ def test_a_refused_finished_run_is_left_as_it_was(tmp_path):
     with pytest.raises(UserError, match="holds a finished run"):
         open_run_dir(config, overwrite=False, now=NOON)
     assert snapshot(path) == before
+
+
+@pytest.mark.parametrize("restarts", [[], [{"slurm_job": "4242", "slurm_restart_count": "1"}]],
+                         ids=["finished-in-the-first-start", "finished-after-a-requeue"])
+def test_a_requeue_after_the_job_finished_its_run_is_told_it_is_done(tmp_path, monkeypatch, restarts):
+    """A signal that hit sft as it exited a finished run got the job requeued, and the next start failed on 'holds
+    a finished run' (job FAILED, an afterok chain broken). A later start of the job that finished the run is done
+    instead, whatever --overwrite says; the same start of that job, or another job, gets the usual choice."""
+    config = make_config(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    path = opened(config).path
+    finishing_restart = restarts[-1]["slurm_restart_count"] if restarts else "0"
+    write_json_atomic(path / "manifest.json", {"status": "finished", "slurm_job": "4242", "slurm": {},
+                                               "name_template": config.output.name, "restarts": restarts})
+    (path / "final").mkdir()
+    before = snapshot(path)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(int(finishing_restart) + 1))
+    for overwrite in (False, True):
+        with pytest.raises(RunAlreadyFinished, match="already finished; nothing left to do"):
+            open_run_dir(config, overwrite=overwrite, now=NOON)
+    assert snapshot(path) == before
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", finishing_restart)  # a second `sft train` in that same start
+    with pytest.raises(UserError, match="holds a finished run; pass --overwrite") as refused:
+        open_run_dir(config, overwrite=False, now=NOON)
+    assert not isinstance(refused.value, RunAlreadyFinished)
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "5")
+    with pytest.raises(UserError, match="holds a finished run; pass --overwrite") as refused:
+        open_run_dir(config, overwrite=False, now=NOON)  # another job resolves the same name
+    assert not isinstance(refused.value, RunAlreadyFinished)

@@ -10,7 +10,10 @@ FSDP from the config (accelerate's GPU-only gate lifted by tests/hooks), and fin
 SIGTERM;
 jupyter.sbatch serves JupyterLab behind a token on the node's address only, with the token in a file only the
 user can read and never in the Slurm log (the venv has JupyterLab from container/jupyter.lock, as the image).
-Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s); all of it takes ~3 min.
+The wall-time guard: a job with a 2-minute limit and no --signal checkpoints, requeues and resumes exactly, and
+so does one whose saves take 40 s; a job requeued after its run finished exits 0; train.sbatch requeues only
+when sft stopped for a requeue (with a fake sft). The guard tests wait out real time limits: ~8 min of the run.
+Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s); the rest takes ~3 min.
 """
 import json
 import os
@@ -189,6 +192,90 @@ def test_a_second_job_is_refused_on_a_run_whose_job_waits_in_the_queue_with_no_s
         ["manifest.json", "run.lock"]
 
 
+@pytest.fixture(scope="module")
+def no_signal_script(workdir) -> Path:
+    """train.sbatch without its `#SBATCH --signal` line: no warning before the time limit, as at a site that drops
+    it or in an interactive session. (It finds common.sh through SFT_SLURM_DIR.)"""
+    path = workdir / "train-no-signal.sbatch"
+    lines = (SLURM_DIR / "train.sbatch").read_text().splitlines(keepends=True)
+    path.write_text("".join(line for line in lines if not line.startswith("#SBATCH --signal")))
+    return path
+
+
+def _guarded_run(slurm_cluster, workdir, job_env, lm_config, script: Path, name: str, limit: str,
+                 test_env: dict[str, str], *overrides: str) -> tuple[str, Path, dict]:
+    """Submit with a time limit and test-only delays (tests/hooks), wait until the run finishes through its
+    requeues: (job id, run dir, manifest)."""
+    env = {**job_env, "SFT_SLURM_DIR": str(SLURM_DIR), "PYTHONPATH": str(REPO / "tests" / "hooks"), **test_env}
+    job = slurm_cluster.sbatch(*SMALL, f"--time={limit}", str(script), str(lm_config), *overrides,
+                               f"output.name={name}", env=env, cwd=workdir)
+    records = slurm_cluster.wait(job, timeout=900)
+    assert int(records[0]["Restarts"]) >= 1, "the run finished within one time limit: make it longer"
+    run_dir = workdir / "runs" / name
+    return job, run_dir, json.loads((run_dir / "manifest.json").read_text())
+
+
+def test_short_time_limit_without_signal_checkpoints_requeues_and_resumes_exactly(
+        slurm_cluster, workdir, job_env, lm_config, uninterrupted, no_signal_script):
+    """--time=2 and no --signal: steps slowed to 0.15 s (tests/hooks), 90 s of training does not fit in one start.
+    The wall-time guard reads the job's end (the script's squeue, SFT_JOB_END), checkpoints while a step and a
+    save still fit, exits 75, the script requeues, and the run ends as the uninterrupted one did, bit for bit."""
+    job, run_dir, manifest = _guarded_run(slurm_cluster, workdir, job_env, lm_config, no_signal_script, "walltime",
+                                          "00:02:00", {"SFT_TEST_STEP_DELAY": "0.15"},
+                                          f"training.max_steps={PREEMPT_STEPS}")
+    log = (workdir / "logs" / f"sft-{job}.out").read_text()
+    assert "got SIG" not in log and f"requeueing job {job}" in log and "wall-time guard:" in log
+    assert manifest["status"] == "finished"
+    sessions = manifest["sessions"]
+    assert [s["ended_by"] for s in sessions] == ["wall-time guard"] * (len(sessions) - 1) + ["finished"]
+    assert len(manifest["restarts"]) == len(sessions) - 1
+    assert all(s["seconds_left"] > 0 and len(s["checkpoint_saves_s"]) == 1 for s in sessions[:-1])
+    _, baseline = uninterrupted
+    assert [(r["step"], r["loss"]) for r in _loss_records(run_dir)] \
+        == [(r["step"], r["loss"]) for r in _loss_records(baseline)]
+    _assert_same_weights(run_dir / "final", baseline / "final")
+
+
+def test_slow_saves_make_the_guard_stop_early_enough(slurm_cluster, workdir, job_env, lm_config, no_signal_script):
+    """Every checkpoint save takes 40 s (tests/hooks), longer than the guard's fixed margin: the guard measures
+    the first scheduled save (step 20) and starts its stop that much earlier, so the stop's save completes and
+    the job requeues before the limit; the resumed run equals an uninterrupted one."""
+    steps = ("training.max_steps=60", "training.save_steps=20")
+    baseline = slurm_cluster.sbatch(*SMALL, str(SLURM_DIR / "train.sbatch"), str(lm_config), *steps,
+                                    "output.name=slow-save-baseline", env=job_env, cwd=workdir)
+    job, run_dir, manifest = _guarded_run(slurm_cluster, workdir, job_env, lm_config, no_signal_script,
+                                          "walltime-slow-save", "00:03:00", {"SFT_TEST_SAVE_DELAY": "40"}, *steps)
+    slurm_cluster.wait(baseline)
+    first = manifest["sessions"][0]
+    assert first["ended_by"] == "wall-time guard" and first["seconds_left"] > 0
+    assert len(first["checkpoint_saves_s"]) == 2 and min(first["checkpoint_saves_s"]) >= 40
+    log = (workdir / "logs" / f"sft-{job}.out").read_text()
+    left = float(re.search(r"wall-time guard: (\d+) s left", log)[1])
+    assert left > 40 + 30, "the stop began no earlier than a rule that ignores the measured save would start it"
+    assert manifest["status"] == "finished" and manifest["sessions"][-1]["ended_by"] == "finished"
+    reference = workdir / "runs" / "slow-save-baseline"
+    assert [(r["step"], r["loss"]) for r in _loss_records(run_dir)] \
+        == [(r["step"], r["loss"]) for r in _loss_records(reference)]
+    _assert_same_weights(run_dir / "final", reference / "final")
+
+
+def test_a_job_requeued_after_its_run_finished_completes_without_touching_it(slurm_cluster, workdir, job_env,
+                                                                              lm_config):
+    """The issue's last start: a job requeued after its run finished (there: by a USR1 that hit the exiting
+    process; here: by scontrol) exits 0 instead of failing on 'holds a finished run'."""
+    job = slurm_cluster.sbatch(*SMALL, str(SLURM_DIR / "train.sbatch"), str(lm_config), "training.max_steps=3",
+                               "output.name=finished-then-requeued", env=job_env, cwd=workdir)
+    slurm_cluster.wait(job)
+    final = workdir / "runs" / "finished-then-requeued" / "final" / "model.safetensors"
+    written = final.stat().st_mtime_ns
+    subprocess.run(["scontrol", "requeue", job], env=slurm_cluster.env, check=True)
+    _wait_for(lambda: slurm_cluster.job(job)["Restarts"] == "1", f"job {job} requeued", slurm_cluster)
+    record = slurm_cluster.wait(job)[0]
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0")
+    log = (workdir / "logs" / f"sft-{job}.out").read_text()
+    assert "already finished; nothing left to do" in log and final.stat().st_mtime_ns == written
+
+
 def test_sweep_array_gives_each_task_its_own_run_dir(slurm_cluster, workdir, job_env, lm_config):
     env = {**job_env, "SFT_SWEEP_SEEDS": "1 2", "SFT_SWEEP_LRS": "5e-4"}
     job = slurm_cluster.sbatch(*SMALL, "--array=0-1", str(SLURM_DIR / "sweep.sbatch"), str(lm_config),
@@ -245,6 +332,53 @@ def test_sweep_file_gives_each_task_its_line_of_overrides(tmp_path, tiny_causal_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = yaml.safe_load((tmp_path / "runs" / "tiny-sweep7-1" / "config.yaml").read_text())
     assert (saved["training"]["seed"], saved["training"]["learning_rate"]) == (6, 2e-3)
+
+
+def _train_sbatch_with_fake_sft(tmp_path: Path, sft_train: str, job_end: int | None = None):
+    """train.sbatch as Slurm would run it (job 77), with fakes on PATH: `sft train` runs the bash in sft_train,
+    squeue answers job_end (seconds since the epoch; none: no time limit), scontrol records its calls.
+    (completed process, scontrol's calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fakes = {"sft": f'[[ "$1" == info ]] && exit 0\n{sft_train}',
+             "scontrol": 'echo "$*" >> "$SCONTROL_CALLS"',
+             "squeue": f'echo "$(date -d @{job_end} +%Y-%m-%dT%H:%M:%S) 2:00"' if job_end else "echo 'N/A UNLIMITED'"}
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "scontrol-calls"
+    calls.unlink(missing_ok=True)
+    (tmp_path / "config.yaml").touch()
+    env = {**_outside_slurm(), "SLURM_JOB_ID": "77", "SFT_RUNTIME": "none", "SFT_SLURM_DIR": str(SLURM_DIR),
+           "SFT_OUTPUT_DIR": str(tmp_path / "runs"), "PATH": f"{bin_dir}:/usr/bin:/bin", "SCONTROL_CALLS": str(calls)}
+    result = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), str(tmp_path / "config.yaml")], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    return result, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_train_sbatch_requeues_only_when_sft_stopped_for_a_requeue(tmp_path):
+    # The issue's 4th start: USR1 hit sft as it exited a finished run (exit 138); the requeue then failed.
+    finished, calls = _train_sbatch_with_fake_sft(tmp_path, "kill -USR1 $PPID; sleep 10; exit 0")
+    assert finished.returncode == 138 and "got SIGUSR1" in finished.stdout, finished.stdout + finished.stderr
+    assert "without stopping for a requeue" in finished.stdout and "requeue 77" not in calls
+    # The wall-time guard: exit 75 with no signal at all.
+    guarded, calls = _train_sbatch_with_fake_sft(tmp_path, "exit 75")
+    assert "requeue 77" in calls and "requeueing job 77" in guarded.stdout, guarded.stdout + guarded.stderr
+    # Under torchrun the exit code is the launcher's 1: the stop file says it instead.
+    launched, calls = _train_sbatch_with_fake_sft(tmp_path, 'echo stopped > "$SFT_STOP_FILE"; exit 1')
+    assert "requeue 77" in calls and not list((tmp_path / "runs").glob(".sft-stop-*")), launched.stdout
+    crashed, calls = _train_sbatch_with_fake_sft(tmp_path, "exit 1")
+    assert crashed.returncode == 1 and calls == []
+
+
+def test_train_sbatch_passes_the_job_end_and_reports_a_time_limit_shorter_than_the_signal_lead(tmp_path):
+    end = int(time.time()) + 120  # --time=2 under the script's --signal=B:USR1@300: Slurm sends USR1 at once
+    result, calls = _train_sbatch_with_fake_sft(tmp_path, 'kill -USR1 $PPID; sleep 1; echo "end=$SFT_JOB_END"',
+                                                job_end=end)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"end={end}" in result.stdout
+    assert "is shorter than the USR1 lead (300 s" in result.stdout and "got SIGUSR1" in result.stdout
+    assert "ignored" in result.stdout and calls == []
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +468,7 @@ def test_multi_node_script_finishes_a_slow_checkpoint_on_sigterm(slurm_cluster, 
     checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / ".complete").is_file()
     log = (workdir / "logs" / f"sft-multi-{job}.out").read_text()
-    assert "got SIGTERM" in log and "requeueing" not in log
+    assert "got SIGTERM" in log and "requeueing job" not in log
 
 
 def test_jupyter_sbatch_serves_lab_behind_a_token_and_prints_the_tunnel(slurm_cluster, workdir, job_env, tmp_path):

@@ -561,6 +561,33 @@ def test_a_resume_on_changed_data_is_refused_unless_allowed_and_the_manifest_kee
     assert now["data"]["train_examples"] == started_on["train_examples"] + 1
 
 
+@pytest.mark.slow
+def test_stop_at_checkpoints_before_the_end_exits_75_and_resumes_exactly(resumable, tmp_path):
+    """No signal, no Slurm: training.stop_at 20 s after the start is already within the guard's margin when the
+    first step ends, so it saves a checkpoint there and stops for a requeue, as SIGUSR1 would."""
+    make_config, runs = resumable
+    config_path = make_config("stop-at")
+    run_dir = runs / "stop-at"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+    stopped = run_cli("train", str(config_path), "training.stop_at=20s", env=env)
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr[-3000:]
+    assert "stopped by the wall-time guard at step 1" in stopped.stderr
+    assert "cannot fit a checkpoint save and stop (by estimate" in " ".join(stopped.stderr.split())  # said at start
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "preempted"
+    assert [p.parent.name for p in (run_dir / "checkpoints").glob("checkpoint-*/.complete")] == ["checkpoint-1"]
+    [session] = manifest["sessions"]
+    assert session["ended_by"] == "wall-time guard" and len(session["checkpoint_saves_s"]) == 1  # the stop's save
+
+    # The next session has its own end: stop_at may change between sessions without refusing the resume.
+    resumed = run_cli("train", str(config_path), "training.stop_at=1h", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_identical_runs(run_dir, runs / "reference")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [s["ended_by"] for s in manifest["sessions"]] == ["wall-time guard", "finished"]
+    assert len(manifest["sessions"][1]["checkpoint_saves_s"]) == 8 and manifest["sessions"][1]["final_save_s"] > 0
+
+
 def test_a_run_that_failed_before_any_checkpoint_restarts_with_a_corrected_config(tiny_causal_lm, tiny_chat_data,
                                                                                   tmp_path, write_config):
     config = tiny_lm_config(tmp_path / "no-such-model", tiny_chat_data, tmp_path / "runs", max_steps=2)
