@@ -79,19 +79,19 @@ def open_run_dir(config: Config, overwrite: bool, now: datetime | None = None) -
     run = RunDir(path, resumed=False, lock=_lock(path))
     try:
         manifest = manifests.read_manifest(path)
-        if manifest and manifest.get("status") == "finished" and _requeued_after_finishing(manifest):
+        # A requeue reruns its own command, --overwrite included: it resumes the run its job's last start was
+        # running, never replaces it, and is done when that start finished it. Otherwise --overwrite starts over
+        # whatever an earlier run left, finished or not.
+        requeue = manifest is not None and _later_start_of_its_job(manifest)
+        if requeue and manifest.get("status") == "finished":
             raise RunAlreadyFinished(f"output: {path} holds the run this Slurm job ({job}) already finished; "
                                      f"nothing left to do (the job was requeued after the run ended)")
-        # --overwrite starts over whatever an earlier run left, finished or not. A requeued job reruns its own
-        # command, --overwrite included: the run its first start began is resumed, never replaced.
-        own_run = bool(job) and manifest is not None and manifest.get("slurm_job") == job
-        if manifest and overwrite and not own_run:
+        if manifest and overwrite and not requeue:
             _empty(path)
             manifest = None
         if manifest and manifest.get("status") == "finished":
-            fix = f"Slurm job {job} finished it before this restart" if own_run else "pass --overwrite to replace it"
-            raise UserError(f"output: {path} holds a finished run; {fix}, or choose a new output.name (e.g. add "
-                            f"{{time}})")
+            raise UserError(f"output: {path} holds a finished run; pass --overwrite to replace it, or choose a new "
+                            f"output.name (e.g. add {{time}})")
         _record_owner(run.lock)
         if manifest is None:
             manifests.claim_run_dir(path, config.output.name)
@@ -107,10 +107,9 @@ class RunAlreadyFinished(UserError):
     `sft train` exits 0, so the job and any `afterok` dependency succeed, and the run is left as it is."""
 
 
-def _requeued_after_finishing(manifest: dict) -> bool:
-    """The start that finished this run was this very job, and this is a later start of it (a higher
-    SLURM_RESTART_COUNT). A second `sft train` within the same start of a job is no requeue: it gets the usual
-    choice (--overwrite or another output.name)."""
+def _later_start_of_its_job(manifest: dict) -> bool:
+    """The run's last start was this very job, and this is a later start of it (a higher SLURM_RESTART_COUNT): a
+    requeue. A second `sft train` within the same start of a job is no requeue."""
     restarts = manifest.get("restarts") or []
     finishing_start = restarts[-1] if restarts else {"slurm_job": manifest.get("slurm_job"),
                                                       "slurm_restart_count": (manifest.get("slurm") or {}).get(

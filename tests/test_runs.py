@@ -101,7 +101,7 @@ def test_a_start_time_that_is_not_text_is_flagged_and_the_other_runs_listed(tmp_
     runs, flags = listed_with_flags(capsys, output)
     assert list(runs) == ["good", "odd"]  # oldest first; the run without a time last
     assert runs["good"] == {"RUN": "good", "STATUS": "finished", "STEPS": "5", "BEST": "eval_loss 0.5 @ 5",
-                            "AGE": "3h", "SLURM_JOB": "7"}
+                            "AGE": "3h", "SLURM_JOB": "7", "ENDED": "-", "SAVE": "-"}
     assert (runs["odd"]["STATUS"], runs["odd"]["AGE"]) == ("finished", "?")
     assert flags == ["sft: odd: manifest.json: started 1733500000 is not an ISO time"]
 
