@@ -98,8 +98,7 @@ def check_data_unchanged(original, config) -> None:
         if fingerprint.sha256 != was.get("sha256"):
             raise UserError(f"{key}: {fingerprint.source} has changed since the run (sha256 "
                             f"{fingerprint.sha256[:12]}, recorded {str(was.get('sha256'))[:12]} from {was.get('source')})"
-                            f"; restore the original data or point the config's variables (e.g. DATA_PATH) at a copy "
-                            f"of it")
+                            f"; put the original data back at that path (in the container: bind a copy of it there)")
 
 
 def environment_changes(manifest: dict) -> list[str]:
