@@ -68,38 +68,6 @@ def git_commit(directory: Path) -> dict[str, Any] | None:
     return {"commit": commit, "dirty": bool(dirty)}
 
 
-def variable_templates(config_file: Path | None) -> dict[str, list]:
-    """The config values written with ${VARIABLES}, by flat key (`data.train[0].path`): `sft reproduce` substitutes
-    them again, since config.yaml holds them substituted and with secrets masked. Each is split into literal text
-    and {"variable", "default"} parts, so masking (which hides a URL's user:password@) cannot garble it."""
-    import yaml
-
-    from sft.config import VARIABLE
-
-    try:
-        raw = yaml.safe_load(config_file.read_text()) if config_file else None
-    except (OSError, yaml.YAMLError):
-        return {}
-    templates = {}
-
-    def walk(node: Any, key: str) -> None:
-        if isinstance(node, dict):
-            for name, child in node.items():
-                walk(child, f"{key}.{name}" if key else str(name))
-        elif isinstance(node, list):
-            for index, child in enumerate(node):
-                walk(child, f"{key}[{index}]")
-        elif isinstance(node, str) and VARIABLE.search(node):
-            parts, position = [], 0
-            for match in VARIABLE.finditer(node):
-                parts += [node[position:match.start()], {"variable": match["name"], "default": match["default"]}]
-                position = match.end()
-            templates[key] = [part for part in parts + [node[position:]] if part != ""]
-
-    walk(raw, "")
-    return templates
-
-
 def slurm_environment() -> dict[str, str]:
     return {name: os.environ[name] for name in SLURM_VARIABLES if name in os.environ}
 
@@ -157,7 +125,6 @@ def start_manifest(run_dir: Path, config, resume_step: int | None, changed_setti
                     "slurm": start["slurm"], "host": start["host"], "platform": start["platform"],
                     "versions": start["versions"], "accelerator": start["accelerator"], "image": start["image"],
                     "git": git_commit(config.config_path.parent) if config.config_path else None,
-                    "config_variables": variable_templates(config.config_path),
                     "data": {}, "restarts": [], "results": {}}
     write_manifest(run_dir, manifest)
     return manifest

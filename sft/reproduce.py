@@ -6,7 +6,7 @@ with `sft diff`. On CPU, and on GPUs with training.deterministic, a reproduction
 """
 import copy
 import logging
-import re
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,9 @@ import yaml
 
 from sft.diff import environment_of, read_run_record, source_keys
 from sft.errors import UserError
-from sft.secrets import MASK
+from sft.secrets import MASK, URL_PASSWORD
 
 log = logging.getLogger("sft")
-STEP = re.compile(r"[^.\[\]]+")
 
 
 def reproduce(run_dir: str | Path, name: str | None = None, env_file: str | None = None) -> tuple[str, bool]:
@@ -28,7 +27,7 @@ def reproduce(run_dir: str | Path, name: str | None = None, env_file: str | None
 
     original = read_run_record(run_dir)
     name = name or f"{original.path.name}-reproduce"
-    # The config lives while the run trains: the new manifest records its ${VARIABLES} as the original's did.
+    # The copy stays on disk while the run trains, as any config `sft train` reads does.
     with tempfile.TemporaryDirectory(prefix="sft-reproduce-") as folder:
         config = recorded_config(original, name, env_file, Path(folder) / f"{original.path.name}.yaml")
         check_data_unchanged(original, config)
@@ -39,10 +38,10 @@ def reproduce(run_dir: str | Path, name: str | None = None, env_file: str | None
 
 
 def recorded_config(original, name: str, env_file: str | None, path: Path):
-    """The run's config.yaml, written to PATH and loaded, for a run in RUN_DIR's folder named NAME: values written
-    with ${VARIABLES} substituted again from the environment/.env (the copy holds secrets masked), env_file from
-    this command."""
-    from sft.config import load_config
+    """The run's config.yaml, written to PATH and loaded as `sft train` loads a config, for a run in RUN_DIR's folder
+    named NAME: every value as it ran, except the ${VARIABLE} references config.yaml keeps for values taken from
+    secret variables, which are resolved again from the environment and .env (env_file from this command)."""
+    from sft.config import VARIABLE, load_config, load_env_file
     from sft.manifest import read_manifest
 
     target = original.path.parent / name
@@ -51,39 +50,25 @@ def recorded_config(original, name: str, env_file: str | None, path: Path):
     existing = read_manifest(target) if target.is_dir() else None
     if existing and existing.get("status") == "finished":
         raise UserError(f"{target} holds a finished run already; pass --name NEW to reproduce into a new directory")
+    recorded = original.path / "config.yaml"
+    load_env_file(env_file)
+    for key, value in _strings(original.config):
+        unset = next((m for m in VARIABLE.finditer(value) if m["default"] is None and m["name"] not in os.environ),
+                     None)
+        if unset:
+            raise UserError(f"{recorded}: {key} comes from the secret variable {unset['name']}, which is not set "
+                            f"here; export it or add it to .env (or pass --env-file), then retry")
+        password = URL_PASSWORD.search(value)
+        if password and password["password"] == MASK:
+            raise UserError(f"{recorded}: {key} holds a database password typed into the config (masked), so it "
+                            f"cannot be read again; write it as ${{NAME}} in the config and train anew, or reproduce "
+                            f"from the original config with `sft train`")
     raw = copy.deepcopy(original.config)
-    for key, parts in (original.manifest.get("config_variables") or {}).items():
-        _restore(raw, key, parts)
-    masked = next((key for key, value in _strings(raw) if MASK in value), None)
-    if masked:
-        raise UserError(f"{original.path / 'config.yaml'}: {masked} holds a masked secret that the config did not "
-                        f"take from a ${{VARIABLE}}, so it cannot be read again; write it as ${{NAME}} in the config "
-                        f"and train anew, or reproduce from the original config with `sft train`")
     raw["env_file"] = None
     pinned = name.replace("{", "{{").replace("}", "}}")  # a literal name, not a template
     raw["output"] = {**raw.get("output", {}), "dir": str(original.path.parent), "name": pinned}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return load_config(path, env_file=env_file)
-
-
-def _reference(part: dict) -> str:
-    default = part.get("default")
-    return f"${{{part['variable']}{'' if default is None else ':-' + default}}}"
-
-
-def _restore(raw: dict, key: str, parts: list) -> None:
-    """Put the ${VARIABLE} template back at a flat key such as data.train[0].path, where the recorded value is one
-    it produced (an override on the command line may have replaced it; then the recorded value stands)."""
-    *parents, leaf = [int(step) if step.isdigit() else step for step in STEP.findall(key)]
-    produced = re.compile("".join(re.escape(part) if isinstance(part, str) else ".*" for part in parts), re.S)
-    node: Any = raw
-    try:
-        for step in parents:
-            node = node[step]
-        if isinstance(node[leaf], str) and produced.fullmatch(node[leaf]):
-            node[leaf] = "".join(part if isinstance(part, str) else _reference(part) for part in parts)
-    except (KeyError, IndexError, TypeError):  # the section was replaced by an override
-        pass
 
 
 def _strings(node: Any, key: str = ""):
@@ -113,8 +98,7 @@ def check_data_unchanged(original, config) -> None:
         if fingerprint.sha256 != was.get("sha256"):
             raise UserError(f"{key}: {fingerprint.source} has changed since the run (sha256 "
                             f"{fingerprint.sha256[:12]}, recorded {str(was.get('sha256'))[:12]} from {was.get('source')})"
-                            f"; restore the original data or point the config's variables (e.g. DATA_PATH) at a copy "
-                            f"of it")
+                            f"; put the original data back at that path (in the container: bind a copy of it there)")
 
 
 def environment_changes(manifest: dict) -> list[str]:

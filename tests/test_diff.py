@@ -89,6 +89,20 @@ def test_a_changed_config_key_is_an_input(tmp_path, capsys):
     assert (code, verdict(out)) == (1, "verdict: different inputs: training.learning_rate")
 
 
+def test_secret_references_are_compared_as_recorded(tmp_path, capsys, monkeypatch):
+    """config.yaml keeps ${VAR} for a value taken from a secret variable: the same reference on both sides is the same
+    input; against a value written out it is a difference, even when this shell's variable would resolve to it (the
+    runs may have read other values, and diff compares records, not this environment)."""
+    monkeypatch.setenv("MODEL_SECRET_DIR", "/models")
+    referenced = changed(CONFIG, model__name="${MODEL_SECRET_DIR}/tiny")
+    a = make_run(tmp_path / "a", referenced)
+    code, out = run_diff(capsys, a, make_run(tmp_path / "copy", referenced))
+    assert (code, verdict(out)) == (0, "verdict: identical")
+    code, out = run_diff(capsys, a, make_run(tmp_path / "written", CONFIG))
+    assert (code, verdict(out)) == (1, "verdict: different inputs: model.name")
+    assert "  model.name: ${MODEL_SECRET_DIR}/tiny → /models/tiny" in out
+
+
 def test_same_inputs_and_environment_with_other_losses_is_nondeterminism(tmp_path, capsys):
     a = make_run(tmp_path / "a")
     metrics = copy.deepcopy(METRICS)

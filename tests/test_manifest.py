@@ -158,18 +158,3 @@ def test_image_provenance_is_read_from_the_baked_file(tmp_path, monkeypatch):
     (tmp_path / "p.json").write_text('{"git_commit": "abc", "lock_sha256": "123"}')
     monkeypatch.setenv("SFT_PROVENANCE_FILE", str(tmp_path / "p.json"))
     assert image_provenance() == {"git_commit": "abc", "lock_sha256": "123"}
-
-
-def test_variable_templates_survive_secret_masking(tmp_path):
-    """sft reproduce substitutes them again: a URL's ${PGPASSWORD} must not be masked away like a password."""
-    from sft.manifest import variable_templates
-    from sft.secrets import mask_values
-
-    config = tmp_path / "x.yaml"
-    config.write_text("data:\n  train: ${DATA_PATH}/train.jsonl\n  eval:\n    - query: select 1\n"
-                      "      database: postgresql://me:${PGPASSWORD}@db/${DB:-sft}\n")
-    templates = variable_templates(config)
-    assert templates == {"data.train": [{"variable": "DATA_PATH", "default": None}, "/train.jsonl"],
-                         "data.eval[0].database": ["postgresql://me:", {"variable": "PGPASSWORD", "default": None},
-                                                   "@db/", {"variable": "DB", "default": "sft"}]}
-    assert mask_values(templates) == templates

@@ -49,7 +49,7 @@ def test_a_copied_run_reproduces_bit_identically(tiny_causal_lm, tiny_chat_data,
 
 
 def train_with_secret_data_folder(tmp_path, model, monkeypatch):
-    """A finished run whose data path comes from a secret-named variable (masked in config.yaml and manifest)."""
+    """A finished run whose data path comes from a secret-named variable (config.yaml keeps the reference)."""
     from sft.config import load_config
     from sft.training import run_training
 
@@ -61,20 +61,26 @@ def train_with_secret_data_folder(tmp_path, model, monkeypatch):
     path = tmp_path / "secret.yaml"
     path.write_text(yaml.safe_dump(config))
     run = run_training(load_config(path)).run_dir
-    assert "***/chat.jsonl" in (run / "config.yaml").read_text()  # the copy cannot be trained from as it is
+    recorded = (run / "config.yaml").read_text()
+    assert "${DATA_SECRET_DIR}/chat.jsonl" in recorded and str(data_folder) not in recorded
     return run, data_folder
 
 
-def test_secrets_are_read_again_from_the_environment_not_from_the_masked_copy(tiny_causal_lm, tmp_path, capsys,
+def test_secret_references_in_config_yaml_are_resolved_again_from_the_environment(tiny_causal_lm, tmp_path, capsys,
                                                                             monkeypatch):
     run, _ = train_with_secret_data_folder(tmp_path, tiny_causal_lm, monkeypatch)
     assert main(["reproduce", str(run)]) == 0
     assert capsys.readouterr().out.strip().endswith("verdict: identical")
-    assert (tmp_path / "runs" / "tiny-reproduce" / "final").is_dir()
+    again = tmp_path / "runs" / "tiny-reproduce"
+    assert (again / "final").is_dir()
+    assert (again / "config.yaml").read_text().count("${DATA_SECRET_DIR}/chat.jsonl") == 1
 
     monkeypatch.delenv("DATA_SECRET_DIR")
     assert main(["reproduce", str(run), "--name", "without-variable"]) == 2
-    assert "environment variable DATA_SECRET_DIR is not set" in capsys.readouterr().err
+    error = capsys.readouterr().err.strip()
+    assert error == (f"sft: error: {run / 'config.yaml'}: data.train comes from the secret variable DATA_SECRET_DIR, "
+                     f"which is not set here; export it or add it to .env (or pass --env-file), then retry")
+    assert not (tmp_path / "runs" / "without-variable").exists()
 
 
 def test_reproduction_on_changed_data_is_refused_naming_the_source(tiny_causal_lm, tmp_path, capsys, monkeypatch):
@@ -117,18 +123,22 @@ def test_a_reproduction_says_where_the_environment_differs_from_the_recorded_one
                                             "same outcome")
 
 
-def test_a_template_is_put_back_only_where_it_produced_the_recorded_value(tmp_path, monkeypatch):
-    """`sft train x.yaml data.eval=...` replaced the YAML's ${DATA_PATH}/eval.jsonl: the override's value stands."""
+def test_a_url_password_reference_is_resolved_and_a_typed_one_is_refused(tmp_path, monkeypatch):
+    """config.yaml keeps postgresql://me:${PGPASSWORD}@db/x and masks a password typed into the YAML."""
     from sft.diff import RunRecord
+    from sft.errors import UserError
     from sft.reproduce import recorded_config
 
-    monkeypatch.setenv("DATA_PATH", "/bob/data")
-    config = {"task": "causal_lm", "model": {"name": "m"},
-              "data": {"train": "/alice/data/train.jsonl", "eval": "/alice/other/dev.jsonl"},
-              "output": {"dir": "/alice/runs", "name": "x"}}
-    templates = {"data.train": [{"variable": "DATA_PATH", "default": None}, "/train.jsonl"],
-                 "data.eval": [{"variable": "DATA_PATH", "default": None}, "/eval.jsonl"]}
-    original = RunRecord(tmp_path / "runs" / "x", config, {"config_variables": templates}, [])
+    monkeypatch.setenv("PGPASSWORD", "s3cret-word")
+    config = {"task": "causal_lm", "model": {"name": "m"}, "output": {"dir": "/alice/runs", "name": "x"},
+              "data": {"train": [{"database": "postgresql://me:${PGPASSWORD}@db/x", "query": "select 1"}],
+                       "eval": "/alice/data/dev.jsonl"}}
+    original = RunRecord(tmp_path / "runs" / "x", config, {}, [])
     loaded = recorded_config(original, "x-again", None, tmp_path / "x.yaml")
-    assert (loaded.data.train, loaded.data.eval) == ("/bob/data/train.jsonl", "/alice/other/dev.jsonl")
+    assert (loaded.data.train[0].database, loaded.data.eval) == ("postgresql://me:s3cret-word@db/x",
+                                                                 "/alice/data/dev.jsonl")
     assert (loaded.output.dir, loaded.output.name) == (str(tmp_path / "runs"), "x-again")
+
+    config["data"]["train"][0]["database"] = "postgresql://me:***@db/x"
+    with pytest.raises(UserError, match=r"data\.train\[0\]\.database holds a database password typed into"):
+        recorded_config(original, "x-again", None, tmp_path / "x.yaml")
