@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     commands.choices["train"].add_argument("--overwrite", action="store_true",
                                            help="replace a finished run directory of the same name")
+    commands.choices["train"].add_argument("--from-checkpoint", metavar="checkpoint-N",
+                                           help="restart an unfinished run from this complete checkpoint instead of "
+                                                "the newest (e.g. after a nan stop); later checkpoints are moved to "
+                                                "RUN/checkpoints.abandoned-TIME/, and training.learning_rate may "
+                                                "change")
     commands.choices["check"].add_argument("--gpu-mem", metavar="SIZE",
                                            help="GPU memory to check the run's estimated peak against, e.g. 80GB "
                                                 "(default: the visible GPU)")
@@ -148,10 +153,13 @@ def _train(args) -> int:
     from sft.report import print_summary
     from sft.training import Preempted, run_training
 
+    if args.from_checkpoint and args.overwrite:
+        raise UserError("--from-checkpoint restarts a run, --overwrite replaces it; pass one of them")
     config = load_config(args.config, args.overrides, args.env_file)
     check_settings(config)  # before a run directory exists: a bad setting costs a second, not a queue wait
     try:
-        result = run_training(config, overwrite=args.overwrite, overrides=args.overrides, env_file=args.env_file)
+        result = run_training(config, overwrite=args.overwrite, overrides=args.overrides, env_file=args.env_file,
+                              from_checkpoint=args.from_checkpoint)
     except Preempted as stop:
         if stop.resume_command:  # printed, not logged: the log wraps long lines, and this one gets copied
             print(f"sft: preempted; a requeued job resumes by itself, or resume with: {stop.resume_command}",

@@ -39,8 +39,9 @@ class RunResult:
 
 
 def run_training(config: Config, overwrite: bool = False, overrides: list[str] = (),
-                 env_file: str | None = None) -> RunResult:
-    """Train; `overrides` and `env_file` as given on the command line, for the command that resumes the run."""
+                 env_file: str | None = None, from_checkpoint: str | None = None) -> RunResult:
+    """Train; `overrides` and `env_file` as given on the command line, for the command that resumes the run.
+    `from_checkpoint` (checkpoint-N) restarts an unfinished run from that checkpoint instead of the newest."""
     from sft.callbacks import PreemptionCallback
     from sft.logs import close_run_log
     from sft.model import check_method_runs_here
@@ -49,7 +50,7 @@ def run_training(config: Config, overwrite: bool = False, overrides: list[str] =
     preemption = PreemptionCallback()
     preemption.install()
     try:
-        return _run(config, overwrite, preemption, list(overrides), env_file)
+        return _run(config, overwrite, preemption, list(overrides), env_file, from_checkpoint)
     finally:
         preemption.restore()
         close_run_log()
@@ -68,7 +69,8 @@ def start_processes(config: Config):
                         timeout=timedelta(seconds=config.training.ddp_timeout))
 
 
-def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_file: str | None) -> RunResult:
+def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_file: str | None,
+         from_checkpoint: str | None) -> RunResult:
     from accelerate.utils import broadcast_object_list
 
     from sft import manifest as manifests
@@ -85,13 +87,21 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
     # run ends; the others get the path.
     run = broadcast_object_list([rundir.open_run_dir(config, overwrite) if is_main else None])[0]
     try:
+        moved_aside = rundir.restart_from(run, from_checkpoint) if from_checkpoint and is_main else None
         if is_main:
             add_run_log(run.path, run.resumed)
-        resume_from = _resume_checkpoint(run, is_main)
+        resume_from = _resume_checkpoint(run, is_main, from_checkpoint)
         if is_main:
-            _write_config(run.path, config, must_match=resume_from is not None)
+            changed = _write_config(run.path, config, must_match=resume_from is not None,
+                                    may_change=RESTART_MAY_CHANGE if from_checkpoint else ())
         manifest = manifests.start_manifest(run.path, config, resume_from and rundir.checkpoint_step(resume_from)) \
             if is_main else {}
+        if from_checkpoint and is_main:
+            manifests.record_chosen_checkpoint(run.path, manifest, from_checkpoint, moved_aside, changed)
+            log.warning("restarting from %s%s%s", from_checkpoint,
+                        f"; the checkpoints after it are in {moved_aside}" if moved_aside else "",
+                        "; changed: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+                        if changed else "")
         manifest["determinism"] = determinism
         log.info("run directory %s (%s)", run.path, f"resuming from {resume_from.name}" if resume_from else "new run")
         if state.num_processes > 1:
@@ -196,10 +206,23 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
     save_final(trainer, config, run.path)
     if is_main:
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
+        if config.training.save_strategy == "no":
+            _remove_preemption_checkpoints(run)
         write_report_of(run.path, (lambda: samples.record(run.path, trainer.model, tokenizer, prompts, "after"))
                         if prompts else None)
     # No barrier here: the other ranks are done, and waiting for rank 0's writes would count against ddp_timeout.
     return RunResult(run.path, metrics, is_main)
+
+
+def _remove_preemption_checkpoints(run: rundir.RunDir) -> None:
+    """With save_strategy "no" only a preemption writes checkpoints, for the requeued job to resume from: once the
+    run is finished (and says so) they have served."""
+    import shutil
+
+    for checkpoint in rundir.complete_checkpoints(run.checkpoints):
+        shutil.rmtree(checkpoint)
+        log.info("removed %s: written at a preemption, not needed once the run finished (training.save_strategy "
+                 "no)", checkpoint.name)
 
 
 def write_report_of(run_dir: Path, samples_after=None) -> None:
@@ -235,20 +258,32 @@ def held_fraction(model) -> float:
     return held / sum(p.numel() for p in model.parameters())
 
 
-def _write_config(run_dir: Path, config: Config, must_match: bool) -> None:
-    """config.yaml; a run resumed from a checkpoint must keep its settings (a run that never reached one may change)."""
+# What a restart from a chosen checkpoint (--from-checkpoint) may change: the usual cure for a nan.
+RESTART_MAY_CHANGE = ("training.learning_rate",)
+
+
+def _write_config(run_dir: Path, config: Config, must_match: bool, may_change: tuple[str, ...] = ()) -> dict:
+    """config.yaml; a run resumed from a checkpoint must keep its settings (a run that never reached one may change),
+    except those in `may_change`. Returns the ones that changed, {key: (old, new)}."""
     path, text = run_dir / "config.yaml", resolved_yaml(config)
+    changes = {}
     if must_match and path.is_file() and path.read_text() != text:
+        old, new = _flat_settings(path.read_text()), _flat_settings(text)
         # output.name may differ: the printed resume command pins a template ({time}) to the name it resolved to.
         changed = [key for key in _changed_keys(path.read_text(), text) if key != "output.name"]
+        refused = [key for key in changed if key not in may_change]
+        if refused:
+            raise UserError(f"output: {run_dir} was started with a different config ({', '.join(refused)} "
+                            f"changed); resume with the same settings, or choose a new output.name")
         if not changed:
-            return
-        raise UserError(f"output: {run_dir} was started with a different config ({', '.join(changed)} changed); "
-                        f"resume with the same settings, or choose a new output.name")
+            return changes
+        changes = {key: (old.get(key), new.get(key)) for key in changed}
     write_text_atomic(path, text)
+    return changes
 
 
-def _changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
+def _flat_settings(yaml_text: str) -> dict:
+    """{"training.learning_rate": 0.001, ...} of a config.yaml."""
     import yaml
 
     def flat(node, prefix=""):
@@ -256,15 +291,20 @@ def _changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
             return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
         return {prefix.rstrip("."): node}
 
-    old, new = flat(yaml.safe_load(old_yaml)), flat(yaml.safe_load(new_yaml))
+    return flat(yaml.safe_load(yaml_text))
+
+
+def _changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
+    old, new = _flat_settings(old_yaml), _flat_settings(new_yaml)
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
-def _resume_checkpoint(run: rundir.RunDir, is_main: bool) -> Path | None:
+def _resume_checkpoint(run: rundir.RunDir, is_main: bool, from_checkpoint: str | None) -> Path | None:
     if not run.resumed:
         return None
     complete = rundir.complete_checkpoints(run.checkpoints)
-    newest = complete[-1] if complete else None
+    # The chosen one by its name: rank 0 may be moving the later ones aside while the other ranks look.
+    newest = run.checkpoints / from_checkpoint if from_checkpoint else complete[-1] if complete else None
     if is_main:
         for path in rundir.discard_incomplete_checkpoints(run.checkpoints):
             log.warning("removed incomplete checkpoint %s (interrupted while saving)", path.name)
@@ -288,8 +328,8 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
     import torch
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer, TrainingArguments
 
-    from sft.callbacks import (CompleteCheckpointCallback, EvalMetricsCallback, MetricsFileCallback,
-                               NonFiniteLossCallback, OverfittingWarningCallback)
+    from sft.callbacks import (CompleteCheckpointCallback, ConfiguredLearningRateCallback, EvalMetricsCallback,
+                               MetricsFileCallback, NonFiniteLossCallback, OverfittingWarningCallback)
     from sft.metrics import ClassificationMetrics, CausalLMMetrics, predicted_token_ids
     from sft.model import training_dtype
     from sft.throughput import ThroughputCallback
@@ -364,7 +404,8 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         # ThroughputCallback first: it adds tokens/s to the logs that MetricsFileCallback writes.
         callbacks=[ThroughputCallback(), MetricsFileCallback(run.path), EvalMetricsCallback(run.path, compute_metrics),
                    OverfittingWarningCallback(run.path, t.overfitting_warning),
-                   CompleteCheckpointCallback(t.save_total_limit), preemption, NonFiniteLossCallback()]
+                   CompleteCheckpointCallback(t.save_total_limit), preemption, NonFiniteLossCallback(),
+                   ConfiguredLearningRateCallback()]
                   + ([EarlyStoppingCallback(stopping.patience, stopping.threshold)] if stopping else []),
     )
     # Without tqdm Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.
