@@ -87,7 +87,10 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
     # run ends; the others get the path.
     run = broadcast_object_list([rundir.open_run_dir(config, overwrite) if is_main else None])[0]
     try:
-        moved_aside = rundir.restart_from(run, from_checkpoint) if from_checkpoint and is_main else None
+        moved_aside = None
+        if from_checkpoint:  # every rank was given it: rank 0 decides, and tells the others
+            from_checkpoint, moved_aside = broadcast_object_list(
+                [_go_back_to(run, from_checkpoint) if is_main else None])[0]
         if is_main:
             add_run_log(run.path, run.resumed)
         resume_from = _resume_checkpoint(run, is_main, from_checkpoint)
@@ -297,6 +300,20 @@ def _flat_settings(yaml_text: str) -> dict:
 def _changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
     old, new = _flat_settings(old_yaml), _flat_settings(new_yaml)
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def _go_back_to(run: rundir.RunDir, checkpoint: str) -> tuple[str | None, Path | None]:
+    """--from-checkpoint: (the checkpoint to resume from, the folder the later ones were moved to). A requeue of the
+    Slurm job that already went back to it resumes from its newest checkpoint instead (None): the requeued job has
+    the same arguments, and going back again would throw away what it trained since."""
+    from sft import manifest as manifests
+
+    job = manifests.slurm_job_key()
+    restarts = (manifests.read_manifest(run.path) or {}).get("restarts", [])
+    if job and any(r.get("from_checkpoint") == checkpoint and r.get("slurm_job") == job for r in restarts):
+        log.info("this Slurm job restarted from %s before: resuming from its newest checkpoint", checkpoint)
+        return None, None
+    return checkpoint, rundir.restart_from(run, checkpoint)
 
 
 def _resume_checkpoint(run: rundir.RunDir, is_main: bool, from_checkpoint: str | None) -> Path | None:

@@ -122,12 +122,36 @@ def test_non_finite_gradient_or_weights_stop_before_a_checkpoint_is_marked_compl
     assert manifest(run_dir)["status"] == "failed"
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_weight_check_names_each_non_finite_trained_parameter(bad):
+    """Any nan or inf value is found (the check sums each tensor), large finite weights pass, and a frozen weight is
+    not looked at: an update never changes it."""
+    import torch
+
+    from sft.callbacks import non_finite_parameters
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].weight.fill_(1e37)
+        model[2].weight[0, 0] = bad
+        model[2].weight.requires_grad_(False)
+    assert non_finite_parameters(model) is None
+    with torch.no_grad():
+        model[1].bias[2] = bad
+        model[1].weight[1, 1] = -bad
+    assert non_finite_parameters(model) == ["1.weight", "1.bias"]
+
+
 def test_a_restart_from_a_chosen_checkpoint_moves_later_ones_aside_and_may_lower_the_learning_rate(
         tiny_causal_lm, tiny_chat_data, tmp_path, write_config, capsys, monkeypatch):
     """A run stopped by a nan loss at step 6 after checkpoints 2 and 4 restarts from checkpoint-2 at half the
-    learning rate: checkpoint-4 is moved aside (not deleted), the rate logged from step 3 on is half the
-    uninterrupted run's at each step, and the manifest records the restart as no longer exact."""
+    learning rate, in Slurm job 77: checkpoint-4 is moved aside (not deleted), the rate logged from step 3 on is
+    half the uninterrupted run's at each step, and the manifest records the restart as no longer exact. Preempted
+    in step 5, the requeued job 77 (same arguments) resumes from checkpoint-5, not from checkpoint-2 again."""
     from transformers import Trainer
+
+    from sft.training import Preempted
+    from test_training import signal_in_step
 
     def config(name: str) -> Path:
         settings = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=6, save_steps=2,
@@ -137,6 +161,7 @@ def test_a_restart_from_a_chosen_checkpoint_moves_later_ones_aside_and_may_lower
 
     code, stderr = train_cli(config("reference"), capsys)
     assert code == 0, stderr
+    training_step = Trainer.training_step
     monkeypatch.setattr(Trainer, "training_step", poisoned_training_step(5, "gradient"))
     config_path, run_dir = config("tiny"), tmp_path / "runs" / "tiny"
     code, stderr = train_cli(config_path, capsys)
@@ -148,7 +173,13 @@ def test_a_restart_from_a_chosen_checkpoint_moves_later_ones_aside_and_may_lower
     assert code == EXIT_USER_ERROR
     assert ("sft: error: --from-checkpoint checkpoint-6: " + str(run_dir) + " has no complete checkpoint of that "
             "name (complete ones: checkpoint-2, checkpoint-4); name one of them") in stderr
-    code, stderr = train_cli(config_path, capsys, "--from-checkpoint", "checkpoint-2", "training.learning_rate=5e-4")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    restart = ("--from-checkpoint", "checkpoint-2", "training.learning_rate=5e-4")
+    monkeypatch.setattr(Trainer, "training_step", signal_in_step(5))
+    code, stderr = train_cli(config_path, capsys, *restart)
+    assert code == Preempted.exit_code, stderr
+    monkeypatch.setattr(Trainer, "training_step", training_step)
+    code, stderr = train_cli(config_path, capsys, *restart)
     assert code == 0, stderr
 
     [aside] = run_dir.glob("checkpoints.abandoned-*")
@@ -160,10 +191,11 @@ def test_a_restart_from_a_chosen_checkpoint_moves_later_ones_aside_and_may_lower
     assert sorted(rates["tiny"]) == sorted(rates["reference"]) == [1, 2, 3, 4, 5, 6]
     assert all(rates["tiny"][step] == rates["reference"][step] for step in (1, 2))
     assert all(rates["tiny"][step] == pytest.approx(rates["reference"][step] / 2) for step in (3, 4, 5, 6))
-    restart = manifest(run_dir)["restarts"][-1]
+    restart, requeue = manifest(run_dir)["restarts"][-2:]
     assert restart["resumed_from_step"] == 2 and restart["from_checkpoint"] == "checkpoint-2"
     assert restart["moved_aside"] == aside.name and restart["exact"] is False
     assert restart["changed"] == {"training.learning_rate": {"from": 0.001, "to": 0.0005}}
+    assert requeue["resumed_from_step"] == 5 and "from_checkpoint" not in requeue
     assert manifest(run_dir)["status"] == "finished" and finite_weights(run_dir / "final")
 
 
