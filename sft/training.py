@@ -183,8 +183,9 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
         log.info("rank 0 holds %.1f%% of the model's parameter values (%s)", 100 * held_fraction(trainer.model),
                  f"FSDP shards across {state.num_processes} processes" if trainer.is_fsdp_enabled
                  else "DDP: every process holds a full copy")
-    # A signal during the very last step leaves nothing to resume: finish normally instead.
-    if preemption.stopped_by and trainer.state.global_step < trainer.state.max_steps:
+    # A signal during the very last step, or the step whose evaluation stops early, leaves nothing to resume: finish
+    # normally instead.
+    if preemption.stopped_by and trainer.state.global_step < trainer.state.max_steps and not _stopped_early(trainer):
         if is_main:
             manifests.finish_manifest(run.path, manifest, "preempted")
         log.warning("stopped by %s at step %d after saving a complete checkpoint", preemption.stopped_by,
@@ -226,6 +227,14 @@ def _remove_preemption_checkpoints(run: rundir.RunDir) -> None:
         shutil.rmtree(checkpoint)
         log.info("removed %s: written at a preemption, not needed once the run finished (training.save_strategy "
                  "no)", checkpoint.name)
+
+
+def _stopped_early(trainer) -> bool:
+    """Whether early stopping's patience ran out (training.early_stopping)."""
+    from transformers import EarlyStoppingCallback
+
+    return any(isinstance(c, EarlyStoppingCallback) and c.early_stopping_patience_counter >= c.early_stopping_patience
+               for c in trainer.callback_handler.callbacks)
 
 
 def write_report_of(run_dir: Path, samples_after=None) -> None:

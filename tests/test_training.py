@@ -565,6 +565,32 @@ def test_a_signal_at_any_step_keeps_every_evaluation(evaluated_each_epoch, monke
 
 
 @pytest.mark.slow
+def test_a_signal_in_the_step_whose_evaluation_stops_early_finishes_the_run(tiny_causal_lm, tmp_path, write_config,
+                                                                           monkeypatch):
+    """Patience 2 and a threshold no evaluation beats stop the run after its third evaluation, at step 12 of 24
+    (as in test_a_run_killed_while_early_stopping_counts_resumes_to_the_same_stop). SIGUSR1 in step 12: that
+    evaluation still runs, stops the run, and the run finishes there instead of waiting for a requeue that would
+    train one more epoch before its next evaluation."""
+    from transformers import Trainer
+
+    from conftest import CHAT_ROWS, write_jsonl
+    from sft.training import run_training
+
+    train, evaluation = (write_jsonl(tmp_path / f"{name}.jsonl", rows)
+                         for name, rows in (("train", CHAT_ROWS[:16]), ("eval", CHAT_ROWS[16:])))
+    config = tiny_lm_config(tiny_causal_lm, train, tmp_path / "runs", epochs=6, eval_strategy="epoch",
+                            save_strategy="epoch", save_total_limit=5, learning_rate=3e-3,
+                            early_stopping={"patience": 2, "threshold": 100.0, "metric": "eval_token_accuracy"})
+    config["data"]["eval"] = str(evaluation)
+    monkeypatch.setattr(Trainer, "training_step", signal_in_step(12))
+    result = run_training(load_config(write_config(config)))
+
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["results"]["steps"] == 12
+    assert [step for step, _ in evaluations(result.run_dir)] == [4, 8, 12]
+
+
+@pytest.mark.slow
 def test_a_preemption_checkpoint_without_save_strategy_is_removed_once_the_run_finishes(tiny_causal_lm,
                                                                                         tiny_chat_data, tmp_path,
                                                                                         write_config, monkeypatch):
