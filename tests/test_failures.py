@@ -1,5 +1,6 @@
-"""Nothing lost: a non-finite loss and a full disk stop the run with one clear line, keep the last good checkpoint,
-and the run resumes; the final model appears whole or not at all."""
+"""Nothing lost: a non-finite loss, gradient or weight and a full disk stop the run with one clear line, keep the last
+good checkpoint, and the run resumes (or restarts from a chosen checkpoint); the final model appears whole or not at
+all."""
 import json
 import os
 import subprocess
@@ -169,6 +170,8 @@ def test_a_restart_from_a_chosen_checkpoint_moves_later_ones_aside_and_may_lower
     four = (run_dir / "checkpoints" / "checkpoint-4" / "model.safetensors").read_bytes()
 
     monkeypatch.undo()
+    code, stderr = train_cli(config_path, capsys, "--from-checkpoint", "checkpoint-2", "--overwrite")
+    assert code == EXIT_USER_ERROR and "sft: error: --from-checkpoint restarts a run, --overwrite replaces it" in stderr
     code, stderr = train_cli(config_path, capsys, "--from-checkpoint", "checkpoint-6")
     assert code == EXIT_USER_ERROR
     assert ("sft: error: --from-checkpoint checkpoint-6: " + str(run_dir) + " has no complete checkpoint of that "
