@@ -3,6 +3,7 @@ non-finite loss, gradient or weight."""
 import json
 import logging
 import math
+import shlex
 import shutil
 import signal
 from pathlib import Path
@@ -218,9 +219,10 @@ def _stopped(args) -> str:
                 "training.warmup_ratio, or check the data around this step, then start a new run (another "
                 "output.name)")
     good = complete[-1].name
+    name = shlex.quote("output.name=" + Path(args.output_dir).parent.name.replace("{", "{{").replace("}", "}}"))
     return (f"stopped ({good} is the last good checkpoint). Restart from it with a lower learning rate: sft train "
-            f"CONFIG --from-checkpoint {good} training.learning_rate=LOWER (docs/troubleshooting.md), or check "
-            f"the data around this step")
+            f"CONFIG {name} --from-checkpoint {good} training.learning_rate=LOWER (docs/troubleshooting.md), or "
+            f"check the data around this step")
 
 
 class ConfiguredLearningRateCallback(TrainerCallback):
@@ -230,9 +232,10 @@ class ConfiguredLearningRateCallback(TrainerCallback):
     On any other run the rates already agree and nothing changes."""
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
-        scale = args.learning_rate / lr_scheduler.base_lrs[0]
-        if scale == 1:
+        base_rates = getattr(lr_scheduler, "base_lrs", None)  # none in reduce_lr_on_plateau and greedy
+        if not base_rates or base_rates[0] == args.learning_rate:
             return
+        scale = args.learning_rate / base_rates[0]
         lr_scheduler.base_lrs = [rate * scale for rate in lr_scheduler.base_lrs]
         for group in optimizer.param_groups:
             group["lr"] *= scale

@@ -96,7 +96,7 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
         resume_from = _resume_checkpoint(run, is_main, from_checkpoint)
         if is_main:
             changed = _write_config(run.path, config, must_match=resume_from is not None,
-                                    may_change=RESTART_MAY_CHANGE if from_checkpoint else ())
+                                    may_change=_may_change_on_restart(config) if from_checkpoint else ())
         manifest = manifests.start_manifest(run.path, config, resume_from and rundir.checkpoint_step(resume_from)) \
             if is_main else {}
         if from_checkpoint and is_main:
@@ -270,8 +270,10 @@ def held_fraction(model) -> float:
     return held / sum(p.numel() for p in model.parameters())
 
 
-# What a restart from a chosen checkpoint (--from-checkpoint) may change: the usual cure for a nan.
-RESTART_MAY_CHANGE = ("training.learning_rate",)
+def _may_change_on_restart(config: Config) -> tuple[str, ...]:
+    """What a restart from a chosen checkpoint (--from-checkpoint) may change: the learning rate, the usual cure for a
+    nan. Schedulers that adapt the rate themselves (reduce_lr_on_plateau, greedy) keep no base rate to change."""
+    return () if config.training.lr_scheduler in ("reduce_lr_on_plateau", "greedy") else ("training.learning_rate",)
 
 
 def _write_config(run_dir: Path, config: Config, must_match: bool, may_change: tuple[str, ...] = ()) -> dict:

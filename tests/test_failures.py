@@ -61,7 +61,7 @@ def test_non_finite_loss_stops_at_the_step_and_the_last_good_checkpoint_resumes(
     assert code == EXIT_USER_ERROR, stderr
     assert ("sft: error: training: the training loss is nan at step 6 (the mean over steps 5-6); stopped "
             "(checkpoint-3 is the last good checkpoint). Restart from it with a lower learning rate: sft train CONFIG "
-            "--from-checkpoint checkpoint-3 training.learning_rate=LOWER") in stderr
+            "output.name=tiny --from-checkpoint checkpoint-3 training.learning_rate=LOWER") in stderr
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-3"]
     assert complete_checkpoints(run_dir) == ["checkpoint-3"]
     assert finite_weights(run_dir / "checkpoints" / "checkpoint-3")
