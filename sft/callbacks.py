@@ -1,8 +1,10 @@
 """Trainer callbacks for what Trainer lacks: a metrics file, complete-checkpoint markers, preemption, a stop on a
-non-finite loss."""
+non-finite loss, gradient or weight."""
 import json
 import logging
 import math
+import shlex
+import shutil
 import signal
 from pathlib import Path
 
@@ -36,23 +38,54 @@ class MetricsFileCallback(TrainerCallback):
 
 
 class CompleteCheckpointCallback(TrainerCallback):
-    """Marks checkpoint-N complete once every rank has written its part; only marked ones are resumed from.
-    Then, and only then, removes checkpoints beyond save_total_limit: Trainer's own rotation runs before this
-    marker exists, so a kill in between would leave no complete checkpoint at all."""
+    """Marks checkpoint-N complete once every rank has written its part and its weights are finite; only marked ones
+    are resumed from. Then, and only then, removes checkpoints beyond save_total_limit: Trainer's own rotation runs
+    before this marker exists, so a kill in between would leave no complete checkpoint at all. A checkpoint with nan
+    or inf weights is removed instead and the run stops: complete means good to resume from."""
 
     def __init__(self, save_total_limit: int | None):
         self.save_total_limit = save_total_limit
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
         from accelerate import PartialState
         from transformers.trainer_utils import rotate_checkpoints
 
         PartialState().wait_for_everyone()
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        non_finite = non_finite_parameters(model)
+        if non_finite is not None:
+            if state.is_world_process_zero:
+                shutil.rmtree(checkpoint, ignore_errors=True)
+            where = ", ".join(non_finite[:3]) or "in the shards of another process"
+            raise UserError(f"training: the weights hold nan or inf after step {state.global_step} ({where}); "
+                            f"{_stopped(args)}")
         if state.is_world_process_zero:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             follow_umask(checkpoint)
             rundir.mark_complete(checkpoint)
             rotate_checkpoints(args.output_dir, self.save_total_limit, state.best_model_checkpoint)
+
+
+def non_finite_parameters(model) -> list[str] | None:
+    """None when every trained parameter is finite, else the names of the non-finite ones this process holds (under
+    FSDP each process checks its own shards, and the processes agree on the answer). One sum per tensor and one
+    sync (its cost: docs/safety.md)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    trained = [(name, p.to_local() if isinstance(p, DTensor) else p) for name, p in model.named_parameters()
+               if p.requires_grad]  # frozen weights (LoRA's base model) never change
+    if not trained:
+        return None
+    # A tensor's sum is nan or inf when one of its values is (or when they add up past 3e38, as no trained weights
+    # do): one read of the weights, where isfinite() writes a mask too and took 40x longer on a CPU.
+    finite = torch.stack([p.sum(dtype=torch.float32) for _, p in trained]).isfinite()
+    all_finite = finite.all().to(torch.int32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(all_finite, op=dist.ReduceOp.MIN)
+    if all_finite.item():
+        return None
+    return [name for (name, _), ok in zip(trained, finite.tolist()) if not ok]
 
 
 class PreemptionCallback(TrainerCallback):
@@ -69,6 +102,7 @@ class PreemptionCallback(TrainerCallback):
     def __init__(self):
         self.received: str | None = None
         self.stopped_by: str | None = None
+        self.stopped_at_epoch_end = False
         self._previous: dict = {}
         self._group = None
         self._pending = None  # (all-reduce in flight, its flag tensor)
@@ -91,14 +125,28 @@ class PreemptionCallback(TrainerCallback):
             self._group = dist.new_group(backend="gloo")  # a collective: every rank runs on_train_begin
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._all_ranks_agree_to_stop(args):
-            self.stopped_by = self.received or "a signal on another rank"
+        if self.stopped_by or not self._all_ranks_agree_to_stop(args):
+            return
+        self.stopped_by = self.received or "a signal on another rank"
+        control.should_training_stop = True
+        # The last step of an epoch (Trainer's epoch counter is whole only there) or of the run: the epoch end
+        # still evaluates as it would have, since a resume from this step starts at the next epoch. The run's last
+        # step then finishes the run as usual; any other one saves at the epoch end, after the evaluation, so the
+        # checkpoint holds it (early stopping's count, the best checkpoint), and not here too.
+        self.stopped_at_epoch_end = float(state.epoch or 0).is_integer() or state.global_step >= state.max_steps
+        if not self.stopped_at_epoch_end:
             control.should_save = True
-            control.should_training_stop = True
+        elif state.global_step < state.max_steps:
+            control.should_save = False
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        # Stopping mid-epoch still ends the epoch loop: do not evaluate a partial epoch or save a second time.
-        if self.stopped_by:
+        if not self.stopped_by:
+            return
+        if self.stopped_at_epoch_end:
+            if state.global_step < state.max_steps:
+                control.should_save = True
+        else:
+            # Stopping mid-epoch still ends the epoch loop: do not evaluate a partial epoch or save a second time.
             control.should_evaluate = False
             control.should_save = False
 
@@ -124,13 +172,16 @@ class PreemptionCallback(TrainerCallback):
 
 
 class NonFiniteLossCallback(TrainerCallback):
-    """Stop when the logged training loss is nan or inf, before another checkpoint is written: the newest complete
-    checkpoint stays the last one whose steps all had a finite loss.
+    """Stop when the logged training loss or gradient norm is nan or inf, before another checkpoint is written: the
+    newest complete checkpoint stays the last one whose steps all had a finite loss. (An infinite gradient still
+    logs a finite loss for its step, and its update writes nan into the weights.)
 
     The loss is the mean since the previous log, so a log is forced before every save: no checkpoint is written
-    without its steps' loss checked. Needs TrainingArguments(logging_nan_inf_filter=False): with the filter Trainer
-    replaces a non-finite step's loss by the running mean, and the log never shows it. Under torchrun every rank
-    logs the same all-reduced loss, so every rank stops at the same step."""
+    without its steps' loss checked. The gradient norm is the logging step's own; an earlier step's non-finite
+    update shows in the loss after it, and CompleteCheckpointCallback checks the weights themselves. Needs
+    TrainingArguments(logging_nan_inf_filter=False): with the filter Trainer replaces a non-finite step's loss by
+    the running mean, and the log never shows it. Under torchrun every rank logs the same all-reduced loss and
+    gradient norm, so every rank stops at the same step."""
 
     def __init__(self):
         self.last_logged_step: int | None = None
@@ -149,20 +200,54 @@ class NonFiniteLossCallback(TrainerCallback):
         if not logs or "loss" not in logs:
             return
         first_step, self.last_logged_step = self.last_logged_step + 1, state.global_step
-        if math.isfinite(logs["loss"]):
-            return
-        steps = f"step {state.global_step}" if first_step == state.global_step else \
-            f"step {state.global_step} (the mean over steps {first_step}-{state.global_step})"
-        complete = rundir.complete_checkpoints(Path(args.output_dir))
-        kept = f"{complete[-1].name} is the last good checkpoint" if complete else "no checkpoint was written yet"
-        raise UserError(f"training: the training loss is {logs['loss']} at {steps}; stopped ({kept}). Lower "
-                        f"training.learning_rate, raise training.warmup_ratio, or check the data around this step, "
-                        f"then start a new run (another output.name)")
+        grad_norm = logs.get("grad_norm")
+        if not math.isfinite(logs["loss"]):
+            steps = f"step {state.global_step}" if first_step == state.global_step else \
+                f"step {state.global_step} (the mean over steps {first_step}-{state.global_step})"
+            raise UserError(f"training: the training loss is {logs['loss']} at {steps}; {_stopped(args)}")
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise UserError(f"training: the gradient norm is {grad_norm} at step {state.global_step}; "
+                            f"{_stopped(args)}")
 
     @staticmethod
     def _log_before_saving(control) -> None:
         if control.should_save:
             control.should_log = True
+
+
+def _stopped(args) -> str:
+    """The rest of a non-finite stop's line: what is left to restart from, and how."""
+    complete = rundir.complete_checkpoints(Path(args.output_dir))
+    if not complete:
+        return ("stopped (no checkpoint was written yet). Lower training.learning_rate, raise "
+                "training.warmup_ratio, or check the data around this step, then start a new run (another "
+                "output.name)")
+    good = complete[-1].name
+    name = shlex.quote("output.name=" + Path(args.output_dir).parent.name.replace("{", "{{").replace("}", "}}"))
+    return (f"stopped ({good} is the last good checkpoint). Restart from it with a lower learning rate: sft train "
+            f"CONFIG {name} --from-checkpoint {good} training.learning_rate=LOWER (docs/troubleshooting.md), or "
+            f"check the data around this step")
+
+
+class ConfiguredLearningRateCallback(TrainerCallback):
+    """A run restarted from a chosen checkpoint may lower training.learning_rate (--from-checkpoint), but the
+    checkpoint's optimizer and scheduler states carry the old rate, which Trainer would silently go on with. Once
+    they are loaded, scale both to the configured rate: the schedule (warmup, decay) continues from the same point.
+    On any other run the rates already agree and nothing changes."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        base_rates = getattr(lr_scheduler, "base_lrs", None)  # none in reduce_lr_on_plateau and greedy
+        if not base_rates or base_rates[0] == args.learning_rate:
+            return
+        scale = args.learning_rate / base_rates[0]
+        lr_scheduler.base_lrs = [rate * scale for rate in lr_scheduler.base_lrs]
+        for group in optimizer.param_groups:
+            group["lr"] *= scale
+            group["initial_lr"] *= scale
+        # What get_last_lr() returns, and Trainer logs, until the scheduler's next step sets it anew.
+        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        log.info("learning rate: %g from here on (the checkpoint had %g)", args.learning_rate,
+                 args.learning_rate / scale)
 
 
 class EvalMetricsCallback(TrainerCallback):

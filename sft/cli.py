@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.choices["train"].add_argument("--allow-data-change", action="store_true",
                                            help="resume even though the data's content changed since the run started "
                                                 "(recorded in the manifest's restarts)")
+    commands.choices["train"].add_argument("--from-checkpoint", metavar="checkpoint-N",
+                                           help="restart an unfinished run from this complete checkpoint instead of "
+                                                "the newest (e.g. after a nan stop); later checkpoints are moved to "
+                                                "RUN/checkpoints.abandoned-TIME/, and training.learning_rate may "
+                                                "change")
     commands.choices["check"].add_argument("--gpu-mem", metavar="SIZE",
                                            help="memory of the GPU the run trains on, e.g. 80GB: the settings are "
                                                 "checked for a GPU run and the estimated peak against it (default: "
@@ -197,11 +202,13 @@ def _train(args) -> int:
     from sft.rundir import RunAlreadyFinished
     from sft.training import Preempted, run_training
 
+    if args.from_checkpoint and args.overwrite:
+        raise UserError("--from-checkpoint restarts a run, --overwrite replaces it; pass one of them")
     config = load_config(args.config, args.overrides, args.env_file)
     check_settings(config)  # before a run directory exists: a bad setting costs a second, not a queue wait
     try:
         result = run_training(config, overwrite=args.overwrite, overrides=args.overrides, env_file=args.env_file,
-                              allow_data_change=args.allow_data_change)
+                              allow_data_change=args.allow_data_change, from_checkpoint=args.from_checkpoint)
     except RunAlreadyFinished as done:
         print(f"sft: {done}", file=sys.stderr)
         return 0

@@ -208,7 +208,8 @@ class TrainingConfig(Section):
     eval_strategy: Strategy = Field("epoch", description="When to evaluate: each epoch, every eval_steps, or no.")
     eval_steps: int | None = Field(None, ge=1, description="Setting it switches eval_strategy to steps.")
     save_strategy: Strategy = Field("epoch", description="When to checkpoint: each epoch, every save_steps, or no "
-                                                         "(then preemption has nothing to resume from).")
+                                                         "(then only a preemption writes one, for the requeued job "
+                                                         "to resume from, removed once the run finishes).")
     save_steps: int | None = Field(None, ge=1, description="Setting it switches save_strategy to steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept; the newest complete one is resumed from.")
     logging_steps: int = Field(10, ge=1, description="Optimizer steps between loss lines in the log and metrics.jsonl.")

@@ -130,6 +130,17 @@ def start_manifest(run_dir: Path, config, resume_step: int | None, changed_setti
     return manifest
 
 
+def record_chosen_checkpoint(run_dir: Path, manifest: dict, checkpoint: str, moved_aside: Path | None,
+                             changed: dict) -> None:
+    """This restart went back to an earlier checkpoint (--from-checkpoint), perhaps with changed settings: from here
+    on the run is no longer the one an uninterrupted run of its config.yaml would train (`exact`)."""
+    manifest["restarts"][-1].update({"from_checkpoint": checkpoint,
+                                     "moved_aside": moved_aside.name if moved_aside else None,
+                                     "changed": changed,
+                                     "exact": not changed})
+    write_manifest(run_dir, manifest)
+
+
 def record_data(manifest: dict, prepared, resumed: bool, allow_change: bool) -> list[str]:
     """Format, labels, example counts, content hashes of every source (SQL: of the rows read), the data summary,
     the cache key and folder (`sft clean` may run where HF_HOME points elsewhere): in the run's own record when

@@ -363,6 +363,26 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(CHECKPOINT.match(checkpoint.name)[1])
 
 
+def restart_from(run: RunDir, name: str) -> Path | None:
+    """Make checkpoint NAME of an unfinished run the one it resumes from (`sft train --from-checkpoint NAME`): the
+    checkpoints after it are moved, not deleted, into RUN/checkpoints.abandoned-TIME/, which is returned (None when
+    there were none)."""
+    complete = complete_checkpoints(run.checkpoints)
+    if not run.resumed or run.checkpoints / name not in complete:
+        have = ", ".join(p.name for p in complete) if run.resumed and complete else "none"
+        raise UserError(f"--from-checkpoint {name}: {run.path} has no complete checkpoint of that name (complete "
+                        f"ones: {have}); name one of them, or check output.name")
+    step = checkpoint_step(run.checkpoints / name)
+    later = [p for p in run.checkpoints.iterdir() if CHECKPOINT.match(p.name) and checkpoint_step(p) > step]
+    if not later:
+        return None
+    aside = run.path / f"checkpoints.abandoned-{datetime.now():%Y%m%d-%H%M%S}"
+    aside.mkdir()
+    for checkpoint in later:
+        os.rename(checkpoint, aside / checkpoint.name)
+    return aside
+
+
 def start_final(run_dir: Path) -> Path:
     """An empty folder to write the final model into, in place of one a kill or a full disk left half-written."""
     partial = run_dir / FINAL_IN_PROGRESS

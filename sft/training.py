@@ -41,9 +41,11 @@ class RunResult:
 
 
 def run_training(config: Config, overwrite: bool = False, overrides: list[str] = (),
-                 env_file: str | None = None, allow_data_change: bool = False) -> RunResult:
+                 env_file: str | None = None, allow_data_change: bool = False,
+                 from_checkpoint: str | None = None) -> RunResult:
     """Train; `overrides` and `env_file` as given on the command line, for the command that resumes the run;
-    `allow_data_change` lets a resume continue on data whose content changed since the run started."""
+    `allow_data_change` lets a resume continue on data whose content changed since the run started;
+    `from_checkpoint` (checkpoint-N) restarts an unfinished run from that checkpoint instead of the newest."""
     from sft.callbacks import PreemptionCallback
     from sft.logs import close_run_log
     from sft.model import check_method_runs_here
@@ -54,7 +56,8 @@ def run_training(config: Config, overwrite: bool = False, overrides: list[str] =
     preemption.install()
     walltime = WallTimeCallback.for_session(config, preemption)  # a stop_at duration counts from now
     try:
-        return _run(config, overwrite, preemption, walltime, list(overrides), env_file, allow_data_change)
+        return _run(config, overwrite, preemption, walltime, list(overrides), env_file, allow_data_change,
+                    from_checkpoint)
     finally:
         preemption.restore()
         close_run_log()
@@ -74,7 +77,7 @@ def start_processes(config: Config):
 
 
 def _run(config: Config, overwrite: bool, preemption, walltime, overrides: list[str], env_file: str | None,
-         allow_data_change: bool) -> RunResult:
+         allow_data_change: bool, from_checkpoint: str | None) -> RunResult:
     from accelerate.utils import broadcast_object_list
 
     from sft import manifest as manifests
@@ -97,12 +100,25 @@ def _run(config: Config, overwrite: bool, preemption, walltime, overrides: list[
     # run ends; the others get the path.
     run = broadcast_object_list([rundir.open_run_dir(config, overwrite) if is_main else None])[0]
     try:
+        moved_aside = None
+        if from_checkpoint:  # every rank was given it: rank 0 decides, and tells the others
+            from_checkpoint, moved_aside = broadcast_object_list(
+                [_go_back_to(run, from_checkpoint) if is_main else None])[0]
         if is_main:
             add_run_log(run.path, run.resumed)
-        resume_from = _resume_checkpoint(run, is_main)
-        changed_settings = _write_config(run.path, config, must_match=resume_from is not None) if is_main else {}
+        resume_from = _resume_checkpoint(run, is_main, from_checkpoint)
+        may_change = _may_change_on_restart(config) if from_checkpoint else ()
+        changed_settings = _write_config(run.path, config, must_match=resume_from is not None,
+                                         may_change=may_change) if is_main else {}
         manifest = manifests.start_manifest(run.path, config, resume_from and rundir.checkpoint_step(resume_from),
                                             changed_settings) if is_main else {}
+        if from_checkpoint and is_main:
+            changed = {key: change for key, change in changed_settings.items() if key in may_change}
+            manifests.record_chosen_checkpoint(run.path, manifest, from_checkpoint, moved_aside, changed)
+            log.warning("restarting from %s%s%s", from_checkpoint,
+                        f"; the checkpoints after it are in {moved_aside}" if moved_aside else "",
+                        "; changed: " + ", ".join(f"{key} {change['from']} -> {change['to']}"
+                                                  for key, change in changed.items()) if changed else "")
         manifest["determinism"] = determinism
         log.info("run directory %s (%s)", run.path, f"resuming from {resume_from.name}" if resume_from else "new run")
         if state.num_processes > 1:
@@ -186,8 +202,9 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
         log.info("rank 0 holds %.1f%% of the model's parameter values (%s)", 100 * held_fraction(trainer.model),
                  f"FSDP shards across {state.num_processes} processes" if trainer.is_fsdp_enabled
                  else "DDP: every process holds a full copy")
-    # A signal during the very last step leaves nothing to resume: finish normally instead.
-    if preemption.stopped_by and trainer.state.global_step < trainer.state.max_steps:
+    # A signal during the very last step, or the step whose evaluation stops early, leaves nothing to resume: finish
+    # normally instead.
+    if preemption.stopped_by and trainer.state.global_step < trainer.state.max_steps and not _stopped_early(trainer):
         if is_main:
             manifests.record_session(manifest, walltime.ended_by(), walltime.save_seconds,
                                      seconds_left=walltime.seconds_left())
@@ -217,10 +234,31 @@ def _train(config: Config, state, run: rundir.RunDir, resume_from: Path | None, 
         manifests.record_session(manifest, "finished", walltime.save_seconds, final_save_s=time.time() - save_started,
                                  seconds_left=walltime.seconds_left())
         manifests.finish_manifest(run.path, manifest, "finished", metrics)
+        if config.training.save_strategy == "no":
+            _remove_preemption_checkpoints(run)
         write_report_of(run.path, (lambda: samples.record(run.path, trainer.model, tokenizer, prompts, "after"))
                         if prompts else None)
     # No barrier here: the other ranks are done, and waiting for rank 0's writes would count against ddp_timeout.
     return RunResult(run.path, metrics, is_main)
+
+
+def _remove_preemption_checkpoints(run: rundir.RunDir) -> None:
+    """With save_strategy "no" only a preemption writes checkpoints, for the requeued job to resume from: once the
+    run is finished (and says so) they have served."""
+    import shutil
+
+    for checkpoint in rundir.complete_checkpoints(run.checkpoints):
+        shutil.rmtree(checkpoint)
+        log.info("removed %s: written at a preemption, not needed once the run finished (training.save_strategy "
+                 "no)", checkpoint.name)
+
+
+def _stopped_early(trainer) -> bool:
+    """Whether early stopping's patience ran out (training.early_stopping)."""
+    from transformers import EarlyStoppingCallback
+
+    return any(isinstance(c, EarlyStoppingCallback) and c.early_stopping_patience_counter >= c.early_stopping_patience
+               for c in trainer.callback_handler.callbacks)
 
 
 def write_report_of(run_dir: Path, samples_after=None) -> None:
@@ -261,7 +299,8 @@ def held_fraction(model) -> float:
 # own errors ask to raise some). output.name may differ too: the printed resume command pins a template ({time})
 # to the name it resolved to; and training.stop_at, when this session's allocation ends, may differ each session.
 CHANGEABLE_ON_RESUME = ("output.name", "training.stop_at", "training.ddp_timeout", "training.logging_steps",
-                        "training.eval_batch_size", "training.save_total_limit", "data.wait_minutes", "data.num_proc", "data.cache_dir")
+                        "training.eval_batch_size", "training.save_total_limit", "data.wait_minutes", "data.num_proc",
+                        "data.cache_dir")
 
 
 def _changeable_on_resume(key: str) -> bool:
@@ -269,14 +308,22 @@ def _changeable_on_resume(key: str) -> bool:
     return key in CHANGEABLE_ON_RESUME or (key.startswith(("data.train.", "data.eval.")) and key.endswith(".timeout"))
 
 
-def _write_config(run_dir: Path, config: Config, must_match: bool) -> dict:
+def _may_change_on_restart(config: Config) -> tuple[str, ...]:
+    """What a restart from a chosen checkpoint (--from-checkpoint) may change beyond what any resume may: the
+    learning rate, the usual cure for a nan. Schedulers that adapt the rate themselves (reduce_lr_on_plateau,
+    greedy) keep no base rate to change."""
+    return () if config.training.lr_scheduler in ("reduce_lr_on_plateau", "greedy") else ("training.learning_rate",)
+
+
+def _write_config(run_dir: Path, config: Config, must_match: bool, may_change: tuple[str, ...] = ()) -> dict:
     """config.yaml; a run resumed from a checkpoint must keep the settings that decide its trajectory (a run that
-    never reached one may change any). Returns the settings a resume changed, {key: {"from": old, "to": new}}."""
+    never reached one may change any), except those in `may_change`. Returns the settings a resume changed,
+    {key: {"from": old, "to": new}}."""
     path, text = run_dir / "config.yaml", resolved_yaml(config)
     changes = {}
     if must_match and path.is_file() and path.read_text() != text:
         changes = _changed_settings(path.read_text(), text)
-        refused = [key for key in changes if not _changeable_on_resume(key)]
+        refused = [key for key in changes if not _changeable_on_resume(key) and key not in may_change]
         if refused:
             raise UserError(f"output: {run_dir} was started with a different config ({', '.join(refused)} changed); "
                             f"resume with the same settings, or choose a new output.name")
@@ -301,11 +348,26 @@ def _changed_settings(old_yaml: str, new_yaml: str) -> dict:
             if old.get(k) != new.get(k)}
 
 
-def _resume_checkpoint(run: rundir.RunDir, is_main: bool) -> Path | None:
+def _go_back_to(run: rundir.RunDir, checkpoint: str) -> tuple[str | None, Path | None]:
+    """--from-checkpoint: (the checkpoint to resume from, the folder the later ones were moved to). A requeue of the
+    Slurm job that already went back to it resumes from its newest checkpoint instead (None): the requeued job has
+    the same arguments, and going back again would throw away what it trained since."""
+    from sft import manifest as manifests
+
+    job = manifests.slurm_job_key()
+    restarts = (manifests.read_manifest(run.path) or {}).get("restarts", [])
+    if job and any(r.get("from_checkpoint") == checkpoint and r.get("slurm_job") == job for r in restarts):
+        log.info("this Slurm job restarted from %s before: resuming from its newest checkpoint", checkpoint)
+        return None, None
+    return checkpoint, rundir.restart_from(run, checkpoint)
+
+
+def _resume_checkpoint(run: rundir.RunDir, is_main: bool, from_checkpoint: str | None) -> Path | None:
     if not run.resumed:
         return None
     complete = rundir.complete_checkpoints(run.checkpoints)
-    newest = complete[-1] if complete else None
+    # The chosen one by its name: rank 0 may be moving the later ones aside while the other ranks look.
+    newest = run.checkpoints / from_checkpoint if from_checkpoint else complete[-1] if complete else None
     if is_main:
         for path in rundir.discard_incomplete_checkpoints(run.checkpoints):
             log.warning("removed incomplete checkpoint %s (interrupted while saving)", path.name)
@@ -328,8 +390,8 @@ def _drop_metrics_after(run_dir: Path, step: int) -> None:
 def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared, preemption, walltime):
     from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
 
-    from sft.callbacks import (CompleteCheckpointCallback, EvalMetricsCallback, MetricsFileCallback,
-                               NonFiniteLossCallback, OverfittingWarningCallback)
+    from sft.callbacks import (CompleteCheckpointCallback, ConfiguredLearningRateCallback, EvalMetricsCallback,
+                               MetricsFileCallback, NonFiniteLossCallback, OverfittingWarningCallback)
     from sft.metrics import ClassificationMetrics, CausalLMMetrics, predicted_token_ids
     from sft.throughput import ThroughputCallback
     from sft.trainer_arguments import training_arguments
@@ -354,7 +416,8 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
         # ThroughputCallback first: it adds tokens/s to the logs that MetricsFileCallback writes.
         callbacks=[ThroughputCallback(), MetricsFileCallback(run.path), EvalMetricsCallback(run.path, compute_metrics),
                    OverfittingWarningCallback(run.path, t.overfitting_warning),
-                   CompleteCheckpointCallback(t.save_total_limit), walltime, preemption, NonFiniteLossCallback()]
+                   CompleteCheckpointCallback(t.save_total_limit), walltime, preemption, NonFiniteLossCallback(),
+                   ConfiguredLearningRateCallback()]
                   + ([EarlyStoppingCallback(stopping.patience, stopping.threshold)] if stopping else []),
     )
     # Without tqdm Trainer prints raw log dicts; MetricsFileCallback already logs each step readably.

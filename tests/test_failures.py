@@ -1,5 +1,6 @@
-"""Nothing lost: a non-finite loss and a full disk stop the run with one clear line, keep the last good checkpoint,
-and the run resumes; the final model appears whole or not at all."""
+"""Nothing lost: a non-finite loss, gradient or weight and a full disk stop the run with one clear line, keep the last
+good checkpoint, and the run resumes (or restarts from a chosen checkpoint); the final model appears whole or not at
+all."""
 import json
 import os
 import subprocess
@@ -11,11 +12,11 @@ from conftest import tiny_lm_config
 from sft.errors import EXIT_USER_ERROR
 
 
-def train_cli(config_path: Path, capsys) -> tuple[int, str]:
-    """`sft train CONFIG` in this process (the CLI's own error handling), with its exit code and stderr."""
+def train_cli(config_path: Path, capsys, *args: str) -> tuple[int, str]:
+    """`sft train CONFIG [ARGS]` in this process (the CLI's own error handling), with its exit code and stderr."""
     from sft.cli import main
 
-    code = main(["train", str(config_path)])
+    code = main(["train", str(config_path), *args])
     stderr = capsys.readouterr().err  # the run's log lines, then any error
     assert "Traceback" not in stderr and stderr.count("sft: error") <= 1, stderr
     return code, stderr
@@ -59,7 +60,8 @@ def test_non_finite_loss_stops_at_the_step_and_the_last_good_checkpoint_resumes(
 
     assert code == EXIT_USER_ERROR, stderr
     assert ("sft: error: training: the training loss is nan at step 6 (the mean over steps 5-6); stopped "
-            "(checkpoint-3 is the last good checkpoint). Lower training.learning_rate") in stderr
+            "(checkpoint-3 is the last good checkpoint). Restart from it with a lower learning rate: sft train CONFIG "
+            "output.name=tiny --from-checkpoint checkpoint-3 training.learning_rate=LOWER") in stderr
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-3"]
     assert complete_checkpoints(run_dir) == ["checkpoint-3"]
     assert finite_weights(run_dir / "checkpoints" / "checkpoint-3")
@@ -73,6 +75,131 @@ def test_non_finite_loss_stops_at_the_step_and_the_last_good_checkpoint_resumes(
     losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses if "loss" in r] == [3, 4, 6, 8]  # a log before each checkpoint, too
     assert finite_weights(run_dir / "final")
+
+
+def poisoned_training_step(step: int, what: str):
+    """Trainer.training_step that, in optimizer step STEP, makes one weight's gradient infinite (its loss stays
+    finite, its update writes nan) or, after the backward pass, the weight itself nan (loss and gradient norm finite:
+    an update that overflowed the weights)."""
+    from transformers import Trainer
+
+    training_step = Trainer.training_step
+
+    def poisoned(self, model, inputs, *args, **kwargs):
+        loss = training_step(self, model, inputs, *args, **kwargs)
+        if self.state.global_step + 1 == step:
+            weight = dict(model.named_parameters())["model.layers.1.mlp.down_proj.weight"]
+            if what == "gradient":
+                weight.grad.mul_(float("inf"))
+            else:
+                weight.data[0, 0] = float("nan")
+        return loss
+
+    return poisoned
+
+
+@pytest.mark.parametrize("what,message", [
+    ("gradient", "training: the gradient norm is inf at step 4; stopped (checkpoint-2 is the last good checkpoint)"),
+    ("weight", "training: the weights hold nan or inf after step 4 (model.layers.1.mlp.down_proj.weight); stopped "
+               "(checkpoint-2 is the last good checkpoint)"),
+])
+def test_non_finite_gradient_or_weights_stop_before_a_checkpoint_is_marked_complete(
+        tiny_causal_lm, tiny_chat_data, tmp_path, write_config, capsys, monkeypatch, what, message):
+    """Step 4 is a checkpoint step whose logged loss is finite. An infinite gradient stops the run at its log; nan
+    weights with a finite gradient stop it at the checkpoint's weight check. Either way checkpoint-4 is never marked
+    complete, so the rotation (save_total_limit 1) keeps checkpoint-2, the one the message names."""
+    from transformers import Trainer
+
+    config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=6,
+                                              save_steps=2, save_total_limit=1, logging_steps=4))
+    run_dir = tmp_path / "runs" / "tiny"
+    monkeypatch.setattr(Trainer, "training_step", poisoned_training_step(4, what))
+    code, stderr = train_cli(config_path, capsys)
+
+    assert code == EXIT_USER_ERROR, stderr
+    assert f"sft: error: {message}. Restart from it with a lower learning rate" in stderr
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-2"] == complete_checkpoints(run_dir)
+    assert finite_weights(run_dir / "checkpoints" / "checkpoint-2")
+    assert manifest(run_dir)["status"] == "failed"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_weight_check_names_each_non_finite_trained_parameter(bad):
+    """Any nan or inf value is found (the check sums each tensor), large finite weights pass, and a frozen weight is
+    not looked at: an update never changes it."""
+    import torch
+
+    from sft.callbacks import non_finite_parameters
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].weight.fill_(1e37)
+        model[2].weight[0, 0] = bad
+        model[2].weight.requires_grad_(False)
+    assert non_finite_parameters(model) is None
+    with torch.no_grad():
+        model[1].bias[2] = bad
+        model[1].weight[1, 1] = -bad
+    assert non_finite_parameters(model) == ["1.weight", "1.bias"]
+
+
+def test_a_restart_from_a_chosen_checkpoint_moves_later_ones_aside_and_may_lower_the_learning_rate(
+        tiny_causal_lm, tiny_chat_data, tmp_path, write_config, capsys, monkeypatch):
+    """A run stopped by a nan loss at step 6 after checkpoints 2 and 4 restarts from checkpoint-2 at half the
+    learning rate, in Slurm job 77: checkpoint-4 is moved aside (not deleted), the rate logged from step 3 on is
+    half the uninterrupted run's at each step, and the manifest records the restart as no longer exact. Preempted
+    in step 5, the requeued job 77 (same arguments) resumes from checkpoint-5, not from checkpoint-2 again."""
+    from transformers import Trainer
+
+    from sft.training import Preempted
+    from test_training import signal_in_step
+
+    def config(name: str) -> Path:
+        settings = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=6, save_steps=2,
+                                  save_total_limit=5, warmup_ratio=0.0)
+        settings["output"]["name"] = name
+        return write_config(settings, f"{name}.yaml")
+
+    code, stderr = train_cli(config("reference"), capsys)
+    assert code == 0, stderr
+    training_step = Trainer.training_step
+    monkeypatch.setattr(Trainer, "training_step", poisoned_training_step(5, "gradient"))
+    config_path, run_dir = config("tiny"), tmp_path / "runs" / "tiny"
+    code, stderr = train_cli(config_path, capsys)
+    assert code == EXIT_USER_ERROR and "checkpoint-4 is the last good checkpoint" in stderr, stderr
+    four = (run_dir / "checkpoints" / "checkpoint-4" / "model.safetensors").read_bytes()
+
+    monkeypatch.undo()
+    code, stderr = train_cli(config_path, capsys, "--from-checkpoint", "checkpoint-2", "--overwrite")
+    assert code == EXIT_USER_ERROR and "sft: error: --from-checkpoint restarts a run, --overwrite replaces it" in stderr
+    code, stderr = train_cli(config_path, capsys, "--from-checkpoint", "checkpoint-6")
+    assert code == EXIT_USER_ERROR
+    assert ("sft: error: --from-checkpoint checkpoint-6: " + str(run_dir) + " has no complete checkpoint of that "
+            "name (complete ones: checkpoint-2, checkpoint-4); name one of them") in stderr
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    restart = ("--from-checkpoint", "checkpoint-2", "training.learning_rate=5e-4")
+    monkeypatch.setattr(Trainer, "training_step", signal_in_step(5))
+    code, stderr = train_cli(config_path, capsys, *restart)
+    assert code == Preempted.exit_code, stderr
+    monkeypatch.setattr(Trainer, "training_step", training_step)
+    code, stderr = train_cli(config_path, capsys, *restart)
+    assert code == 0, stderr
+
+    [aside] = run_dir.glob("checkpoints.abandoned-*")
+    assert (aside / "checkpoint-4" / "model.safetensors").read_bytes() == four
+    assert (aside / "checkpoint-4" / ".complete").is_file()
+    rates = {name: {r["step"]: r["learning_rate"] for r in map(json.loads, (tmp_path / "runs" / name /
+                                                                            "metrics.jsonl").read_text().splitlines())
+                    if "learning_rate" in r} for name in ("reference", "tiny")}
+    assert sorted(rates["tiny"]) == sorted(rates["reference"]) == [1, 2, 3, 4, 5, 6]
+    assert all(rates["tiny"][step] == rates["reference"][step] for step in (1, 2))
+    assert all(rates["tiny"][step] == pytest.approx(rates["reference"][step] / 2) for step in (3, 4, 5, 6))
+    restart, requeue = manifest(run_dir)["restarts"][-2:]
+    assert restart["resumed_from_step"] == 2 and restart["from_checkpoint"] == "checkpoint-2"
+    assert restart["moved_aside"] == aside.name and restart["exact"] is False
+    assert restart["changed"] == {"training.learning_rate": {"from": 0.001, "to": 0.0005}}
+    assert requeue["resumed_from_step"] == 5 and "from_checkpoint" not in requeue
+    assert manifest(run_dir)["status"] == "finished" and finite_weights(run_dir / "final")
 
 
 def test_a_resumed_run_names_the_steps_since_it_resumed(tmp_path):

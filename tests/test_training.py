@@ -14,6 +14,7 @@ import yaml
 
 from conftest import REPO, tiny_lm_config
 from test_report import tensorboard_scalars
+from sft import rundir
 from sft.config import load_config
 from sft.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 
@@ -586,6 +587,128 @@ def test_stop_at_checkpoints_before_the_end_exits_75_and_resumes_exactly(resumab
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [s["ended_by"] for s in manifest["sessions"]] == ["wall-time guard", "finished"]
     assert len(manifest["sessions"][1]["checkpoint_saves_s"]) == 8 and manifest["sessions"][1]["final_save_s"] > 0
+
+
+def signal_in_step(step: int):
+    """Trainer.training_step that sends this process SIGUSR1 while it computes optimizer step STEP, as Slurm's
+    warning would: deterministic where a signal from outside lands at whatever step is running."""
+    from transformers import Trainer
+
+    training_step = Trainer.training_step
+
+    def signalled(self, *args, **kwargs):
+        loss = training_step(self, *args, **kwargs)
+        if self.state.global_step + 1 == step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return loss
+
+    return signalled
+
+
+def evaluations(run_dir: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(line["step"], line["eval_loss"]) for line in lines if "eval_loss" in line]
+
+
+@pytest.fixture(scope="module")
+def evaluated_each_epoch(tiny_causal_lm, tmp_path_factory):
+    """A config of 3 epochs of 4 steps, evaluated at each epoch's end and checkpointed every 3 steps (so epoch
+    ends and checkpoints do not line up), and its uninterrupted run: (make_config, runs folder)."""
+    from conftest import CHAT_ROWS, write_jsonl
+    from sft.training import run_training
+
+    folder = tmp_path_factory.mktemp("evaluated")
+    train, evaluation = (write_jsonl(folder / f"{name}.jsonl", rows)
+                         for name, rows in (("train", CHAT_ROWS[:16]), ("eval", CHAT_ROWS[16:])))
+    config = tiny_lm_config(tiny_causal_lm, train, folder / "runs", epochs=3, eval_strategy="epoch",
+                            save_steps=3, save_total_limit=10)
+    config["data"]["eval"] = str(evaluation)
+    make = functools.partial(write_named_config, folder, config)
+    run_training(load_config(make("reference")))
+    return make, folder / "runs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [2, 4, 12], ids=["mid-epoch", "last-step-of-an-epoch", "last-step-of-the-run"])
+def test_a_signal_at_any_step_keeps_every_evaluation(evaluated_each_epoch, monkeypatch, step):
+    """SIGUSR1 in step 2 (mid-epoch), in step 4 (the last of epoch 1: its evaluation is still due, and the resumed
+    run starts at epoch 2) or in step 12 (the run's last): stopped and resumed, the run evaluates at the same steps
+    with the same results as the uninterrupted one, and finishes with its metrics."""
+    from transformers import Trainer
+
+    from sft.training import Preempted, run_training
+
+    make_config, runs = evaluated_each_epoch
+    config_path, run_dir = make_config(f"signal-in-step-{step}"), runs / f"signal-in-step-{step}"
+    monkeypatch.setattr(Trainer, "training_step", signal_in_step(step))
+    if step < 12:
+        with pytest.raises(Preempted):
+            run_training(load_config(config_path))
+        assert json.loads((run_dir / "manifest.json").read_text())["status"] == "preempted"
+        assert [p.name for p in rundir.complete_checkpoints(run_dir / "checkpoints")][-1] == f"checkpoint-{step}"
+        monkeypatch.undo()
+        run_training(load_config(config_path))  # the requeued job
+    else:
+        run_training(load_config(config_path))  # nothing left to resume: it finishes
+
+    reference = runs / "reference"
+    assert [step for step, _ in evaluations(reference)] == [4, 8, 12]
+    assert evaluations(run_dir) == evaluations(reference)
+    assert_identical_runs(run_dir, reference)
+    results = [json.loads((d / "manifest.json").read_text())["results"] for d in (run_dir, reference)]
+    assert results[0]["eval_loss"] == results[1]["eval_loss"] and results[0]["steps"] == 12
+
+
+@pytest.mark.slow
+def test_a_signal_in_the_step_whose_evaluation_stops_early_finishes_the_run(tiny_causal_lm, tmp_path, write_config,
+                                                                           monkeypatch):
+    """Patience 2 and a threshold no evaluation beats stop the run after its third evaluation, at step 12 of 24
+    (as in test_a_run_killed_while_early_stopping_counts_resumes_to_the_same_stop). SIGUSR1 in step 12: that
+    evaluation still runs, stops the run, and the run finishes there instead of waiting for a requeue that would
+    train one more epoch before its next evaluation."""
+    from transformers import Trainer
+
+    from conftest import CHAT_ROWS, write_jsonl
+    from sft.training import run_training
+
+    train, evaluation = (write_jsonl(tmp_path / f"{name}.jsonl", rows)
+                         for name, rows in (("train", CHAT_ROWS[:16]), ("eval", CHAT_ROWS[16:])))
+    config = tiny_lm_config(tiny_causal_lm, train, tmp_path / "runs", epochs=6, eval_strategy="epoch",
+                            save_strategy="epoch", save_total_limit=5, learning_rate=3e-3,
+                            early_stopping={"patience": 2, "threshold": 100.0, "metric": "eval_token_accuracy"})
+    config["data"]["eval"] = str(evaluation)
+    monkeypatch.setattr(Trainer, "training_step", signal_in_step(12))
+    result = run_training(load_config(write_config(config)))
+
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["results"]["steps"] == 12
+    assert [step for step, _ in evaluations(result.run_dir)] == [4, 8, 12]
+
+
+@pytest.mark.slow
+def test_a_preemption_checkpoint_without_save_strategy_is_removed_once_the_run_finishes(tiny_causal_lm,
+                                                                                        tiny_chat_data, tmp_path,
+                                                                                        write_config, monkeypatch):
+    """training.save_strategy no: SIGUSR1 still writes a checkpoint (the requeued job resumes from it), and the
+    finished run does not keep it."""
+    from transformers import Trainer
+
+    from sft.training import Preempted, run_training
+
+    config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=4,
+                                              save_strategy="no"))
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    monkeypatch.setattr(Trainer, "training_step", signal_in_step(2))
+    with pytest.raises(Preempted):
+        run_training(load_config(config_path))
+    assert [p.name for p in rundir.complete_checkpoints(checkpoints)] == ["checkpoint-2"]
+
+    monkeypatch.undo()
+    result = run_training(load_config(config_path))
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["restarts"][0]["resumed_from_step"] == 2
+    assert (result.run_dir / "final" / ".complete").is_file()
+    assert list(checkpoints.iterdir()) == []
 
 
 def test_a_run_that_failed_before_any_checkpoint_restarts_with_a_corrected_config(tiny_causal_lm, tiny_chat_data,
