@@ -300,8 +300,10 @@ def build_trainer(config: Config, run: rundir.RunDir, model, tokenizer, prepared
     dtype = training_dtype(config)
     on_gpu = torch.cuda.is_available()
     stopping = t.early_stopping
-    # Trainer tracks the best checkpoint (kept by the rotation) whenever it has a metric for it.
-    best_metric = (stopping.metric if stopping else "eval_loss") if stopping or t.load_best_model_at_end else None
+    # Trainer tracks the best checkpoint, which the rotation then keeps, only when it has a metric for it: give it
+    # one whenever runs evaluate and save, so the best epoch of an overfitting run is never rotated away.
+    evaluates_and_saves = has_eval and t.eval_strategy != "no" and t.save_strategy != "no"
+    best_metric = stopping.metric if stopping else ("eval_loss" if evaluates_and_saves else None)
     compute_metrics = None
     if has_eval:
         compute_metrics = ClassificationMetrics(prepared.label_names) if config.task == "classification" \

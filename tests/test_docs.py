@@ -4,6 +4,7 @@ its `key.sub=value` overrides validate against the config schema; so do the over
 and every config key the prose names; the scripts, make targets and repository files named exist; the documented
 `sft check configs/demo.yaml` runs. Nothing is trained or built here: tests/test_container.py and
 tests/test_slurm.py run those commands for real."""
+import ast
 import contextlib
 import io
 import re
@@ -257,3 +258,49 @@ def test_sft_check_on_the_shipped_demo_config_runs(capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # the demo config names its data relative to the repository
     assert main(sft_arguments(shown[0])) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def quoted_errors() -> list[tuple[str, str]]:
+    """(file:line, message) of every `sft: error: ...` line the docs quote, in a code block or inline code."""
+    quotes = []
+    for doc in DOCS:
+        for number, line in enumerate(doc.read_text().splitlines(), start=1):
+            spans = re.findall(r"`(sft: error: [^`]+)`", line) or ([line] if line.startswith("sft: error: ") else [])
+            quotes += [(f"{doc.name}:{number}", span.removeprefix("sft: error: ")) for span in spans]
+    return quotes
+
+
+def message_patterns() -> list[re.Pattern]:
+    """Every string and f-string in sft/ as a pattern: the literal text as written, any value in place of each {}."""
+    patterns = []
+    for module in (REPO / "sft").rglob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.JoinedStr):
+                parts = [re.escape(part.value) if isinstance(part, ast.Constant) else ".+" for part in node.values]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                parts = [re.escape(node.value)]
+            else:
+                continue
+            if len("".join(parts)) > 20:
+                patterns.append(re.compile("".join(parts), re.S))
+    return patterns
+
+
+def test_every_error_line_the_docs_quote_is_one_the_code_writes():
+    """A quoted message is one problem of an `sft: error:` line (several are joined with '; '): it must read as a
+    message in sft/ reads, with values in place of its {} fields."""
+    quotes = quoted_errors()
+    assert len(quotes) >= 6, "the docs no longer quote the error lines troubleshooting.md explains"
+    patterns = message_patterns()
+    differ = [f"{where}: {message}" for where, message in quotes
+              if not any(pattern.fullmatch(message) for pattern in patterns)]
+    assert not differ, "error lines the docs quote that sft does not write (copy the real line):\n" + "\n".join(differ)
+
+
+
+def test_docs_do_not_point_at_issue_numbers():
+    """The docs describe what the tool does now; 'being added (issue 11)' goes stale the day it is done."""
+    stale = [f"{doc.name}:{number}: {line.strip()}" for doc in DOCS
+             for number, line in enumerate(doc.read_text().splitlines(), start=1)
+             if re.search(r"\bissues? #?\d+|being added", line, re.I)]
+    assert not stale, "\n".join(stale)
