@@ -1,6 +1,9 @@
 """Outputs people look at: eval metrics against independent references, plots (PNG files whose drawn data equals
 metrics.jsonl), report.md, `sft report`. Two tiny runs, trained once per module, serve every test."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -229,3 +232,18 @@ def test_causal_lm_samples_are_greedy_answers_of_the_base_and_final_model(causal
     assert samples["before"] != samples["after"]
     report = (causal_lm_run / "report.md").read_text()
     assert "## Samples" in report and f"```text\n{samples['after'][0]}\n```" in report
+
+
+def test_plots_in_a_read_only_home_use_a_temp_matplotlib_folder_without_warnings(tmp_path):
+    """As in the read-only image: matplotlib cannot create ~/.config/matplotlib (here HOME lies under a file, which
+    even root cannot write into), so sft points MPLCONFIGDIR at a temp folder and matplotlib imports silently."""
+    (tmp_path / "a_file").write_text("")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env["HOME"] = str(tmp_path / "a_file" / "home")
+    script = ("import os, sys; from pathlib import Path; from sft.plots import write_plots; "
+              "write_plots(Path(sys.argv[1]), [{'step': 1, 'loss': 2.0}], None); print(os.environ['MPLCONFIGDIR'])")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "mkdir -p failed" not in result.stderr and "Matplotlib" not in result.stderr, result.stderr
+    assert Path(result.stdout.strip()).is_dir() and (tmp_path / "plots" / "loss.png").is_file()
