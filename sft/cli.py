@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from sft.errors import EXIT_USER_ERROR, UserError
+from sft.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 COMMANDS = ("train", "check", "prepare", "info", "fetch", "predict", "export", "runs", "clean", "report")
 
@@ -137,9 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         # Set once the run directory exists (sft.training.Interrupted); before that there is nothing to resume.
         resume = getattr(stop, "resume_command", None)
-        print(f"sft: interrupted; resume from the newest complete checkpoint with: {resume}" if resume
-              else "sft: interrupted before the run started", file=sys.stderr)
-        return 130
+        if not resume:
+            print("sft: interrupted before the run started", file=sys.stderr)
+        elif stop.has_checkpoint:
+            print(f"sft: interrupted; resume from the newest complete checkpoint with: {resume}", file=sys.stderr)
+        else:
+            print(f"sft: interrupted before the first checkpoint; start the run again with: {resume}",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _train(args) -> int:
@@ -176,7 +181,10 @@ def _check(args) -> int:
     with tempfile.TemporaryDirectory(prefix="sft-check-") as work_dir:
         loaded, lines, model = run_checks(config, Path(work_dir))
     print_check(config, loaded, lines)
-    print_preflight(config, gpu_bytes, model.config)
+    too_big = print_preflight(config, gpu_bytes, model.config)
+    if too_big:  # a failed check, so that a script can act on it before queueing
+        where = f"--gpu-mem {args.gpu_mem}" if args.gpu_mem else "the visible GPU"
+        raise UserError(f"{where}: {too_big}")
     return 0
 
 

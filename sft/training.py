@@ -24,11 +24,13 @@ class Preempted(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a run, after the manifest recorded it: carries the command that resumes the run."""
+    """Ctrl-C during a run, after the manifest recorded it: carries the command that resumes the run, and whether a
+    complete checkpoint exists to resume from (without one the command starts the run over)."""
 
-    def __init__(self, resume_command: str):
+    def __init__(self, resume_command: str, has_checkpoint: bool):
         super().__init__(resume_command)
         self.resume_command = resume_command
+        self.has_checkpoint = has_checkpoint
 
 
 @dataclass
@@ -107,7 +109,7 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
             if is_main:
                 manifests.record_failure(run.path, manifest, disk_full or error)
             if isinstance(error, KeyboardInterrupt):
-                raise Interrupted(resume) from error
+                raise Interrupted(resume, bool(rundir.complete_checkpoints(run.checkpoints))) from error
             if disk_full:
                 raise disk_full from error
             raise

@@ -115,9 +115,13 @@ def test_ctrl_c_prints_the_resume_command_once_a_run_exists(capsys, monkeypatch)
             raise error
         return train
 
-    monkeypatch.setattr("sft.cli._train", interrupt(Interrupted("sft train /c.yaml 'output.name=c-120000'")))
+    monkeypatch.setattr("sft.cli._train", interrupt(Interrupted("sft train /c.yaml 'output.name=c-120000'", True)))
     assert main(["train", "c.yaml"]) == 130
     assert capsys.readouterr().err == ("sft: interrupted; resume from the newest complete checkpoint with: "
+                                       "sft train /c.yaml 'output.name=c-120000'\n")
+    monkeypatch.setattr("sft.cli._train", interrupt(Interrupted("sft train /c.yaml 'output.name=c-120000'", False)))
+    assert main(["train", "c.yaml"]) == 130
+    assert capsys.readouterr().err == ("sft: interrupted before the first checkpoint; start the run again with: "
                                        "sft train /c.yaml 'output.name=c-120000'\n")
     monkeypatch.setattr("sft.cli._train", interrupt(KeyboardInterrupt()))  # e.g. while the config loads
     assert main(["train", "c.yaml"]) == 130

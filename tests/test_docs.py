@@ -317,3 +317,12 @@ def test_readme_run_directory_table_names_everything_a_finished_run_holds(finish
     missing = {entry.name for run_dir in finished_runs.values() for entry in run_dir.iterdir()
                if not any(Path(entry.name).match(name) for name in listed)}
     assert not missing, f"README.md's run-directory table lacks {sorted(missing)}"
+
+
+def test_the_exit_codes_sft_uses_are_documented():
+    from sft.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR
+
+    text = (REPO / "docs" / "troubleshooting.md").read_text()
+    codes = text[text.index("Exit codes"):].split("\n\n")[0]
+    for code in (0, EXIT_USER_ERROR, EXIT_PREEMPTED, EXIT_INTERRUPTED):
+        assert re.search(rf"\b{code} ", codes), f"troubleshooting.md does not say what exit code {code} means"

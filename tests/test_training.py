@@ -523,6 +523,27 @@ def test_a_run_that_raised_gives_its_directory_back(tiny_causal_lm, tiny_chat_da
     assert failed.traceback
 
 
+def test_ctrl_c_says_whether_a_complete_checkpoint_exists_to_resume_from(tiny_causal_lm, tiny_chat_data, tmp_path,
+                                                                        write_config, monkeypatch):
+    from sft import rundir
+    from sft.training import Interrupted, run_training
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sft.training._train", ctrl_c)
+    config = load_config(write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs")))
+    with pytest.raises(Interrupted) as stopped:
+        run_training(config)
+    assert not stopped.value.has_checkpoint and "output.name=tiny" in stopped.value.resume_command
+    checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    rundir.mark_complete(checkpoint)
+    with pytest.raises(Interrupted) as stopped:
+        run_training(config)
+    assert stopped.value.has_checkpoint
+
+
 def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
