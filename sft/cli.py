@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+from sft import __version__
 from sft.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 COMMANDS = ("train", "check", "prepare", "info", "fetch", "predict", "export", "runs", "clean", "report")
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sft", description="Supervised fine-tuning for HPC clusters.",
                                      epilog="A bare `sft CONFIG` runs `sft train CONFIG`.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser.add_argument("--version", action="version", version=f"sft {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("train", "fine-tune a model from a YAML config"),
                        ("check", "validate a config and every data row without loading weights"),

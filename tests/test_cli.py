@@ -145,3 +145,10 @@ def test_run_directory_commands_have_help_and_runs_lists_without_torch(tmp_path)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1].split()[:2] == ["a-run", "killed"]
+
+
+def test_version_prints_the_package_version():
+    from importlib.metadata import version
+
+    result = sft("--version")
+    assert result.returncode == 0 and result.stdout == f"sft {version('sft')}\n", result
