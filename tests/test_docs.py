@@ -326,3 +326,12 @@ def test_the_exit_codes_sft_uses_are_documented():
     codes = text[text.index("Exit codes"):].split("\n\n")[0]
     for code in (0, EXIT_USER_ERROR, EXIT_PREEMPTED, EXIT_INTERRUPTED):
         assert re.search(rf"\b{code} ", codes), f"troubleshooting.md does not say what exit code {code} means"
+
+
+def test_gitignore_keeps_user_outputs_and_data_out_but_the_demo_data_in():
+    """What the README's commands make in a clone (`--to models/NAME`, `--output predictions.jsonl`, data under
+    data/) is ignored; the shipped demo data is not."""
+    paths = ["models/NAME/model.safetensors", "predictions.jsonl", "data/train.jsonl", "data/demo/reviews.jsonl"]
+    result = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", *paths], capture_output=True,
+                            text=True)
+    assert result.stdout.split() == paths[:3]
