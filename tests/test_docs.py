@@ -335,3 +335,18 @@ def test_gitignore_keeps_user_outputs_and_data_out_but_the_demo_data_in():
     result = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", *paths], capture_output=True,
                             text=True)
     assert result.stdout.split() == paths[:3]
+
+
+def test_sweep_default_learning_rates_lie_in_the_range_the_swept_configs_advise():
+    """The docs sweep configs/sft_v1.yaml (full fine-tuning, 'the BERT paper's range is 2e-5..5e-5'): the script's
+    default rates, and the ones slurm.md states, must be rates that config's own comment recommends."""
+    default = re.search(r"SFT_SWEEP_LRS:-([^}]*)}", (REPO / "slurm" / "sweep.sbatch").read_text())[1]
+    assert f"`{default}`" in (REPO / "docs" / "slurm.md").read_text()
+    swept = {c.words[i + 1] for c in bash_commands() for i, word in enumerate(c.words[:-1])
+             if word.endswith("sweep.sbatch") and (REPO / c.words[i + 1]).is_file()}
+    assert swept
+    for config in swept:
+        advice = re.search(r"learning_rate:.*?([\d.]+e-\d+)\.\.([\d.]+e-\d+)", (REPO / config).read_text())
+        assert advice, f"{config}: no learning-rate range in its comments"
+        low, high = float(advice[1]), float(advice[2])
+        assert all(low <= float(rate) <= high for rate in default.split()), f"{config}: {default} vs {advice[0]}"
