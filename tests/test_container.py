@@ -380,6 +380,9 @@ def test_oci_image_labels_archive_and_size(oci_image):
     size = int(sh("podman", "image", "inspect", "--format", "{{.Size}}", oci_image,
                   capture_output=True, text=True).stdout)
     assert size < 6e9, f"image is {size / 1e9:.1f} GB (target: <= 6 GB with CUDA; this CPU build is smaller)"
+    documented = float(re.search(r"The CPU image the suite builds is ([\d.]+) GB",
+                                 " ".join((REPO / "docs" / "container.md").read_text().split()))[1])
+    assert size == pytest.approx(documented * 1e9, rel=0.05), f"docs/container.md says {documented} GB, built {size}"
 
 
 @pytest.mark.container
