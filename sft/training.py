@@ -99,7 +99,9 @@ def _run(config: Config, overwrite: bool, preemption, overrides: list[str], env_
         if state.num_processes > 1:
             log.info("%d processes (%s), collectives time out after %d s (training.ddp_timeout)", state.num_processes,
                      state.backend, config.training.ddp_timeout)
-        resume = rundir.resume_command(config, run.path.name, overrides, env_file)
+        # Under slurm/'s scripts a new job resumes it (the script binds and adds its own options again).
+        resume = rundir.resubmit_command(run.path.name) or \
+            rundir.resume_command(config, run.path.name, overrides, env_file)
         try:
             return _train(config, state, run, resume_from, manifest, preemption, resume)
         except Preempted:

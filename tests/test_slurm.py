@@ -13,6 +13,7 @@ Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s); all o
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import stat
@@ -156,7 +157,17 @@ def test_plain_scancel_checkpoints_but_stays_cancelled(slurm_cluster, workdir, j
     assert len(list((run_dir / "checkpoints").glob("checkpoint-*/.complete"))) == 1
     _wait_for(lambda: "total time" in (workdir / "logs" / f"sft-{job}.out").read_text(), "the script's end",
               slurm_cluster, timeout=30)
-    assert "not requeueing" in (workdir / "logs" / f"sft-{job}.out").read_text()
+    log = (workdir / "logs" / f"sft-{job}.out").read_text()
+    assert "not requeueing" in log
+    # sft printed the sbatch line that resumes the run as a new job; it does.
+    resubmit = shlex.split(log.split("sft: preempted; a requeued job resumes by itself, or resume with: ")[1]
+                           .splitlines()[0])
+    assert resubmit == ["sbatch", str(SLURM_DIR / "train.sbatch"), str(lm_config.relative_to(workdir)),
+                        f"training.max_steps={PREEMPT_STEPS}", "output.name=cancelled"]
+    again = slurm_cluster.sbatch(*SMALL, *resubmit[1:], env=job_env, cwd=workdir)
+    slurm_cluster.wait(again)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["restarts"][0]["resumed_from_step"] >= 10
 
 
 def test_sweep_array_gives_each_task_its_own_run_dir(slurm_cluster, workdir, job_env, lm_config):
