@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     # the user opts in with HF_HUB_OFFLINE=0 (e.g. on a login node).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from sft.hub import use_project_cache
+
+    use_project_cache()
 
     from sft.logs import setup_terminal
 
