@@ -194,6 +194,34 @@ def test_context_holds_exactly_what_the_recipes_copy():
     assert allowed == copied, "keep .dockerignore's allow-list equal to what the recipes copy"
 
 
+def test_makefile_build_context_is_what_the_recipes_copy():
+    make = subprocess.run(["make", "-s", "--eval", "show-context: ; @echo $(BUILD_CONTEXT)", "show-context"], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert set(make) == {src for src, _ in defrun.files(DEF["sections"]["files"])}
+
+
+def test_provenance_is_dirty_when_untracked_files_would_enter_the_image(tmp_path):
+    """An untracked configs/*.yaml goes into the image (the context copies configs/), so the commit alone does not
+    describe it; an untracked file outside the context (notes, runs/) changes nothing built."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("task: classification\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "x")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "notes.txt").write_text("outside the build context\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "configs" / "mine.yaml").write_text("task: causal_lm\n")
+    assert git_commit(tmp_path) == head + "-dirty"
+    (tmp_path / "configs" / "mine.yaml").unlink()
+    (tmp_path / "configs" / "demo.yaml").write_text("task: causal_lm\n")  # a changed tracked file, as before
+    assert git_commit(tmp_path) == head + "-dirty"
+
+
 def test_image_locks_only_add_pinned_packages():
     def pins(path: Path) -> dict[str, str]:
         lines = [l for l in path.read_text().splitlines() if l and not l.startswith("#")]
@@ -255,10 +283,10 @@ def host_pip_sources() -> tuple[list[str], list[str]]:
     return options, sorted(set(folders))
 
 
-def git_commit() -> str:
-    head = sh("git", "rev-parse", "HEAD", capture_output=True, text=True).stdout.strip()
-    dirty = sh("git", "status", "--porcelain", "--untracked-files=no", capture_output=True, text=True).stdout.strip()
-    return head + ("-dirty" if dirty else "")
+def git_commit(folder: Path = REPO) -> str:
+    """The GIT_COMMIT that make passes to the builds, by the Makefile's own rule."""
+    return subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), "--eval", "show-commit: ; @echo $(GIT_COMMIT)",
+                           "show-commit"], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def build_options() -> dict[str, str]:
