@@ -350,3 +350,21 @@ def test_sweep_default_learning_rates_lie_in_the_range_the_swept_configs_advise(
         assert advice, f"{config}: no learning-rate range in its comments"
         low, high = float(advice[1]), float(advice[2])
         assert all(low <= float(rate) <= high for rate in default.split()), f"{config}: {default} vs {advice[0]}"
+
+
+def test_every_container_command_shown_binds_the_data_at_data_and_at_its_own_path():
+    """The bind contract of docs/container.md, as slurm/common.sh applies it: the data folder is bound read-only at
+    /data and at its host path, so a DATA_PATH written as the host path (docs/cluster.md) works in every way of
+    running the image, by hand or by script."""
+    checked = 0
+    for command in bash_commands():
+        words = command.words
+        if words[0] not in ("apptainer", "singularity", "podman", "docker") or words[1] not in ("run", "exec"):
+            continue
+        binds = [value for option, value in zip(words, words[1:]) if option in ("--bind", "-B", "-v", "--volume")]
+        sources = {bind.split(":")[0] for bind in binds if bind.split(":")[1] == "/data"}
+        for source in sources:
+            checked += 1
+            assert any(bind.split(":")[:2] == [source, source] for bind in binds), \
+                f"{command.where}: binds {source} at /data but not at its own path ({shlex.join(words)})"
+    assert checked >= 2
