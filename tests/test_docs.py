@@ -368,3 +368,14 @@ def test_every_container_command_shown_binds_the_data_at_data_and_at_its_own_pat
             assert any(bind.split(":")[:2] == [source, source] for bind in binds), \
                 f"{command.where}: binds {source} at /data but not at its own path ({shlex.join(words)})"
     assert checked >= 2
+
+
+def test_cluster_guide_shows_every_runtime_the_scripts_take_and_the_gres_escape():
+    """A newcomer without Apptainer follows docs/cluster.md only: each SFT_RUNTIME that slurm/common.sh accepts
+    besides the default, and `--gres=none` for nodes without GPU gres, must be shown there."""
+    setup = (REPO / "slurm" / "common.sh").read_text()
+    runtimes = re.search(r"use ([a-z, ]+) or ([a-z]+)\"", setup)
+    accepted = {*runtimes[1].split(", "), runtimes[2]} - {"auto", "apptainer"}
+    guide = (REPO / "docs" / "cluster.md").read_text()
+    missing = [f"SFT_RUNTIME={runtime}" for runtime in sorted(accepted) if f"SFT_RUNTIME={runtime}" not in guide]
+    assert "none" in accepted and not missing and "--gres=none" in guide, missing
