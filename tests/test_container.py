@@ -30,6 +30,8 @@ DEF = defrun.parse((REPO / "apptainer.def").read_text())
 CONTAINERFILE = (REPO / "Containerfile").read_text()
 BASE_TAG = "localhost/debian:bookworm-slim"
 CONTAINERS_CONF = REPO / "container" / "containers.conf"
+# What a build host without Docker Hub needs (base-image.sh debootstraps the base; containers.conf picks runc).
+BUILD_HOST_TOOLS = ("podman", "runc", "debootstrap")
 
 
 # ---- Containerfile parsing (just the instructions these recipes use) ----
@@ -194,6 +196,12 @@ def test_context_holds_exactly_what_the_recipes_copy():
     assert allowed == copied, "keep .dockerignore's allow-list equal to what the recipes copy"
 
 
+def test_container_md_names_what_a_build_host_without_docker_hub_needs():
+    docs = " ".join((REPO / "docs" / "container.md").read_text().split())
+    assert f"apt-get install {' '.join(BUILD_HOST_TOOLS)}" in docs
+    assert "--find-links /srv/wheels --index-url" in docs  # torch from a wheel folder, the rest from the index
+
+
 def test_makefile_build_context_is_what_the_recipes_copy():
     make = subprocess.run(["make", "-s", "--eval", "show-context: ; @echo $(BUILD_CONTEXT)", "show-context"], cwd=REPO,
                           capture_output=True, text=True, check=True).stdout.split()
@@ -256,9 +264,9 @@ def sh(*cmd, **kwargs) -> subprocess.CompletedProcess:
 def podman_env():
     if sys.platform != "linux" or os.geteuid() != 0:
         pytest.skip("container builds need root on Linux (rootful podman)")
-    missing = [tool for tool in ("podman", "runc", "debootstrap") if not shutil.which(tool)]
+    missing = [tool for tool in BUILD_HOST_TOOLS if not shutil.which(tool)]
     if missing:
-        apt_install("podman", "runc", "debootstrap")
+        apt_install(*BUILD_HOST_TOOLS)
     env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
     os.environ["CONTAINERS_CONF"] = str(CONTAINERS_CONF)  # defrun and podman calls below inherit it
     sh("container/base-image.sh", env=env)
