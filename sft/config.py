@@ -346,12 +346,12 @@ def _find_relative_data_paths(config: Config) -> None:
     `sft check ../project/configs/demo.yaml` finds ../project/data/... too. A path found elsewhere than the current
     directory becomes absolute; one found nowhere stays as written, for the data stage to report."""
     folder = config.config_path.parent
-    bases = [Path.cwd(), folder] + ([folder.parent] if folder.name == "configs" else [])
+    beside_config = [folder] + ([folder.parent] if folder.name == "configs" else [])
 
     def found(path: str) -> str:
         if Path(path).is_absolute() or Path(path).exists():
             return path
-        return next((str(base / path) for base in bases[1:] if (base / path).exists()), path)
+        return next((str(base / path) for base in beside_config if (base / path).exists()), path)
 
     for key in ("train", "eval"):
         source = getattr(config.data, key)
