@@ -306,19 +306,6 @@ def test_docs_do_not_point_at_issue_numbers():
     assert not stale, "\n".join(stale)
 
 
-def test_readme_run_directory_table_names_everything_a_finished_run_holds(finished_runs):
-    """Every file and folder of a finished run (each task and method of conftest's shared runs) has a line in
-    README.md's run-directory table."""
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("## The run directory"):]
-    table = table[:table.index("```", table.index("```") + 3)]
-    listed = {line.split()[0].split("/")[0] for line in table.splitlines() if line and not line.startswith((" ", "`"))}
-    listed = {re.sub(r"YYYYmmdd_HHMMSS", "*", name) for name in listed}
-    missing = {entry.name for run_dir in finished_runs.values() for entry in run_dir.iterdir()
-               if not any(Path(entry.name).match(name) for name in listed)}
-    assert not missing, f"README.md's run-directory table lacks {sorted(missing)}"
-
-
 def test_the_exit_codes_sft_uses_are_documented():
     from sft.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CHAT_ROWS, tiny_lm_config, write_jsonl
+from conftest import CHAT_ROWS, REPO, tiny_lm_config, write_jsonl
 from sft.config import load_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -247,3 +247,17 @@ def test_plots_in_a_read_only_home_use_a_temp_matplotlib_folder_without_warnings
     assert result.returncode == 0, result.stderr
     assert "mkdir -p failed" not in result.stderr and "Matplotlib" not in result.stderr, result.stderr
     assert Path(result.stdout.strip()).is_dir() and (tmp_path / "plots" / "loss.png").is_file()
+
+
+def test_readme_run_directory_table_names_everything_a_run_holds(classification_run, causal_lm_run):
+    """Every file and folder these finished runs hold (evaluated, with samples, report and plots) has a line in
+    README.md's run-directory table."""
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## The run directory"):]
+    table = table[:table.index("```", table.index("```") + 3)]
+    listed = {line.split()[0].split("/")[0].replace("YYYYmmdd_HHMMSS", "*") for line in table.splitlines()
+              if line and not line.startswith((" ", "`"))}
+    missing = {entry.name for run_dir in (classification_run, causal_lm_run) for entry in run_dir.iterdir()
+               if not any(Path(entry.name).match(name) for name in listed)}
+    assert not missing, f"README.md's run-directory table lacks {sorted(missing)}"
+
