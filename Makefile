@@ -66,8 +66,12 @@ APPTAINER_BUILD_FLAGS ?=
 OCI_BUILD_FLAGS ?=
 APPTAINER ?= $(shell command -v apptainer || command -v singularity)
 OCI_TOOL ?= $(shell command -v podman || command -v docker)
-# Provenance, computed only when a container target runs; "-dirty" marks uncommitted changes to tracked files.
-GIT_COMMIT = $(shell git rev-parse HEAD 2>/dev/null || echo unknown)$(shell git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo -dirty)
+# What the image is built from: .dockerignore's allow-list, apptainer.def's %files (a test keeps them equal).
+BUILD_CONTEXT = requirements.lock pyproject.toml entrypoint.py sft configs data/demo container/install.sh \
+  container/jupyter.lock container/cuda.lock container/selftest.sh
+# Provenance, computed only when a container target runs; "-dirty" marks uncommitted changes to tracked files, and
+# untracked files the build would copy into the image (a configs/new.yaml is in it, so the commit alone is not).
+GIT_COMMIT = $(shell git rev-parse HEAD 2>/dev/null || echo unknown)$(shell test -z "$$({ git status --porcelain --untracked-files=no; git status --porcelain --untracked-files=all -- $(BUILD_CONTEXT); } 2>/dev/null)" || echo -dirty)
 SFT_VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 LOCK_SHA256 = $(shell sha256sum requirements.lock | cut -d' ' -f1)
 comma := ,

@@ -18,7 +18,8 @@ import argparse
 import os
 import sys
 
-from sft.errors import EXIT_USER_ERROR, UserError
+from sft import __version__
+from sft.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 COMMANDS = ("train", "check", "prepare", "info", "fetch", "predict", "export", "runs", "clean", "report", "diff",
             "reproduce", "kernel")
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sft", description="Supervised fine-tuning for HPC clusters.",
                                      epilog="A bare `sft CONFIG` runs `sft train CONFIG`.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser.add_argument("--version", action="version", version=f"sft {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("train", "fine-tune a model from a YAML config"),
                        ("check", "validate a config and every data row without loading weights"),
@@ -167,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     # the user opts in with HF_HUB_OFFLINE=0 (e.g. on a login node).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from sft.hub import use_project_cache
+
+    use_project_cache()
 
     from sft.logs import setup_terminal
 
@@ -188,9 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         # Set once the run directory exists (sft.training.Interrupted); before that there is nothing to resume.
         resume = getattr(stop, "resume_command", None)
-        print(f"sft: interrupted; resume from the newest complete checkpoint with: {resume}" if resume
-              else "sft: interrupted before the run started", file=sys.stderr)
-        return 130
+        if not resume:
+            print("sft: interrupted before the run started", file=sys.stderr)
+        elif stop.has_checkpoint:
+            print(f"sft: interrupted; resume from the newest complete checkpoint with: {resume}", file=sys.stderr)
+        else:
+            print(f"sft: interrupted before the first checkpoint; start the run again with: {resume}",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _train(args) -> int:
@@ -241,7 +251,10 @@ def _check(args) -> int:
     with tempfile.TemporaryDirectory(prefix="sft-check-") as work_dir:
         loaded, lines, model = run_checks(config, Path(work_dir), gpu=gpu_bytes is not None)
     print_check(config, loaded, lines)
-    print_preflight(config, gpu_bytes, model.config)
+    too_big = print_preflight(config, gpu_bytes, model.config)
+    if too_big:  # a failed check, so that a script can act on it before queueing
+        where = f"--gpu-mem {args.gpu_mem}" if args.gpu_mem else "the visible GPU"
+        raise UserError(f"{where}: {too_big}")
     return 0
 
 

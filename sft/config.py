@@ -355,6 +355,7 @@ def load_config(path: str | Path, overrides: list[str] = (), env_file: str | Non
         raise UserError(f"{path}: " + "; ".join(_describe(e) for e in error.errors())) from None
     config.config_path = path.resolve()
     config._secret_templates = templates
+    _find_relative_data_paths(config)
     return config
 
 
@@ -367,6 +368,31 @@ def load_run_config(path: Path) -> Config:
     load_env_file(env_file if isinstance(env_file, str) and Path(os.path.expandvars(env_file)).is_file() else None,
                   path)
     return Config.model_validate(_interpolate(raw, "", [], {}, keep_unset=True))
+
+
+def _find_relative_data_paths(config: Config) -> None:
+    """A relative data path is looked up from the current directory (the rule before configs could live anywhere),
+    then from the config's directory and, for a config in a `configs/` folder, the project directory above it: so
+    `sft check ../project/configs/demo.yaml` finds ../project/data/... too. A path found elsewhere than the current
+    directory becomes absolute; one found nowhere stays as written, for the data stage to report."""
+    folder = config.config_path.parent
+    beside_config = [folder] + ([folder.parent] if folder.name == "configs" else [])
+
+    def found(path: str) -> str:
+        if Path(path).is_absolute() or Path(path).exists():
+            return path
+        return next((str(base / path) for base in beside_config if (base / path).exists()), path)
+
+    for key in ("train", "eval"):
+        source = getattr(config.data, key)
+        items = source if isinstance(source, list) else [source]
+        for item in items:
+            if isinstance(item, FileSource):
+                item.path = found(item.path)
+        if isinstance(source, str):
+            setattr(config.data, key, found(source))
+        elif isinstance(source, list):
+            setattr(config.data, key, [found(item) if isinstance(item, str) else item for item in source])
 
 
 def _read_yaml(path: Path) -> dict:
@@ -429,6 +455,11 @@ def load_env_file(env_file: str | None, config_path: Path | None = None) -> None
         raise UserError(f"{env_path}:{broken[0]}: cannot read this line; write NAME=value, one per line, with "
                         f"quotes closed")
     values = dotenv_values(stream=io.StringIO(text))
+    data_path = values.get("DATA_PATH")
+    if data_path and not Path(data_path).exists() and (env_path.parent / data_path).exists():
+        # Relative, as for paths in a config: from the current directory, else from beside the .env (which, bound
+        # at /secrets/.env in the image, is found from the current directory there).
+        values["DATA_PATH"] = os.path.normpath(env_path.parent.absolute() / data_path)
     secrets.register_secrets_from(values)
     for name, value in values.items():
         if value is not None:

@@ -210,9 +210,9 @@ def visible_gpu_memory() -> float | None:
     return float(out[0]) * 2**20 if out else None
 
 
-def preflight(config: Config, gpu_bytes: float | None, model_config: dict) -> list[tuple[str, str]]:
+def preflight(config: Config, gpu_bytes: float | None, model_config: dict) -> tuple[list[tuple[str, str]], str | None]:
     """Rows for `sft check`: the estimate's parts for the model's config.json, and whether it fits the GPU (with the
-    change that would)."""
+    change that would); and, when it does not fit, the problem to report."""
     from sft.model import GPU_TOKEN_BUDGET
 
     shape = shape_from_config(model_config)
@@ -234,21 +234,26 @@ def preflight(config: Config, gpu_bytes: float | None, model_config: dict) -> li
         rows.append(("fits the GPU?", f"fits in {size(gpu_bytes)} (keeping {HEADROOM:.0%} free)"))
     else:
         change = what_fits(config, shape, tokens, gpu_bytes, chunked)
-        rows.append(("fits the GPU?", f"does not fit in {size(gpu_bytes)} (keeping {HEADROOM:.0%} free); "
-                                      + (f"fits with {change}" if change else "no single change makes it fit")))
-    return rows
+        verdict = f"does not fit in {size(gpu_bytes)} (keeping {HEADROOM:.0%} free); " + \
+            (f"fits with {change}" if change else "no single change makes it fit")
+        rows.append(("fits the GPU?", verdict))
+        return rows, f"memory estimate: {size(estimate.total)} per GPU {verdict}"
+    return rows, None
 
 
 def size(value: float) -> str:
     return f"{value / GIB:.1f} GiB" if value >= GIB else f"{value / 2**20:.0f} MiB"
 
 
-def print_preflight(config: Config, gpu_bytes: float | None, model_config: dict) -> None:
-    """`sft check`: the memory estimate, and whether it fits --gpu-mem or the visible GPU."""
+def print_preflight(config: Config, gpu_bytes: float | None, model_config: dict) -> str | None:
+    """`sft check`: the memory estimate, and whether it fits --gpu-mem or the visible GPU; returns the problem when
+    it does not fit."""
     from rich.console import Console
     from rich.table import Table
 
+    rows, problem = preflight(config, gpu_bytes, model_config)
     table = Table(title="memory (estimated from config.json)", show_header=False)
-    for name, value in preflight(config, gpu_bytes, model_config):
+    for name, value in rows:
         table.add_row(name, value)
     Console().print(table)
+    return problem

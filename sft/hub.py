@@ -21,6 +21,18 @@ def hub_home() -> str:
     return os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface")
 
 
+# The cache the slurm/ scripts give their jobs (SFT_CACHE_DIR, default ./.cache), relative to the project directory.
+PROJECT_CACHE = os.path.join(".cache", "huggingface")
+
+
+def use_project_cache() -> None:
+    """Without HF_HOME, a project directory's .cache/huggingface is the cache: the one slurm/'s jobs use, so sft
+    fetch, check, prepare, train and clean run from the project directory all see what a job sees. Before
+    huggingface_hub is imported: it reads HF_HOME once."""
+    if "HF_HOME" not in os.environ and os.path.isdir(PROJECT_CACHE):
+        os.environ["HF_HOME"] = os.path.abspath(PROJECT_CACHE)
+
+
 def fetch(name: str, revision: str | None = None) -> str:
     """Download model NAME (and its tokenizer) into the hub cache; return the local folder."""
     # The CLI keeps runs offline; a fetch is the one command that must go online. Set before huggingface_hub is

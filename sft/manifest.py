@@ -12,6 +12,7 @@ from typing import Any
 
 import sft
 from sft.files import read_json, write_json_atomic
+from sft.hub import hub_home
 from sft.secrets import mask_values
 
 MANIFEST = "manifest.json"
@@ -103,7 +104,7 @@ def this_start() -> dict:
     return {"time": _now(), "host": socket.gethostname(), "slurm_job": slurm_job_key(),
             "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"), "slurm": slurm_environment(),
             "platform": platform.platform(), "versions": package_versions(), "accelerator": accelerator_info(),
-            "image": image_provenance()}
+            "image": image_provenance(), "hf_home": hub_home()}
 
 
 def start_manifest(run_dir: Path, config, resume_step: int | None, changed_settings: dict | None = None) -> dict:
@@ -124,6 +125,7 @@ def start_manifest(run_dir: Path, config, resume_step: int | None, changed_setti
                     "finished": None, "seed": config.training.seed, "slurm_job": start["slurm_job"],
                     "slurm": start["slurm"], "host": start["host"], "platform": start["platform"],
                     "versions": start["versions"], "accelerator": start["accelerator"], "image": start["image"],
+                    "hf_home": start["hf_home"],
                     "git": git_commit(config.config_path.parent) if config.config_path else None,
                     "data": {}, "restarts": [], "results": {}}
     write_manifest(run_dir, manifest)

@@ -12,6 +12,7 @@ THROUGHPUT_KEY = "real_tokens_per_s"  # added to each training log line by sft.t
 
 def write_plots(run_dir: Path, records: list[dict], eval_metrics: dict | None) -> dict[str, Path]:
     """Every plot the run's data allows, by title: a plot whose series were never logged is left out."""
+    use_writable_matplotlib_dir()
     folder = run_dir / PLOTS
     figures = {"loss": loss_figure(records), "learning rate": series_figure(records, "learning_rate", "learning rate"),
                "throughput": series_figure(records, THROUGHPUT_KEY, "real tokens / s (all processes)"),
@@ -25,6 +26,30 @@ def write_plots(run_dir: Path, records: list[dict], eval_metrics: dict | None) -
         written[title], drawn[path.name] = path, drawn_data(figure)
     write_json_atomic(folder / "plots.json", drawn)
     return written
+
+
+def use_writable_matplotlib_dir() -> None:
+    """Point MPLCONFIGDIR at a folder of ours in the temp dir unless matplotlib's own one can be written: in a
+    read-only image (or a home that does not exist) matplotlib warns `mkdir -p failed` at every import."""
+    home = Path.home()
+    wanted = [os.environ["MPLCONFIGDIR"]] if os.environ.get("MPLCONFIGDIR") else [
+        Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "matplotlib",
+        Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "matplotlib"]
+    if all(_writable_folder(Path(folder)) for folder in wanted):
+        return
+    # One folder per user, reused by later runs (matplotlib keeps its font cache there); not one someone else made.
+    folder = Path(tempfile.gettempdir()) / f"sft-matplotlib-{os.getuid()}"
+    if not (_writable_folder(folder) and folder.stat().st_uid == os.getuid()):
+        folder = Path(tempfile.mkdtemp(prefix="sft-matplotlib-"))
+    os.environ["MPLCONFIGDIR"] = str(folder)
+
+
+def _writable_folder(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
 
 
 def loss_figure(records: list[dict]):

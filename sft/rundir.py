@@ -132,6 +132,17 @@ def resume_command(config: Config, run_name: str, overrides: list[str], env_file
     return shlex.join([*words, f"output.name={pinned}"])
 
 
+def resubmit_command(run_name: str) -> str | None:
+    """In a job of slurm/'s scripts: the sbatch line that continues this run as a new job (after a plain scancel,
+    which is not requeued), from the submission line the script records in SFT_SBATCH_COMMAND, name pinned."""
+    submitted = os.environ.get("SFT_SBATCH_COMMAND")
+    if not submitted or not os.environ.get("SLURM_JOB_ID"):
+        return None
+    words = [w for w in shlex.split(submitted) if w.partition("=")[0].strip() != "output.name"]
+    pinned = run_name.replace("{", "{{").replace("}", "}}")
+    return shlex.join([*words, f"output.name={pinned}"])
+
+
 def _find_by_job(output_dir: Path, job: str, template: str) -> str | None:
     if not output_dir.is_dir():
         return None

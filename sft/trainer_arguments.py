@@ -25,8 +25,10 @@ def training_arguments(config: Config, output_dir: Path, gpu: bool | None = None
     # The device settings follow this machine: TrainingArguments sets up the device it is built on.
     on_gpu = torch.cuda.is_available()
     stopping = t.early_stopping
-    # Trainer tracks the best checkpoint (kept by the rotation) whenever it has a metric for it.
-    best_metric = (stopping.metric if stopping else "eval_loss") if stopping or t.load_best_model_at_end else None
+    # Trainer tracks the best checkpoint, which the rotation then keeps, only when it has a metric for it: give it
+    # one whenever runs evaluate and save, so the best epoch of an overfitting run is never rotated away.
+    evaluates_and_saves = has_eval and t.eval_strategy != "no" and t.save_strategy != "no"
+    best_metric = stopping.metric if stopping else ("eval_loss" if evaluates_and_saves else None)
     options = dict(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,

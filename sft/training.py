@@ -26,11 +26,13 @@ class Preempted(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a run, after the manifest recorded it: carries the command that resumes the run."""
+    """Ctrl-C during a run, after the manifest recorded it: carries the command that resumes the run, and whether a
+    complete checkpoint exists to resume from (without one the command starts the run over)."""
 
-    def __init__(self, resume_command: str):
+    def __init__(self, resume_command: str, has_checkpoint: bool):
         super().__init__(resume_command)
         self.resume_command = resume_command
+        self.has_checkpoint = has_checkpoint
 
 
 @dataclass
@@ -124,7 +126,9 @@ def _run(config: Config, overwrite: bool, preemption, walltime, overrides: list[
         if state.num_processes > 1:
             log.info("%d processes (%s), collectives time out after %d s (training.ddp_timeout)", state.num_processes,
                      state.backend, config.training.ddp_timeout)
-        resume = rundir.resume_command(config, run.path.name, overrides, env_file)
+        # Under slurm/'s scripts a new job resumes it (the script binds and adds its own options again).
+        resume = rundir.resubmit_command(run.path.name) or \
+            rundir.resume_command(config, run.path.name, overrides, env_file)
         try:
             return _train(config, state, run, resume_from, manifest, preemption, walltime, resume, allow_data_change)
         except Preempted:
@@ -134,7 +138,7 @@ def _run(config: Config, overwrite: bool, preemption, walltime, overrides: list[
             if is_main:
                 manifests.record_failure(run.path, manifest, disk_full or error)
             if isinstance(error, KeyboardInterrupt):
-                raise Interrupted(resume) from error
+                raise Interrupted(resume, bool(rundir.complete_checkpoints(run.checkpoints))) from error
             if disk_full:
                 raise disk_full from error
             raise

@@ -132,6 +132,18 @@ sft_read_job_end() {
   fi
 }
 
+# sft_remember_submission SCRIPT CONFIG [key.sub=value ...]: export SFT_SBATCH_COMMAND, the sbatch line that
+# submits this job again, paths relative to the submit directory where they lie inside it. sft prints it, with the
+# run's name pinned, after a plain scancel (which is not requeued). sbatch options such as --time are not known
+# here: give them again.
+sft_remember_submission() {
+  local script
+  script="$(realpath --relative-base="$sft_submit_dir" "$(dirname "${BASH_SOURCE[0]}")/$1")"
+  shift
+  SFT_SBATCH_COMMAND="$(printf '%q ' sbatch "$script" "$(realpath --relative-base="$sft_submit_dir" "$1")" "${@:2}")"
+  export SFT_SBATCH_COMMAND="${SFT_SBATCH_COMMAND% }"
+}
+
 # sft_print_provenance: where and with what this job runs, first thing in the log.
 sft_print_provenance() {
   echo "== $(date '+%F %T') job ${SLURM_JOB_ID:-none} (${SLURM_JOB_NAME:-no name}, restart ${SLURM_RESTART_COUNT:-0})" \
@@ -249,7 +261,8 @@ sft_requeue_if_preempted() {
   fi
   if [[ "$SFT_SIGNAL" == TERM ]] && (( ! SFT_GOT_USR1 )); then
     echo "== stopped by SIGTERM after a complete checkpoint; not requeueing (scancel or" \
-         "preemption: Slurm requeues preempted jobs itself). Submit the same command again to resume."
+         "preemption: Slurm requeues preempted jobs itself). To resume, submit the sbatch line sft printed" \
+         "(with the same sbatch options)."
     return 0
   fi
   if [[ -z "${SLURM_JOB_ID:-}" ]]; then

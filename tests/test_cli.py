@@ -115,9 +115,13 @@ def test_ctrl_c_prints_the_resume_command_once_a_run_exists(capsys, monkeypatch)
             raise error
         return train
 
-    monkeypatch.setattr("sft.cli._train", interrupt(Interrupted("sft train /c.yaml 'output.name=c-120000'")))
+    monkeypatch.setattr("sft.cli._train", interrupt(Interrupted("sft train /c.yaml 'output.name=c-120000'", True)))
     assert main(["train", "c.yaml"]) == 130
     assert capsys.readouterr().err == ("sft: interrupted; resume from the newest complete checkpoint with: "
+                                       "sft train /c.yaml 'output.name=c-120000'\n")
+    monkeypatch.setattr("sft.cli._train", interrupt(Interrupted("sft train /c.yaml 'output.name=c-120000'", False)))
+    assert main(["train", "c.yaml"]) == 130
+    assert capsys.readouterr().err == ("sft: interrupted before the first checkpoint; start the run again with: "
                                        "sft train /c.yaml 'output.name=c-120000'\n")
     monkeypatch.setattr("sft.cli._train", interrupt(KeyboardInterrupt()))  # e.g. while the config loads
     assert main(["train", "c.yaml"]) == 130
@@ -141,3 +145,10 @@ def test_run_directory_commands_have_help_and_runs_lists_without_torch(tmp_path)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1].split()[:2] == ["a-run", "killed"]
+
+
+def test_version_prints_the_package_version():
+    from importlib.metadata import version
+
+    result = sft("--version")
+    assert result.returncode == 0 and result.stdout == f"sft {version('sft')}\n", result

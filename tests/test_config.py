@@ -79,6 +79,48 @@ def test_dotenv_file_from_config_flag_or_working_directory(write_config, tmp_pat
         load_config(write_config({**MINIMAL, "env_file": "missing.env"}))
 
 
+def test_relative_data_paths_are_found_from_the_current_directory_then_beside_the_config(tmp_path, monkeypatch):
+    """The shipped layout: project/configs/x.yaml names data/train.jsonl, meaning project/data/train.jsonl. From the
+    project directory that is the current directory's path, as always; from anywhere else sft finds it above the
+    config's configs/ folder (or beside the config), and the current directory still wins when it has the path."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    for folder in (project / "configs", project / "data", elsewhere / "data", elsewhere / "sub"):
+        folder.mkdir(parents=True)
+    (project / "data" / "train.jsonl").write_text("{}\n")
+    (project / "configs" / "dev.jsonl").write_text("{}\n")
+    config_path = project / "configs" / "x.yaml"
+    config_path.write_text(yaml.safe_dump({**MINIMAL, "data": {"train": "data/train.jsonl",
+                                                               "eval": [{"path": "dev.jsonl"}, "missing.jsonl"]}}))
+    monkeypatch.chdir(elsewhere / "sub")
+    config = load_config(Path("../../project/configs/x.yaml"))
+    assert config.data.train == str(project / "data" / "train.jsonl")
+    assert config.data.eval[0].path == str(project / "configs" / "dev.jsonl")
+    assert config.data.eval[1] == "missing.jsonl"  # found nowhere: the data stage names where it looked
+    (elsewhere / "sub" / "data").mkdir()
+    (elsewhere / "sub" / "data" / "train.jsonl").write_text("{}\n")
+    assert load_config(Path("../../project/configs/x.yaml")).data.train == "data/train.jsonl"
+
+
+def test_relative_data_path_in_a_dotenv_is_relative_to_the_dotenv(tmp_path, monkeypatch):
+    monkeypatch.delenv("DATA_PATH", raising=False)
+    (tmp_path / "project" / "data").mkdir(parents=True)
+    (tmp_path / "project" / ".env").write_text("DATA_PATH=data\n")
+    config_path = tmp_path / "project" / "x.yaml"
+    config_path.write_text(yaml.safe_dump({**MINIMAL, "data": {"train": "${DATA_PATH}/train.jsonl"}}))
+    monkeypatch.chdir(tmp_path)
+    config = load_config(config_path, env_file="project/.env")
+    assert config.data.train == str(tmp_path / "project" / "data" / "train.jsonl")
+
+
+def test_a_data_file_that_is_nowhere_names_the_directory_it_was_looked_up_from(tmp_path, monkeypatch):
+    from sft.data.sources import file_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=rf"data.train: data/x.jsonl does not exist \(a relative path is looked up "
+                                        rf"from {tmp_path}, then next to the config\)"):
+        file_fingerprint("data/x.jsonl", "data.train")
+
+
 @pytest.mark.parametrize("encode", [lambda text: codecs.BOM_UTF8 + text.encode(), lambda text: text.encode("utf-16"),
                                     lambda text: text.replace("\n", "\r\n").encode()], ids=["utf8-bom", "utf16", "crlf"])
 def test_dotenv_files_saved_by_windows_editors(write_config, tmp_path, monkeypatch, encode):

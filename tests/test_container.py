@@ -30,6 +30,8 @@ DEF = defrun.parse((REPO / "apptainer.def").read_text())
 CONTAINERFILE = (REPO / "Containerfile").read_text()
 BASE_TAG = "localhost/debian:bookworm-slim"
 CONTAINERS_CONF = REPO / "container" / "containers.conf"
+# What a build host without Docker Hub needs (base-image.sh debootstraps the base; containers.conf picks runc).
+BUILD_HOST_TOOLS = ("podman", "runc", "debootstrap")
 
 
 # ---- Containerfile parsing (just the instructions these recipes use) ----
@@ -194,6 +196,40 @@ def test_context_holds_exactly_what_the_recipes_copy():
     assert allowed == copied, "keep .dockerignore's allow-list equal to what the recipes copy"
 
 
+def test_container_md_names_what_a_build_host_without_docker_hub_needs():
+    docs = " ".join((REPO / "docs" / "container.md").read_text().split())
+    assert f"apt-get install {' '.join(BUILD_HOST_TOOLS)}" in docs
+    assert "--find-links /srv/wheels --index-url" in docs  # torch from a wheel folder, the rest from the index
+
+
+def test_makefile_build_context_is_what_the_recipes_copy():
+    make = subprocess.run(["make", "-s", "--eval", "show-context: ; @echo $(BUILD_CONTEXT)", "show-context"], cwd=REPO,
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert set(make) == {src for src, _ in defrun.files(DEF["sections"]["files"])}
+
+
+def test_provenance_is_dirty_when_untracked_files_would_enter_the_image(tmp_path):
+    """An untracked configs/*.yaml goes into the image (the context copies configs/), so the commit alone does not
+    describe it; an untracked file outside the context (notes, runs/) changes nothing built."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("task: classification\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "x")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "notes.txt").write_text("outside the build context\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "configs" / "mine.yaml").write_text("task: causal_lm\n")
+    assert git_commit(tmp_path) == head + "-dirty"
+    (tmp_path / "configs" / "mine.yaml").unlink()
+    (tmp_path / "configs" / "demo.yaml").write_text("task: causal_lm\n")  # a changed tracked file, as before
+    assert git_commit(tmp_path) == head + "-dirty"
+
+
 def test_image_locks_only_add_pinned_packages():
     def pins(path: Path) -> dict[str, str]:
         lines = [l for l in path.read_text().splitlines() if l and not l.startswith("#")]
@@ -228,9 +264,9 @@ def sh(*cmd, **kwargs) -> subprocess.CompletedProcess:
 def podman_env():
     if sys.platform != "linux" or os.geteuid() != 0:
         pytest.skip("container builds need root on Linux (rootful podman)")
-    missing = [tool for tool in ("podman", "runc", "debootstrap") if not shutil.which(tool)]
+    missing = [tool for tool in BUILD_HOST_TOOLS if not shutil.which(tool)]
     if missing:
-        apt_install("podman", "runc", "debootstrap")
+        apt_install(*BUILD_HOST_TOOLS)
     env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
     os.environ["CONTAINERS_CONF"] = str(CONTAINERS_CONF)  # defrun and podman calls below inherit it
     sh("container/base-image.sh", env=env)
@@ -255,10 +291,10 @@ def host_pip_sources() -> tuple[list[str], list[str]]:
     return options, sorted(set(folders))
 
 
-def git_commit() -> str:
-    head = sh("git", "rev-parse", "HEAD", capture_output=True, text=True).stdout.strip()
-    dirty = sh("git", "status", "--porcelain", "--untracked-files=no", capture_output=True, text=True).stdout.strip()
-    return head + ("-dirty" if dirty else "")
+def git_commit(folder: Path = REPO) -> str:
+    """The GIT_COMMIT that make passes to the builds, by the Makefile's own rule."""
+    return subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), "--eval", "show-commit: ; @echo $(GIT_COMMIT)",
+                           "show-commit"], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def build_options() -> dict[str, str]:
@@ -380,6 +416,9 @@ def test_oci_image_labels_archive_and_size(oci_image):
     size = int(sh("podman", "image", "inspect", "--format", "{{.Size}}", oci_image,
                   capture_output=True, text=True).stdout)
     assert size < 6e9, f"image is {size / 1e9:.1f} GB (target: <= 6 GB with CUDA; this CPU build is smaller)"
+    documented = float(re.search(r"The CPU image the suite builds is ([\d.]+) GB",
+                                 " ".join((REPO / "docs" / "container.md").read_text().split()))[1])
+    assert size == pytest.approx(documented * 1e9, rel=0.05), f"docs/container.md says {documented} GB, built {size}"
 
 
 @pytest.mark.container

@@ -4,6 +4,7 @@ its `key.sub=value` overrides validate against the config schema; so do the over
 and every config key the prose names; the scripts, make targets and repository files named exist; the documented
 `sft check configs/demo.yaml` runs. Nothing is trained or built here: tests/test_container.py and
 tests/test_slurm.py run those commands for real."""
+import ast
 import contextlib
 import io
 import re
@@ -263,3 +264,111 @@ def test_sft_check_on_the_shipped_demo_config_runs(capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # the demo config names its data relative to the repository
     assert main(sft_arguments(shown[0])) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def quoted_errors() -> list[tuple[str, str]]:
+    """(file:line, message) of every `sft: error: ...` line the docs quote, in a code block or inline code."""
+    quotes = []
+    for doc in DOCS:
+        for number, line in enumerate(doc.read_text().splitlines(), start=1):
+            spans = re.findall(r"`(sft: error: [^`]+)`", line) or ([line] if line.startswith("sft: error: ") else [])
+            quotes += [(f"{doc.name}:{number}", span.removeprefix("sft: error: ")) for span in spans]
+    return quotes
+
+
+def message_patterns() -> list[re.Pattern]:
+    """Every string and f-string in sft/ as a pattern: the literal text as written, any value in place of each {}."""
+    patterns = []
+    for module in (REPO / "sft").rglob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.JoinedStr):
+                parts = [re.escape(part.value) if isinstance(part, ast.Constant) else ".+" for part in node.values]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                parts = [re.escape(node.value)]
+            else:
+                continue
+            if len("".join(parts)) > 20:
+                patterns.append(re.compile("".join(parts), re.S))
+    return patterns
+
+
+def test_every_error_line_the_docs_quote_is_one_the_code_writes():
+    """A quoted message is one problem of an `sft: error:` line (several are joined with '; '): it must read as a
+    message in sft/ reads, with values in place of its {} fields."""
+    quotes = quoted_errors()
+    assert len(quotes) >= 6, "the docs no longer quote the error lines troubleshooting.md explains"
+    patterns = message_patterns()
+    differ = [f"{where}: {message}" for where, message in quotes
+              if not any(pattern.fullmatch(message) for pattern in patterns)]
+    assert not differ, "error lines the docs quote that sft does not write (copy the real line):\n" + "\n".join(differ)
+
+
+
+def test_docs_do_not_point_at_issue_numbers():
+    """The docs describe what the tool does now; 'being added (issue 11)' goes stale the day it is done."""
+    stale = [f"{doc.name}:{number}: {line.strip()}" for doc in DOCS
+             for number, line in enumerate(doc.read_text().splitlines(), start=1)
+             if re.search(r"\bissues? #?\d+|being added", line, re.I)]
+    assert not stale, "\n".join(stale)
+
+
+def test_the_exit_codes_sft_uses_are_documented():
+    from sft.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER_ERROR
+
+    text = (REPO / "docs" / "troubleshooting.md").read_text()
+    codes = text[text.index("Exit codes"):].split("\n\n")[0]
+    for code in (0, EXIT_USER_ERROR, EXIT_PREEMPTED, EXIT_INTERRUPTED):
+        assert re.search(rf"\b{code} ", codes), f"troubleshooting.md does not say what exit code {code} means"
+
+
+def test_gitignore_keeps_user_outputs_and_data_out_but_the_demo_data_in():
+    """What the README's commands make in a clone (`--to models/NAME`, `--output predictions.jsonl`, data under
+    data/) is ignored; the shipped demo data is not."""
+    paths = ["models/NAME/model.safetensors", "predictions.jsonl", "data/train.jsonl", "data/demo/reviews.jsonl"]
+    result = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", *paths], capture_output=True,
+                            text=True)
+    assert result.stdout.split() == paths[:3]
+
+
+def test_sweep_default_learning_rates_lie_in_the_range_the_swept_configs_advise():
+    """The docs sweep configs/sft_v1.yaml (full fine-tuning, 'the BERT paper's range is 2e-5..5e-5'): the script's
+    default rates, and the ones slurm.md states, must be rates that config's own comment recommends."""
+    default = re.search(r"SFT_SWEEP_LRS:-([^}]*)}", (REPO / "slurm" / "sweep.sbatch").read_text())[1]
+    assert f"`{default}`" in (REPO / "docs" / "slurm.md").read_text()
+    swept = {c.words[i + 1] for c in bash_commands() for i, word in enumerate(c.words[:-1])
+             if word.endswith("sweep.sbatch") and (REPO / c.words[i + 1]).is_file()}
+    assert swept
+    for config in swept:
+        advice = re.search(r"learning_rate:.*?([\d.]+e-\d+)\.\.([\d.]+e-\d+)", (REPO / config).read_text())
+        assert advice, f"{config}: no learning-rate range in its comments"
+        low, high = float(advice[1]), float(advice[2])
+        assert all(low <= float(rate) <= high for rate in default.split()), f"{config}: {default} vs {advice[0]}"
+
+
+def test_every_container_command_shown_binds_the_data_at_data_and_at_its_own_path():
+    """The bind contract of docs/container.md, as slurm/common.sh applies it: the data folder is bound read-only at
+    /data and at its host path, so a DATA_PATH written as the host path (docs/cluster.md) works in every way of
+    running the image, by hand or by script."""
+    checked = 0
+    for command in bash_commands():
+        words = command.words
+        if words[0] not in ("apptainer", "singularity", "podman", "docker") or words[1] not in ("run", "exec"):
+            continue
+        binds = [value for option, value in zip(words, words[1:]) if option in ("--bind", "-B", "-v", "--volume")]
+        sources = {bind.split(":")[0] for bind in binds if bind.split(":")[1] == "/data"}
+        for source in sources:
+            checked += 1
+            assert any(bind.split(":")[:2] == [source, source] for bind in binds), \
+                f"{command.where}: binds {source} at /data but not at its own path ({shlex.join(words)})"
+    assert checked >= 2
+
+
+def test_cluster_guide_shows_every_runtime_the_scripts_take_and_the_gres_escape():
+    """A newcomer without Apptainer follows docs/cluster.md only: each SFT_RUNTIME that slurm/common.sh accepts
+    besides the default, and `--gres=none` for nodes without GPU gres, must be shown there."""
+    setup = (REPO / "slurm" / "common.sh").read_text()
+    runtimes = re.search(r"use ([a-z, ]+) or ([a-z]+)\"", setup)
+    accepted = {*runtimes[1].split(", "), runtimes[2]} - {"auto", "apptainer"}
+    guide = (REPO / "docs" / "cluster.md").read_text()
+    missing = [f"SFT_RUNTIME={runtime}" for runtime in sorted(accepted) if f"SFT_RUNTIME={runtime}" not in guide]
+    assert "none" in accepted and not missing and "--gres=none" in guide, missing

@@ -141,6 +141,8 @@ def test_sft_check_reports_the_estimate_and_the_fit_from_config_json_alone(tiny_
     tiny = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "check", str(config), "--gpu-mem", "2MB"],
                           capture_output=True, text=True, timeout=300, env=wide)
     assert "does not fit in 2 MiB" in tiny.stdout
+    assert tiny.returncode == 2 and tiny.stderr.startswith("sft: error: --gpu-mem 2MB: memory estimate: ")
+    assert tiny.stderr.count("\n") == 1 and "does not fit in 2 MiB" in tiny.stderr
     bad = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "check", str(config), "--gpu-mem", "lots"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--gpu-mem lots: expected a size like 80GB" in bad.stderr

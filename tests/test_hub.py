@@ -88,3 +88,34 @@ def test_fetch_sends_the_hf_token_from_dot_env(tmp_path):
         assert "Bearer hf_fromenvfile_5678" in seen
     finally:
         server.shutdown()
+
+
+def test_without_hf_home_the_project_cache_is_the_cache(tiny_causal_lm, tiny_chat_data, tmp_path):
+    """docs/cluster.md: models fetched into the project's .cache/huggingface (the cache slurm/'s jobs bind) are found
+    by `sft check` run from the project directory with no HF_HOME set; elsewhere the error names where it looked."""
+    import shutil
+
+    import yaml
+
+    from conftest import tiny_lm_config
+
+    snapshot = tmp_path / ".cache" / "huggingface" / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_causal_lm, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs")
+    config["model"]["name"] = "org/tiny"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HOME", "HF_HUB_CACHE")}
+    env["HOME"] = str(tmp_path / "home")
+
+    def check(cwd):
+        return subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "check", str(tmp_path / "c.yaml")],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+    found = check(tmp_path)
+    assert found.returncode == 0, found.stderr
+    (tmp_path / "elsewhere").mkdir()
+    missing = check(tmp_path / "elsewhere")
+    assert missing.returncode == EXIT_USER_ERROR
+    assert f"not in the offline hub cache ({tmp_path / 'home' / '.cache' / 'huggingface' / 'hub'})" in missing.stderr

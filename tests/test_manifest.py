@@ -22,9 +22,11 @@ def test_manifest_records_versions_seed_slurm_and_restarts(tmp_path, monkeypatch
     monkeypatch.setenv("SLURM_JOB_ID", "123")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "project" / ".cache" / "huggingface"))
     config = make_config(tmp_path)
     manifest = start_manifest(tmp_path, config, resume_step=None)
     assert manifest["versions"]["torch"] and manifest["seed"] == 42 and manifest["slurm_job"] == "123"
+    assert manifest["hf_home"] == str(tmp_path / "project" / ".cache" / "huggingface")  # where models came from
     assert manifest["slurm"]["SLURM_RESTART_COUNT"] == "0"
 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")

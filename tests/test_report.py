@@ -1,12 +1,15 @@
 """Outputs people look at: eval metrics against independent references, plots (PNG files whose drawn data equals
 metrics.jsonl), report.md, `sft report`. Two tiny runs, trained once per module, serve every test."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import CHAT_ROWS, tiny_lm_config, write_jsonl
+from conftest import CHAT_ROWS, REPO, tiny_lm_config, write_jsonl
 from sft.config import load_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -229,3 +232,32 @@ def test_causal_lm_samples_are_greedy_answers_of_the_base_and_final_model(causal
     assert samples["before"] != samples["after"]
     report = (causal_lm_run / "report.md").read_text()
     assert "## Samples" in report and f"```text\n{samples['after'][0]}\n```" in report
+
+
+def test_plots_in_a_read_only_home_use_a_temp_matplotlib_folder_without_warnings(tmp_path):
+    """As in the read-only image: matplotlib cannot create ~/.config/matplotlib (here HOME lies under a file, which
+    even root cannot write into), so sft points MPLCONFIGDIR at a temp folder and matplotlib imports silently."""
+    (tmp_path / "a_file").write_text("")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env["HOME"] = str(tmp_path / "a_file" / "home")
+    script = ("import os, sys; from pathlib import Path; from sft.plots import write_plots; "
+              "write_plots(Path(sys.argv[1]), [{'step': 1, 'loss': 2.0}], None); print(os.environ['MPLCONFIGDIR'])")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "mkdir -p failed" not in result.stderr and "Matplotlib" not in result.stderr, result.stderr
+    assert Path(result.stdout.strip()).is_dir() and (tmp_path / "plots" / "loss.png").is_file()
+
+
+def test_readme_run_directory_table_names_everything_a_run_holds(classification_run, causal_lm_run):
+    """Every file and folder these finished runs hold (evaluated, with samples, report and plots) has a line in
+    README.md's run-directory table."""
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## The run directory"):]
+    table = table[:table.index("```", table.index("```") + 3)]
+    listed = {line.split()[0].split("/")[0].replace("YYYYmmdd_HHMMSS", "*") for line in table.splitlines()
+              if line and not line.startswith((" ", "`"))}
+    missing = {entry.name for run_dir in (classification_run, causal_lm_run) for entry in run_dir.iterdir()
+               if not any(Path(entry.name).match(name) for name in listed)}
+    assert not missing, f"README.md's run-directory table lacks {sorted(missing)}"
+

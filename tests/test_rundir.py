@@ -16,7 +16,7 @@ from sft.config import Config
 from sft.errors import UserError
 from sft.files import write_json_atomic
 from sft.rundir import (RunAlreadyFinished, complete_checkpoints, discard_incomplete_checkpoints, mark_complete,
-                        open_run_dir, resolve_name, resume_command)
+                        open_run_dir, resolve_name, resubmit_command, resume_command)
 
 NOON = datetime(2026, 11, 25, 12, 0, 0)
 SETTINGS = {"task": "classification", "model": {"name": "m"}, "data": {"train": "a"}}
@@ -157,6 +157,26 @@ def test_resume_command_pins_the_resolved_name_and_quotes_for_the_shell(tmp_path
     # A name with braces (from a template's escaped {{ }}) is pinned as a literal name.
     pinned = shlex.split(resume_command(config, "run-{1}", [], None))[-1].removeprefix("output.name=")
     assert resolve_name(pinned, config, NOON) == "run-{1}"
+
+
+def test_in_a_slurm_job_the_resume_command_is_the_scripts_own_sbatch_line(tmp_path, monkeypatch):
+    """train.sbatch records its submission (slurm/common.sh: sft_remember_submission); after a plain scancel sft
+    prints it with the run's name pinned: what the user typed, paths relative to the submit directory."""
+    repo = Path(__file__).resolve().parent.parent
+    (tmp_path / "configs").mkdir()
+    recorded = subprocess.run(
+        ["bash", "-c", 'source "$1/slurm/common.sh"; sft_remember_submission train.sbatch "$2" "${@:3}"; '
+                       'echo "$SFT_SBATCH_COMMAND"', "-", str(repo), str(tmp_path / "configs" / "x.yaml"),
+         "training.epochs=1", "data.train=it's here.jsonl", "output.name={config}-{date}"],
+        env={**os.environ, "SLURM_SUBMIT_DIR": str(tmp_path)}, capture_output=True, text=True, check=True).stdout
+    monkeypatch.setenv("SFT_SBATCH_COMMAND", recorded.strip())
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    script = os.path.relpath(repo / "slurm" / "train.sbatch", tmp_path) if repo.is_relative_to(tmp_path) \
+        else str(repo / "slurm" / "train.sbatch")
+    assert shlex.split(resubmit_command("x-20261125")) == [
+        "sbatch", script, "configs/x.yaml", "training.epochs=1", "data.train=it's here.jsonl", "output.name=x-20261125"]
+    monkeypatch.delenv("SLURM_JOB_ID")  # outside a job (the variable leaked into a login shell): sft train's line
+    assert resubmit_command("x-20261125") is None
 
 
 # Ownership, with real processes: OWNER opens the run directory (as rank 0 of a live run does) and keeps it.

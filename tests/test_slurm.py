@@ -18,6 +18,7 @@ Slurm starts once for this module (~2 s; installing slurm-wlm adds ~10 s); the r
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import stat
@@ -161,7 +162,17 @@ def test_plain_scancel_checkpoints_but_stays_cancelled(slurm_cluster, workdir, j
     assert len(list((run_dir / "checkpoints").glob("checkpoint-*/.complete"))) == 1
     _wait_for(lambda: "total time" in (workdir / "logs" / f"sft-{job}.out").read_text(), "the script's end",
               slurm_cluster, timeout=30)
-    assert "not requeueing" in (workdir / "logs" / f"sft-{job}.out").read_text()
+    log = (workdir / "logs" / f"sft-{job}.out").read_text()
+    assert "not requeueing" in log
+    # sft printed the sbatch line that resumes the run as a new job; it does.
+    resubmit = shlex.split(log.split("sft: preempted; a requeued job resumes by itself, or resume with: ")[1]
+                           .splitlines()[0])
+    assert resubmit == ["sbatch", str(SLURM_DIR / "train.sbatch"), str(lm_config.relative_to(workdir)),
+                        f"training.max_steps={PREEMPT_STEPS}", "output.name=cancelled"]
+    again = slurm_cluster.sbatch(*SMALL, *resubmit[1:], env=job_env, cwd=workdir)
+    slurm_cluster.wait(again)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["restarts"][0]["resumed_from_step"] >= 10
 
 
 def test_a_second_job_is_refused_on_a_run_whose_job_waits_in_the_queue_with_no_squeue_in_the_image(
@@ -601,3 +612,42 @@ def _wait_for(condition, what: str, cluster: SlurmCluster, timeout: float = 120)
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up waiting for {what} after {timeout} s\n{cluster.logs_tail()}")
         time.sleep(0.1)
+
+
+def test_cluster_guide_venv_path_shares_one_cache_without_hf_home(slurm_cluster, tiny_causal_lm, tiny_chat_data,
+                                                                   tmp_path):
+    """docs/cluster.md's venv path, as a newcomer runs it from the project directory with no HF_HOME: a hub model in
+    ./.cache/huggingface (where `sft fetch` puts it), a config in configs/ naming data/ relatively; `sft check` and
+    `sft prepare` on the login node, the SFT_RUNTIME=none job, and `sft clean` all use that one cache."""
+    project = tmp_path / "project"
+    snapshot = project / ".cache" / "huggingface" / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_causal_lm, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    for folder in ("configs", "data", "logs"):
+        (project / folder).mkdir()
+    shutil.copy(tiny_chat_data, project / "data" / "chat.jsonl")
+    config = tiny_lm_config(tiny_causal_lm, Path("data/chat.jsonl"), project / "runs", max_steps=2)
+    config["model"]["name"] = "org/tiny"
+    (project / "configs" / "tiny.yaml").write_text(json.dumps(config))
+    env = {name: value for name, value in _outside_slurm().items() if name not in ("HF_HOME", "HF_HUB_CACHE")}
+    env |= {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SLURM_CONF": str(slurm_cluster.conf)}
+    cache = project / ".cache" / "huggingface"
+
+    def sft(*args):
+        result = subprocess.run(["sft", *args], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (args, result.stderr)
+        return result.stdout
+
+    sft("check", "configs/tiny.yaml")
+    sft("prepare", "configs/tiny.yaml")
+    [tokenized] = [entry for entry in (cache / "sft" / "tokenized").iterdir() if entry.is_dir()]
+    job = slurm_cluster.sbatch(*SMALL, str(SLURM_DIR / "train.sbatch"), "configs/tiny.yaml", "output.name=walk",
+                               env={**env, "SFT_RUNTIME": "none"}, cwd=project)
+    slurm_cluster.wait(job)
+    run_dir = project / "runs" / "walk"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["hf_home"] == str(cache)
+    assert manifest["data"]["cache_key"] == tokenized.name  # the job used what the login node prepared
+    assert "tokenized data cache" in sft("clean", "runs/walk") and not tokenized.exists()

@@ -741,6 +741,27 @@ def test_a_run_that_raised_gives_its_directory_back(tiny_causal_lm, tiny_chat_da
     assert failed.traceback
 
 
+def test_ctrl_c_says_whether_a_complete_checkpoint_exists_to_resume_from(tiny_causal_lm, tiny_chat_data, tmp_path,
+                                                                        write_config, monkeypatch):
+    from sft import rundir
+    from sft.training import Interrupted, run_training
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sft.training._train", ctrl_c)
+    config = load_config(write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs")))
+    with pytest.raises(Interrupted) as stopped:
+        run_training(config)
+    assert not stopped.value.has_checkpoint and "output.name=tiny" in stopped.value.resume_command
+    checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    rundir.mark_complete(checkpoint)
+    with pytest.raises(Interrupted) as stopped:
+        run_training(config)
+    assert stopped.value.has_checkpoint
+
+
 def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
@@ -961,6 +982,32 @@ def test_early_stopping_stops_and_the_best_checkpoint_becomes_the_final_model(ti
     # The last evaluation is of the final model: it repeats the best checkpoint's numbers.
     assert len(evaluations) == 3 and evaluations[-1]["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
     assert result.metrics["eval_loss"] == evaluations[-1]["eval_loss"]
+
+
+def test_rotation_keeps_the_best_checkpoint_of_an_overfitting_run(tiny_causal_lm, tmp_path, write_config):
+    """Evaluating and saving each epoch, with neither early stopping nor load_best_model_at_end: the epoch with the
+    lowest eval loss keeps its checkpoint through save_total_limit 1, though later epochs overfit."""
+    from conftest import CHAT_ROWS, write_jsonl
+    from sft.training import run_training
+
+    # The eval set asks the training questions with another answer: eval loss falls while the model learns the
+    # answer's wording, then rises as it memorises the training answers.
+    other_answers = [{"messages": [row["messages"][0], {"role": "assistant", "content": "the answer is 9"}]}
+                     for row in CHAT_ROWS[:4]]
+    train, evaluation = (write_jsonl(tmp_path / f"{name}.jsonl", rows)
+                         for name, rows in (("train", CHAT_ROWS[:4]), ("eval", other_answers)))
+    config = tiny_lm_config(tiny_causal_lm, train, tmp_path / "runs", epochs=30, eval_steps=5, save_steps=5,
+                            save_total_limit=1, learning_rate=3e-2)
+    config["data"]["eval"] = str(evaluation)
+    result = run_training(load_config(write_config(config)))
+
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    eval_losses = {r["step"]: r["eval_loss"] for r in logged if "eval_loss" in r}
+    best_step = min(eval_losses, key=eval_losses.get)
+    assert best_step < max(eval_losses), f"eval loss never rose: {eval_losses}"  # it overfit
+    kept = sorted(p.name for p in (result.run_dir / "checkpoints").glob("checkpoint-*"))
+    assert kept == sorted([f"checkpoint-{best_step}", f"checkpoint-{max(eval_losses)}"])
+    assert result.metrics["best_checkpoint"] == f"checkpoint-{best_step}"
 
 
 @pytest.mark.slow

@@ -109,7 +109,8 @@ def file_fingerprint(item: str | FileSource, config_key: str) -> DataFile:
     if path.is_dir():
         return DataFile(str(path), _sha256_folder(path), -1)
     if not path.is_file():
-        raise UserError(f"{config_key}: {path} does not exist; check the path (and DATA_PATH in .env)")
+        raise UserError(f"{config_key}: {path} does not exist (a relative path is looked up from {Path.cwd()}, "
+                        f"then next to the config); check the path (and DATA_PATH in .env)")
     if path.suffix.lower() not in FILE_SUFFIXES:
         raise UserError(f"{config_key}: {path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)} "
                         f"or a datasets save_to_disk folder")
