@@ -126,7 +126,10 @@ def tokenize_conversations(tokenizer, conversations: list[list[dict]], max_lengt
     chat = chat or ChatFormat()
     conversations = [to_messages(conversation, chat) for conversation in conversations]
     tools = tools or [None] * len(conversations)
-    template = tokenizer.chat_template or ""
+    template = tokenizer.chat_template
+    if not template:
+        raise UserError(f"the tokenizer of {tokenizer.name_or_path} has no chat template, which chat (messages) data "
+                        f"needs; use a chat model's tokenizer, or convert the data to prompt/completion")
     if "{% generation %}" in template or "{%- generation %}" in template:
         texts, spans = _answer_spans_by_markers(tokenizer, conversations, tools, chat.train_on)
     else:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from sft.config import Config, Fields
-from sft.data.formats import REASONING_KEYS, ROLES, chat_format, standard_message
+from sft.data.formats import REASONING_KEYS, chat_format, standard_message
 from sft.data.sources import Rows
 from sft.errors import UserError
 
@@ -15,6 +15,8 @@ MAX_PROBLEMS_SHOWN = 3
 MAX_LABELS_SHOWN = 5
 INTEGER = re.compile(r"[+-]?\d+")
 BATCH_ROWS = 1000  # rows turned into Python objects at a time: memory stays flat however large the data
+# Roles whose messages are complete as {role, content}: a tool result needs a tool call, checked row by row.
+TEXT_ROLES = ("system", "user", "assistant")
 SHAREGPT_COLUMN = "conversations"  # ShareGPT's column name, read as data.fields.messages when that is absent
 
 
@@ -172,7 +174,7 @@ def _messages_clean(column) -> bool:
             return False
         role, content = pc.struct_field(messages, "role"), pc.struct_field(messages, "content")
         if role.type not in text or content.type not in text or role.null_count or content.null_count \
-                or not pc.all(pc.is_in(role, value_set=pa.array(ROLES))).as_py():
+                or not pc.all(pc.is_in(role, value_set=pa.array(TEXT_ROLES))).as_py():
             return False
         # The conversations (by position in this chunk) that hold an assistant message: all of them.
         with_answer = pc.unique(pc.filter(pc.list_parent_indices(chunk), pc.equal(role, "assistant")))
