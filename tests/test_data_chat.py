@@ -229,3 +229,27 @@ def test_a_template_that_drops_tool_calls_stops_instead_of_training(tmp_path, to
     with pytest.raises(UserError, match="chat template does not render tool calls .*'get_weather'.* use a chat "
                                         "template that renders tool_calls"):
         tokenized_file(tmp_path, tokenizers["plain"], rows)
+
+
+@pytest.mark.parametrize("command", ["check", "prepare"])
+def test_check_and_prepare_say_how_the_data_was_read(tmp_path, monkeypatch, capsys, tiny_causal_lm, command):
+    import yaml
+    from rich.console import Console
+
+    from sft.cli import main
+
+    monkeypatch.setattr("sft.report.console", Console(width=400))  # one table row per line
+    rows = [{"conversations": [{"from": "human", "value": f"add {a} and 2"}, {"from": "gpt", "value": "five"},
+                               {"from": "human", "value": "and 4 ?"}, {"from": "gpt", "value": f"{a}"}]}
+            for a in range(6)]
+    write_jsonl(tmp_path / "share.jsonl", rows)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({
+        "task": "causal_lm", "model": {"name": str(tiny_causal_lm)}, "output": {"dir": str(tmp_path / "runs")},
+        "data": {"train": str(tmp_path / "share.jsonl"), "eval_fraction": 0, "train_on": "last_assistant",
+                 "cache_dir": str(tmp_path / "cache")}}))
+    assert main([command, str(tmp_path / "c.yaml")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "read as │ messages: ShareGPT (from/value) in column 'conversations' (read as data.fields.messages); " \
+           "roles human → user, gpt → assistant" in out
+    if command == "prepare":
+        assert "assistant turns │ 6 trained, 6 skipped (weight 0 or data.train_on)" in out
