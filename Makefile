@@ -121,4 +121,4 @@ bench: venv
 # synthetic chat rows; results go in bench/RESULTS.md by hand.
 .PHONY: bench-data
 bench-data: venv
-	$(BIN)/python bench/data_prepare.py
+	$(BIN)/python bench/data_prepare.py --rows $(or $(ROWS),200000)
