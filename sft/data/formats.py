@@ -285,8 +285,11 @@ def render_chats(tokenizer, conversations: list[list[dict]], generation_prompt: 
     messages = [[{key: value for key, value in message.items() if value is not None} for message in conversation]
                 for conversation in conversations]
     groups: dict[str, list[int]] = defaultdict(list)
-    for index, schemas in enumerate(tools or [None] * len(messages)):
-        groups[json.dumps(schemas)].append(index)
+    if tools is None or not any(tools):  # the common case: one call, no keys to build
+        groups["null"] = list(range(len(messages)))
+    else:
+        for index, schemas in enumerate(tools):
+            groups[json.dumps(schemas)].append(index)
     texts, indices = [""] * len(messages), [[]] * len(messages)
     for key, members in groups.items():
         rendered, spans = render_jinja_template(
@@ -324,7 +327,8 @@ def tokenize_record(record: dict, data_format: str, fields: Fields, tokenizer, l
         return example, full_length
     chat = chat or ChatFormat()
     if data_format == "messages":
-        example = tokenize_messages(tokenizer, record[fields.messages], None, chat, tool_schemas(record.get(fields.tools)))
+        example = tokenize_messages(tokenizer, record[fields.messages], None, chat,
+                                    tool_schemas(record.get(fields.tools)))
     elif data_format == "prompt_completion":
         example = tokenize_prompt_completion(tokenizer, record[fields.prompt], record[fields.completion], None)
     elif data_format == "instruction":

@@ -50,8 +50,8 @@ def detect_format(config: Config, rows: Rows) -> str:
         return "text"
     first = f" ({rows.where(0)})" if len(rows) else ""
     raise UserError(f"data.format: cannot tell the format from columns {sorted(columns)}{first}; "
-                    f"expected {fields.messages} (or {SHAREGPT_COLUMN}), {fields.prompt}+{fields.completion}, {fields.instruction}+"
-                    f"{fields.output} or {fields.text}, or set data.fields / data.format")
+                    f"expected {fields.messages} (or {SHAREGPT_COLUMN}), {fields.prompt}+{fields.completion}, "
+                    f"{fields.instruction}+{fields.output} or {fields.text}, or set data.fields / data.format")
 
 
 def describe_format(data_format: str, rows: Rows, config: Config) -> str:
@@ -65,13 +65,14 @@ def describe_format(data_format: str, rows: Rows, config: Config) -> str:
     for _, record in zip(range(BATCH_ROWS), iter_records(rows, [column])):
         for message in record[1][column] if isinstance(record[1][column], list) else []:
             if isinstance(message, dict):
-                sharegpt |= "from" in message and "role" not in message
-                names[message.get("from") if "from" in message and "role" not in message else message.get("role")] += 1
+                from_value = "from" in message and "role" not in message
+                sharegpt |= from_value
+                names[message.get("from") if from_value else message.get("role")] += 1
     shape = "ShareGPT (from/value)" if sharegpt else "OpenAI messages (role/content)"
     mapped = ", ".join(f"{name} → {roles[name].replace('tool_call', 'assistant tool call')}" if roles[name] != name
                        else str(name) for name in names if name in roles)
     tools = f"; tools from column '{fields.tools}'" if fields.tools in columns else ""
-    renamed = f" (read as data.fields.messages)" if column != fields.messages else ""
+    renamed = " (read as data.fields.messages)" if column != fields.messages else ""
     return f"messages: {shape} in column '{column}'{renamed}; roles {mapped or 'none found'}{tools}"
 
 
