@@ -122,7 +122,7 @@ bench: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python bench/train_throughput.py $(BENCH_ARGS)
 
 # Data-stage benchmark (bench/data_prepare.py; not a test): `sft prepare` vs a plain datasets.map on 200,000
-# synthetic chat rows; results go in bench/RESULTS.md by hand.
+# synthetic chat rows (ROWS=N for another size); results go in bench/RESULTS.md by hand.
 .PHONY: bench-data
 bench-data: venv
-	$(BIN)/python bench/data_prepare.py
+	$(BIN)/python bench/data_prepare.py --rows $(or $(ROWS),200000)

@@ -10,7 +10,11 @@ in its own process: (1) the plain map, (2) `sft prepare` (cold cache), (3) `sft 
 For each: wall time, the peak resident memory of the whole process tree (sampled every 0.1 s; pages shared by the
 tokenizer workers, e.g. of memory-mapped files and imported libraries, count once per process, so this overstates)
 and the peak of its largest single process (each process's own high-water mark, VmHWM, read with the samples).
-Targets (issue 9): sft rows/s >= 0.8x the plain map, peak RSS <= 1.5 GB, warm prepare <= 10% of cold.
+Resident memory is also split as /proc/PID/status does: anonymous (RssAnon: Python objects, heaps; what a login
+node's memory limit stops) and file-backed (RssFile: memory-mapped Arrow files and libraries, which the kernel
+reclaims under pressure); the peaks of both are sampled for the main process and summed over the tree.
+Targets (issue 9): sft rows/s >= 0.8x the plain map, peak RSS <= 1.5 GB, warm prepare <= 10% of cold; (issue 19)
+the main process's peak anonymous memory at 1,000,000 rows within 1.2x of the 200,000-row figure.
 """
 import argparse
 import json
@@ -82,13 +86,14 @@ def build_tokenizer(folder: Path, data: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def measure(command: list[str]) -> tuple[float, float, float, float, str]:
+def measure(command: list[str]) -> tuple[float, float, float, float, dict, str]:
     """(seconds, CPU seconds, peak RSS of the whole process tree in GB, peak RSS of its largest process in GB,
-    output)."""
+    peaks of anonymous and file-backed memory in GB, output)."""
     started = time.monotonic()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     root, tree_peak, largest_peak = psutil.Process(process.pid), 0, 0
+    split_peaks = dict.fromkeys(("main_anon_gb", "main_file_gb", "tree_anon_gb", "tree_file_gb"), 0.0)
     while True:
         # wait4 (not poll) so the child's own rusage comes back: the CPU time of it and its reaped workers.
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -98,6 +103,11 @@ def measure(command: list[str]) -> tuple[float, float, float, float, str]:
             tree = [root] + root.children(recursive=True)
             tree_peak = max(tree_peak, sum(p.memory_info().rss for p in tree))
             largest_peak = max(largest_peak, *map(high_water_mark, tree))
+            split = [resident_split(p) for p in tree]
+            for name, value in (("main_anon_gb", split[0][0]), ("main_file_gb", split[0][1]),
+                                ("tree_anon_gb", sum(anon for anon, _ in split)),
+                                ("tree_file_gb", sum(file for _, file in split))):
+                split_peaks[name] = max(split_peaks[name], round(value / 1e9, 3))
         except (psutil.Error, OSError):  # a worker that exited between the listing and the reads
             pass
         time.sleep(0.1)
@@ -105,14 +115,24 @@ def measure(command: list[str]) -> tuple[float, float, float, float, str]:
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{' '.join(command)} failed:\n{output[-3000:]}")
     # CPU seconds of the process and its reaped workers: steadier than wall time on a shared machine.
-    return time.monotonic() - started, usage.ru_utime + usage.ru_stime, tree_peak / 1e9, largest_peak / 1e9, output
+    return (time.monotonic() - started, usage.ru_utime + usage.ru_stime, tree_peak / 1e9, largest_peak / 1e9,
+            split_peaks, output)
 
 
 def high_water_mark(process: psutil.Process) -> int:
     """A process's own peak RSS in bytes. Not wait4's ru_maxrss: Linux carries the RSS of the process that started
     it across exec, so this script's own memory would set the floor of every child's peak."""
     with open(f"/proc/{process.pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) * 1024
+        # A process that exited and is not reaped yet has no VmHWM line.
+        return next((int(line.split()[1]) for line in status if line.startswith("VmHWM:")), 0) * 1024
+
+
+def resident_split(process: psutil.Process) -> tuple[int, int]:
+    """(anonymous, file-backed) resident bytes of a process, from RssAnon and RssFile in /proc/PID/status (absent
+    for a process that has exited and not been reaped yet: 0)."""
+    with open(f"/proc/{process.pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status if line.startswith(("RssAnon:", "RssFile:")))
+    return tuple(int(fields.get(name, "0").split()[0]) * 1024 for name in ("RssAnon", "RssFile"))
 
 
 def main() -> None:
@@ -137,11 +157,12 @@ def main() -> None:
     for name, command in runs.items():
         # The machine is shared: the 1-minute load average before each run says how far to trust its wall time.
         load_before = round(os.getloadavg()[0], 1)
-        seconds, cpu_seconds, tree_gb, largest_gb, output = measure(command)
+        seconds, cpu_seconds, tree_gb, largest_gb, split_peaks, output = measure(command)
         results[name] = {"load_average_before": load_before, "seconds": round(seconds, 1),
                          "rows_per_s": round(args.rows / seconds),
                          "cpu_seconds": round(cpu_seconds, 1),
-                         "peak_rss_tree_gb": round(tree_gb, 2), "peak_rss_largest_process_gb": round(largest_gb, 2)}
+                         "peak_rss_tree_gb": round(tree_gb, 2), "peak_rss_largest_process_gb": round(largest_gb, 2),
+                         **{f"peak_{name}": value for name, value in split_peaks.items()}}
         if name == "sft_prepare_cold":
             sft_out = output
     results["sft_vs_plain_speed"] = round(results["plain_map"]["seconds"] / results["sft_prepare_cold"]["seconds"], 2)

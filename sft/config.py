@@ -63,6 +63,7 @@ class SourceFields(Section):
     instruction: str | None = None
     input: str | None = None
     output: str | None = None
+    tools: str | None = None
 
 
 class Mixing(Section):
@@ -117,7 +118,13 @@ class Fields(Section):
     text: str = Field("text", description="classification and text: the text.")
     text_pair: str | None = Field(None, description="classification: second text of a pair (e.g. NLI hypothesis).")
     label: str = Field("label", description="classification: the label, an int id or a class name.")
-    messages: str = Field("messages", description="messages: the conversation, a list of {role, content}.")
+    messages: str = Field("messages", description="messages: the conversation, a list of {role, content} (OpenAI) "
+                                                  "or {from, value} (ShareGPT); `conversations` is found too.")
+    roles: dict[str, str] = Field(default_factory=dict, description="messages: role names of the data → system, "
+                                  "user, assistant, tool or tool_call, added to the usual ones (human → user, gpt "
+                                  "→ assistant, observation → tool, function_call → tool_call, ...).")
+    tools: str = Field("tools", description="messages: per-row function schemas (a list or a JSON string) passed to "
+                                            "the chat template; the column is optional.")
     prompt: str = Field("prompt", description="prompt_completion: the prompt (no loss on it).")
     completion: str = Field("completion", description="prompt_completion: the answer the loss is computed on.")
     instruction: str = Field("instruction", description="instruction: the task description.")
@@ -138,6 +145,13 @@ class DataConfig(Section):
     label_names: list[str] | None = Field(None, description="classification: class names in id order; inferred "
                                                             "(sorted) from string labels when absent.")
     max_length: int = Field(512, ge=8, description="Tokens per example after truncation (no padding to this length).")
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="messages: which assistant turns carry loss: every one, or only the last of each "
+                                     "conversation. Turns with weight 0 (OpenAI format) never do.")
+    train_on_reasoning: bool = Field(True, description="messages: train on an answer's reasoning trace "
+                                                       "(reasoning_content or thinking); false: the loss starts after it.")
+    system_prompt: str | None = Field(None, description="A system message added to conversations that have none (and "
+                                                        "to instruction rows rendered with the chat template).")
     dedupe: bool = Field(False, description="Drop exact duplicate examples (same values in the format's fields).")
     cache_dir: str | None = Field(None, description="Where tokenized data is cached; default $HF_HOME/sft "
                                                     "(~/.cache/huggingface/sft). Safe to delete.")

@@ -269,7 +269,7 @@ def output_problems(config: Config, needed: tuple[int, str] | None) -> tuple[lis
 def untrainable_problems(config: Config, loaded, tokenizer) -> list[str]:
     """causal_lm: examples whose answer tokens all fall beyond data.max_length after prompt masking (sft train would
     skip them), with their rows and the max_length that keeps them."""
-    from sft.data.formats import IGNORE_INDEX, tokenize_batch
+    from sft.data.formats import IGNORE_INDEX, chat_format, tokenize_batch
     from sft.data.validation import MAX_PROBLEMS_SHOWN
 
     max_length = config.data.max_length
@@ -280,7 +280,8 @@ def untrainable_problems(config: Config, loaded, tokenizer) -> list[str]:
         empty, needed, start = [], 0, 0
         for batch in rows.dataset.iter(batch_size=1000):
             # Untruncated: where the first answer token sits tells how long max_length must be to keep it.
-            examples = tokenize_batch(batch, loaded.data_format, config.data.fields, tokenizer, None, sys.maxsize)
+            examples = tokenize_batch(batch, loaded.data_format, config.data.fields, tokenizer, None, sys.maxsize,
+                                      chat_format(config))
             for offset, labels in enumerate(examples["labels"]):
                 first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
                 if first >= max_length:

@@ -41,6 +41,17 @@ def case(name: str, expect: tuple[str, ...], config: dict | None = None, yaml_te
                          "command": command, "setup": setup, "config_file": config_file}, expect, id=name)
 
 
+USER, ANSWER = {"role": "user", "content": "weather in paris?"}, {"role": "assistant", "content": "sunny"}
+CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+
+
+def chat_case(name: str, messages: list, expect: tuple[str, ...], column: str = "messages", tools=None):
+    """A causal_lm project whose data file holds one bad conversation."""
+    row = {column: messages, **({"tools": tools} if tools is not None else {})}
+    return case(name, expect, config={"task": "causal_lm", "data": {"eval_fraction": 0}},
+                files={"data/train.jsonl": json.dumps(row) + "\n"})
+
+
 CASES = [
     # Configs
     case("config-not-found", ("nope.yaml: config file not found", "pass the path to a YAML config"),
@@ -161,6 +172,41 @@ CASES = [
                                  "data.eval_fraction: 0.1 of 1 examples leaves none to train on"),
          config={"task": "causal_lm"},
          files={"data/train.jsonl": json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"}),
+    # Chat data in the shapes other tools write: ShareGPT, OpenAI tool calls and weights, reasoning traces
+    chat_case("sharegpt-unknown-role", [{"from": "human", "value": "hi"}, {"from": "bot", "value": "hello"}],
+              ("data/train.jsonl:1: message 1: unknown role 'bot'", "name its role in data.fields.roles"),
+              column="conversations"),
+    chat_case("sharegpt-function-call-not-json", [{"from": "human", "value": "hi"},
+                                                 {"from": "function_call", "value": "get_weather(paris)"},
+                                                 {"from": "gpt", "value": "sunny"}],
+              ("data/train.jsonl:1: message 1: a function_call turn holds the call as JSON",), column="conversations"),
+    chat_case("tool-call-without-function-name", [USER, {"role": "assistant", "content": None,
+                                                         "tool_calls": [{"type": "function", "function": {}}]}],
+              ("data/train.jsonl:1: message 1: tool_calls[0] has no function name", "function: {name, arguments}")),
+    chat_case("tool-result-without-call", [USER, {"role": "tool", "content": "sunny"}, ANSWER],
+              ("data/train.jsonl:1: message 1: a tool result with no tool call before it",)),
+    chat_case("tool-calls-not-a-list", [USER, {"role": "assistant", "content": None, "tool_calls": {"name": "f"}}],
+              ("data/train.jsonl:1: message 1: tool_calls should be a list",)),
+    chat_case("tool-calls-on-a-user-message", [dict(USER, tool_calls=[CALL]), ANSWER],
+              ("data/train.jsonl:1: message 0: tool_calls on a user message",)),
+    chat_case("null-content-without-tool-calls", [USER, {"role": "assistant", "content": None}],
+              ("data/train.jsonl:1: message 1: assistant message needs string content (null only with tool_calls)",)),
+    chat_case("weight-not-zero-or-one", [USER, dict(ANSWER, weight=0.5)],
+              ("data/train.jsonl:1: message 1: weight 0.5 on a assistant message", "weight is 0 or 1")),
+    chat_case("weight-on-a-user-message", [dict(USER, weight=1), ANSWER],
+              ("data/train.jsonl:1: message 0: weight 1 on a user message", "on assistant messages only")),
+    chat_case("every-answer-weight-zero", [USER, dict(ANSWER, weight=0)],
+              ("data/train.jsonl:1: every assistant message has weight 0", "nothing to learn from")),
+    chat_case("reasoning-not-text", [USER, dict(ANSWER, reasoning_content=["step 1"])],
+              ("data/train.jsonl:1: message 1: reasoning_content should be a string, got list",)),
+    chat_case("tools-column-bad-json", [USER, ANSWER], ("data/train.jsonl:1: field 'tools' is not valid JSON",),
+              tools='[{"type": "function",'),
+    chat_case("tools-column-not-a-list", [USER, ANSWER],
+              ("data/train.jsonl:1: field 'tools' should be a list of function schemas",), tools={"name": "f"}),
+    chat_case("chat-data-for-a-tokenizer-without-chat-template", [USER, ANSWER],
+              ("has no chat template, which chat (messages) data needs", "use a chat model's tokenizer")),
+    case("train-on-typo", ("data.train_on: input should be 'all_assistant' or 'last_assistant'",),
+         config={"task": "causal_lm", "data": {"train_on": "last"}}),
     case("source-fields-column-missing", ("data.train.fields.label: no column 'verdict'", "columns: text, label"),
          config={"data": {"train": {"path": "data/train.jsonl", "fields": {"label": "verdict"}}}}),
     case("sqlite-file-missing", ("data.train.database: data/none.db does not exist", "check the path"),

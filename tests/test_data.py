@@ -187,8 +187,9 @@ CLEAN_ROWS = {  # case: (format, rows)
 # Each breaks one rule; the vectorised check must leave them to the row-by-row one, which names the row.
 BAD_MESSAGES = [
     ([{"role": "user", "content": "q"}], "no assistant message to learn from"),
-    ([{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}], "message 0 needs role"),
-    ([{"role": "user", "content": None}, {"role": "assistant", "content": "a"}], "message 0 needs role"),
+    ([{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}],
+     "message 0: unknown role 'robot'; name its role in data.fields.roles"),
+    ([{"role": "user", "content": None}, {"role": "assistant", "content": "a"}], "message 0: user message needs string content"),
     ([], "no assistant message to learn from"),
 ]
 

@@ -19,12 +19,13 @@ from typing import Any, Callable
 from sft.config import Config, FileSource, Source, SQLSource
 from sft.data import cache
 from sft.data.batching import TokenBudgetBatches, TokenBudgetCollator, group_by_tokens
-from sft.data.formats import (FULL_LENGTH, IGNORE_INDEX, TRAINABLE, tokenize_batch, tokenize_classification,
-                              tokenize_instruction, tokenize_messages, tokenize_prompt_completion, tokenize_text)
+from sft.data.formats import (FULL_LENGTH, IGNORE_INDEX, SKIPPED_TURNS, TRAINABLE, TRAINED_TURNS, chat_format,
+                              tokenize_batch, tokenize_classification, tokenize_instruction, tokenize_messages,
+                              tokenize_prompt_completion, tokenize_text)
 from sft.data.sources import DataFile, Rows, concatenate, file_fingerprint, read_file, read_sql, source_items
 from sft.data.summary import int_column, summarize, summary_rows
-from sft.data.validation import (detect_format, duplicate_free, eval_split_rows, format_columns, resolve_labels,
-                                 row_problems, split_eval)
+from sft.data.validation import (SHAREGPT_COLUMN, describe_format, detect_format, duplicate_free, eval_split_rows,
+                                 format_columns, resolve_labels, row_problems, split_eval)
 from sft.errors import UserError
 
 log = logging.getLogger("sft")
@@ -51,6 +52,7 @@ class LoadedRows:
     data_format: str
     label_names: list[str] | None
     dropped: dict[str, int] = field(default_factory=dict)
+    format_description: str = ""  # the detected format and how columns and roles were read, for check and prepare
     # With data.eval_fraction: the rows before the split and (train row numbers, eval row numbers) into them, so
     # tokenization runs once over all of them: no copy of the train rows out of their selection, one worker pool.
     split_from: Rows | None = None
@@ -155,6 +157,10 @@ def load_rows(config: Config, work_dir: Path, opened: dict[str, list[Opened]] | 
             dropped["not picked (max_rows/fraction)"] += not_picked
             parts[config_key].append(rows)
     data_format = detect_format(config, parts["data.train"][0])
+    description = describe_format(data_format, parts["data.train"][0], config)
+    if data_format == "messages":  # ShareGPT's column, read as data.fields.messages
+        parts = {key: [_renamed(p, SHAREGPT_COLUMN, config.data.fields.messages) for p in found]
+                 for key, found in parts.items()}
     columns = format_columns(data_format, config.data.fields)
     train = concatenate([_only_columns(p, columns) for p in parts["data.train"]])
     eval_rows = concatenate([_only_columns(p, columns) for p in parts["data.eval"]]) if parts["data.eval"] else None
@@ -184,7 +190,14 @@ def load_rows(config: Config, work_dir: Path, opened: dict[str, list[Opened]] | 
         problems += label_problems
     if problems:
         raise UserError("; ".join(problems))
-    return LoadedRows(train, eval_rows, data_format, label_names, dropped, split_from, split)
+    return LoadedRows(train, eval_rows, data_format, label_names, dropped, description, split_from, split)
+
+
+def _renamed(rows: Rows, column: str, to: str) -> Rows:
+    columns = rows.dataset.column_names
+    if column not in columns or to in columns:
+        return rows
+    return replace(rows, dataset=rows.dataset.rename_column(column, to))
 
 
 # Tokenize
@@ -219,7 +232,7 @@ def _tokenized(rows: Rows, data_format: str, config: Config, tokenizer, label_na
         tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc(config, len(rows)),
         remove_columns=dataset.column_names,
         fn_kwargs={"data_format": data_format, "fields": config.data.fields, "tokenizer": tokenizer,
-                   "label_names": label_names, "max_length": config.data.max_length},
+                   "label_names": label_names, "max_length": config.data.max_length, "chat": chat_format(config)},
         cache_file_name=str(work_dir / f"{config_key}.arrow"), load_from_cache_file=False,
         # A fresh fingerprint: otherwise datasets hashes the function and tokenizer (slow); our cache key covers them.
         new_fingerprint=f"{config_key}-{time.time_ns()}")
@@ -245,7 +258,8 @@ def _checked(tokenized, rows: Rows, data_format: str, max_length: int, label_nam
     summary = summarize(tokenized, max_length, {"no answer tokens left after truncation": no_answer}, label_names)
     if no_answer:
         tokenized = tokenized.select(np.flatnonzero(trainable > 0))
-    return tokenized.remove_columns([c for c in (FULL_LENGTH, TRAINABLE) if c in tokenized.column_names]), summary
+    summary_columns = (FULL_LENGTH, TRAINABLE, TRAINED_TURNS, SKIPPED_TURNS)
+    return tokenized.remove_columns([c for c in summary_columns if c in tokenized.column_names]), summary
 
 
 # The whole stage, cached
@@ -312,7 +326,8 @@ def _build(config: Config, tokenizer, opened: dict[str, list[Opened]], work_dir:
     eval_set = None if eval_part is None else \
         _checked(eval_part, loaded.eval, data_format, max_length, label_names, "data.eval")[0]
     summary["dropped"] = {**{k: v for k, v in loaded.dropped.items() if v}, **summary["dropped"]}
-    summary |= {"train_examples": len(train), "eval_examples": len(eval_set) if eval_set is not None else 0}
+    summary |= {"train_examples": len(train), "eval_examples": len(eval_set) if eval_set is not None else 0,
+                "format": loaded.format_description}
     files = loaded.train.files + (loaded.eval.files if loaded.eval else [])
     cache.save(folder, train, eval_set, {"data_format": loaded.data_format, "label_names": loaded.label_names,
                                          "files": cache.files_to(files), "summary": summary})

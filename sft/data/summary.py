@@ -2,7 +2,7 @@
 was dropped and why, and what the tokens look like before and after truncation."""
 from typing import Any
 
-from sft.data.formats import FULL_LENGTH, TRAINABLE
+from sft.data.formats import FULL_LENGTH, SKIPPED_TURNS, TRAINABLE, TRAINED_TURNS
 
 PERCENTILES = (50, 90, 99)
 
@@ -26,6 +26,9 @@ def summarize(tokenized, max_length: int, dropped: dict[str, int], label_names: 
     else:
         counts = np.bincount(int_column(tokenized, "labels"), minlength=len(label_names))
         summary["labels"] = {name: int(count) for name, count in zip(label_names, counts)}
+    if TRAINED_TURNS in tokenized.column_names:
+        summary["assistant_turns"] = {"trained": int(int_column(tokenized, TRAINED_TURNS).sum()),
+                                      "skipped": int(int_column(tokenized, SKIPPED_TURNS).sum())}
     return summary
 
 
@@ -48,7 +51,8 @@ def rows_summary(loaded, label_field: str) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"train_examples": len(loaded.train),
                                "eval_examples": len(loaded.eval) if loaded.eval is not None else 0,
-                               "dropped": {reason: count for reason, count in loaded.dropped.items() if count}}
+                               "dropped": {reason: count for reason, count in loaded.dropped.items() if count},
+                               "format": loaded.format_description}
     if loaded.label_names:
         names = loaded.label_names
         counts = Counter(value if isinstance(value, str) else names[value]
@@ -60,6 +64,8 @@ def rows_summary(loaded, label_field: str) -> dict[str, Any]:
 def summary_rows(summary: dict[str, Any], files: list) -> list[tuple[str, str]]:
     """(name, value) lines for a table or a log."""
     rows = [("data", f"{f.source} ({f.rows} rows, sha256 {f.sha256[:12]})") for f in files]
+    if summary.get("format"):
+        rows.append(("read as", summary["format"]))
     rows.append(("training examples", str(summary["train_examples"])))
     rows.append(("eval examples", str(summary["eval_examples"]) if summary["eval_examples"] else "none (evaluation off)"))
     for reason, count in summary.get("dropped", {}).items():
@@ -71,6 +77,10 @@ def summary_rows(summary: dict[str, Any], files: list) -> list[tuple[str, str]]:
         rows.append(("truncated", f"{summary['truncated']} to data.max_length={summary['max_length']}"))
     if "trainable_token_share" in summary:
         rows.append(("trainable tokens", f"{summary['trainable_token_share']:.1%} of tokens carry loss"))
+    if "assistant_turns" in summary:
+        turns = summary["assistant_turns"]
+        rows.append(("assistant turns", f"{turns['trained']} trained, {turns['skipped']} skipped (weight 0 or "
+                                        f"data.train_on)"))
     if "labels" in summary:
         rows.append(("labels (train)", ", ".join(f"{name}: {count}" for name, count in summary["labels"].items())))
     return rows

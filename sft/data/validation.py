@@ -1,12 +1,13 @@
 """Validate rows per format, streaming over the Arrow data: every problem counted, the first few shown with
 file:line, all in one line; then labels, duplicates and the held-out eval split."""
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from sft.config import Config, Fields
-from sft.data.formats import class_id
+from sft.data.formats import REASONING_KEYS, chat_format, class_id, standard_message
 from sft.data.sources import Rows
 from sft.errors import UserError
 
@@ -14,7 +15,9 @@ MAX_PROBLEMS_SHOWN = 3
 MAX_LABELS_SHOWN = 5
 INTEGER = re.compile(r"[+-]?\d+")
 BATCH_ROWS = 1000  # rows turned into Python objects at a time: memory stays flat however large the data
-ROLES = ("system", "user", "assistant", "tool")
+# Roles whose messages are complete as {role, content}: a tool result needs a tool call, checked row by row.
+TEXT_ROLES = ("system", "user", "assistant")
+SHAREGPT_COLUMN = "conversations"  # ShareGPT's column name, read as data.fields.messages when that is absent
 
 
 def iter_records(rows: Rows, columns: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -37,7 +40,7 @@ def detect_format(config: Config, rows: Rows) -> str:
         return "classification"
     columns = set(rows.dataset.column_names)
     fields = config.data.fields
-    if fields.messages in columns:
+    if fields.messages in columns or SHAREGPT_COLUMN in columns:
         return "messages"
     if {fields.prompt, fields.completion} <= columns:
         return "prompt_completion"
@@ -47,14 +50,36 @@ def detect_format(config: Config, rows: Rows) -> str:
         return "text"
     first = f" ({rows.where(0)})" if len(rows) else ""
     raise UserError(f"data.format: cannot tell the format from columns {sorted(columns)}{first}; "
-                    f"expected {fields.messages}, {fields.prompt}+{fields.completion}, {fields.instruction}+"
-                    f"{fields.output} or {fields.text}, or set data.fields / data.format")
+                    f"expected {fields.messages} (or {SHAREGPT_COLUMN}), {fields.prompt}+{fields.completion}, "
+                    f"{fields.instruction}+{fields.output} or {fields.text}, or set data.fields / data.format")
+
+
+def describe_format(data_format: str, rows: Rows, config: Config) -> str:
+    """The detected format and how columns (and, for chats, the message keys and roles of the first rows) are read:
+    what `sft check` and `sft prepare` show."""
+    fields, columns = config.data.fields, rows.dataset.column_names
+    if data_format != "messages":
+        return f"{data_format} (columns {', '.join(c for c in format_columns(data_format, fields) if c in columns)})"
+    column = fields.messages if fields.messages in columns else SHAREGPT_COLUMN
+    roles, names, sharegpt = chat_format(config).roles, Counter(), False
+    for _, record in zip(range(BATCH_ROWS), iter_records(rows, [column])):
+        for message in record[1][column] if isinstance(record[1][column], list) else []:
+            if isinstance(message, dict):
+                from_value = "from" in message and "role" not in message
+                sharegpt |= from_value
+                names[message.get("from") if from_value else message.get("role")] += 1
+    shape = "ShareGPT (from/value)" if sharegpt else "OpenAI messages (role/content)"
+    mapped = ", ".join(f"{name} → {roles[name].replace('tool_call', 'assistant tool call')}" if roles[name] != name
+                       else str(name) for name in names if name in roles)
+    tools = f"; tools from column '{fields.tools}'" if fields.tools in columns else ""
+    renamed = " (read as data.fields.messages)" if column != fields.messages else ""
+    return f"messages: {shape} in column '{column}'{renamed}; roles {mapped or 'none found'}{tools}"
 
 
 def format_columns(data_format: str, fields: Fields) -> list[str]:
     """The columns a format reads (all others are dropped before tokenization)."""
     return {"classification": [fields.text, fields.label] + ([fields.text_pair] if fields.text_pair else []),
-            "messages": [fields.messages], "prompt_completion": [fields.prompt, fields.completion],
+            "messages": [fields.messages, fields.tools], "prompt_completion": [fields.prompt, fields.completion],
             "instruction": [fields.instruction, fields.input, fields.output], "text": [fields.text]}[data_format]
 
 
@@ -71,7 +96,7 @@ def _required(data_format: str, fields: Fields) -> list[tuple[str, type | tuple]
     return required
 
 
-def record_problems(record: dict, data_format: str, fields: Fields) -> list[str]:
+def record_problems(record: dict, data_format: str, fields: Fields, roles: dict[str, str]) -> list[str]:
     """What is wrong with one row (empty when it is fine), without the location."""
     problems = []
     for name, kind in _required(data_format, fields):
@@ -81,20 +106,21 @@ def record_problems(record: dict, data_format: str, fields: Fields) -> list[str]
         elif not isinstance(value, kind) or isinstance(value, bool):
             problems.append(f"field '{name}' should be {_kind_name(kind)}, got {type(value).__name__}")
     if data_format == "messages" and isinstance(record.get(fields.messages), list):
-        problems += _message_problems(record[fields.messages])
+        problems += _message_problems(record[fields.messages], roles)
+        problems += _tools_problems(record.get(fields.tools), fields.tools)
     return problems
 
 
 def row_problems(rows: Rows, data_format: str, config: Config, config_key: str) -> list[str]:
     """The bad rows of one source as one problem: every one counted, the first few shown with file:line."""
-    fields = config.data.fields
+    fields, roles = config.data.fields, chat_format(config).roles
     if not len(rows):
         return [f"{config_key}: no examples found; check the file or query"]
     if _clean_by_arrow(rows.dataset, data_format, fields):
         return []
     count, shown = 0, []
     for index, record in iter_records(rows, format_columns(data_format, fields)):
-        problems = record_problems(record, data_format, fields)
+        problems = record_problems(record, data_format, fields, roles)
         count += len(problems)
         for problem in problems[:MAX_PROBLEMS_SHOWN - len(shown)]:
             shown.append(f"{rows.where(index)}: {problem}")
@@ -113,6 +139,9 @@ def _clean_by_arrow(dataset, data_format: str, fields: Fields) -> bool:
 
     if dataset._indices is not None:
         return False
+    if data_format == "messages" and fields.tools in dataset.column_names \
+            and dataset.data.column(fields.tools).null_count < len(dataset):
+        return False  # tool schemas: checked row by row
     for name, kind in _required(data_format, fields):
         if name not in dataset.column_names:
             return False
@@ -140,12 +169,13 @@ def _messages_clean(column) -> bool:
         if not (pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type)):
             return False
         messages = chunk.flatten()
+        # Only {role, content}: weights, tool calls and ShareGPT keys are checked row by row.
         if not pa.types.is_struct(messages.type) or messages.null_count \
-                or {"role", "content"} - {f.name for f in messages.type}:
+                or {f.name for f in messages.type} != {"role", "content"}:
             return False
         role, content = pc.struct_field(messages, "role"), pc.struct_field(messages, "content")
         if role.type not in text or content.type not in text or role.null_count or content.null_count \
-                or not pc.all(pc.is_in(role, value_set=pa.array(ROLES))).as_py():
+                or not pc.all(pc.is_in(role, value_set=pa.array(TEXT_ROLES))).as_py():
             return False
         # The conversations (by position in this chunk) that hold an assistant message: all of them.
         with_answer = pc.unique(pc.filter(pc.list_parent_indices(chunk), pc.equal(role, "assistant")))
@@ -154,15 +184,70 @@ def _messages_clean(column) -> bool:
     return True
 
 
-def _message_problems(messages: list) -> list[str]:
-    problems = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
-                or message.get("role") not in ROLES:
+def _message_problems(conversation: list, roles: dict[str, str]) -> list[str]:
+    """The shapes chat data comes in (OpenAI messages with tool calls and weights, ShareGPT): what is wrong."""
+    problems, messages = [], []
+    for i, message in enumerate(conversation):
+        try:
+            message = standard_message(message, roles) if isinstance(message, dict) else None
+        except ValueError as error:
+            problems.append(f"message {i}: {error}; name its role in data.fields.roles (system, user, assistant, "
+                            f"tool or tool_call)" if "role" in str(error) else f"message {i}: {error}")
+            continue
+        if message is None:
             problems.append(f"message {i} needs role (system/user/assistant/tool) and string content")
-    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+            continue
+        problems += [f"message {i}: {problem}" for problem in _one_message_problems(message, messages)]
+        messages.append(message)
+    answers = [m for m in messages if m["role"] == "assistant"]
+    if not answers and len(messages) == len(conversation):
         problems.append("no assistant message to learn from")
+    elif answers and all(m.get("weight") == 0 for m in answers):
+        problems.append("every assistant message has weight 0: nothing to learn from")
     return problems
+
+
+def _one_message_problems(message: dict, earlier: list[dict]) -> list[str]:
+    role, content, calls = message["role"], message.get("content"), message.get("tool_calls")
+    problems = []
+    if calls is not None:
+        if role != "assistant":
+            problems.append(f"tool_calls on a {role} message (only assistant messages call tools)")
+        elif not isinstance(calls, list) or not calls:
+            problems.append("tool_calls should be a list of {type, function: {name, arguments}}")
+        else:
+            for j, call in enumerate(calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                        or not function["name"]:
+                    problems.append(f"tool_calls[{j}] has no function name (expected {{type: function, function: "
+                                    f"{{name, arguments}}}})")
+    if not isinstance(content, str) and not (role == "assistant" and calls and content is None):
+        problems.append(f"{role} message needs string content" + (" (null only with tool_calls)"
+                                                                   if role == "assistant" else ""))
+    if role == "tool" and not any(m.get("tool_calls") for m in earlier):
+        problems.append("a tool result with no tool call before it")
+    weight = message.get("weight")
+    if weight is not None and (role != "assistant" or weight not in (0, 1) or isinstance(weight, bool)):
+        problems.append(f"weight {weight!r} on a {role} message; weight is 0 or 1, on assistant messages only")
+    for key in REASONING_KEYS:
+        if message.get(key) is not None and not isinstance(message[key], str):
+            problems.append(f"{key} should be a string, got {type(message[key]).__name__}")
+    return problems
+
+
+def _tools_problems(value, name: str) -> list[str]:
+    """A row's tool schemas: a list of objects, or a JSON string of one."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            return [f"field '{name}' is not valid JSON ({error.msg} at column {error.colno})"]
+    if not isinstance(value, list) or not all(isinstance(schema, dict) for schema in value):
+        return [f"field '{name}' should be a list of function schemas (or a JSON string of one)"]
+    return []
 
 
 def _kind_name(kind: type | tuple) -> str:
