@@ -124,8 +124,9 @@ class WallTimeCallback(TrainerCallback):
             if measured_steps else "a checkpoint save and stop"
         fitting_steps = int((allocation - stop) / self.step_s()) if measured_steps and allocation > stop else 0
         advice = f"set training.save_steps to about {fitting_steps}" if fitting_steps else "save less often"
-        log.warning("wall-time guard: the %s left of this allocation at sft's start cannot fit %s (by %s, ~%s with the margin): %s or ask for "
-                    "more time (sbatch --time); the guard checkpoints before the limit either way",
+        log.warning("wall-time guard: the %s left of this allocation at sft's start cannot fit %s (by %s, ~%s with "
+                    "the margin): %s or ask for more time (sbatch --time); the guard checkpoints before the limit "
+                    "either way",
                     _minutes(allocation), what, "measurement" if self.save_seconds else "estimate", _minutes(needed),
                     advice)
 
