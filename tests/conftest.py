@@ -51,6 +51,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """A run in the test process sets variables (CUBLAS_WORKSPACE_CONFIG for training.deterministic, ...) that a
+    later test in the same worker would otherwise see: each test ends with the environment it started with."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

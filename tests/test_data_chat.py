@@ -246,7 +246,7 @@ def test_check_and_prepare_say_how_the_data_was_read(tmp_path, monkeypatch, caps
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({
         "task": "causal_lm", "model": {"name": str(tiny_causal_lm)}, "output": {"dir": str(tmp_path / "runs")},
         "data": {"train": str(tmp_path / "share.jsonl"), "eval_fraction": 0, "train_on": "last_assistant",
-                 "cache_dir": str(tmp_path / "cache")}}))
+                 "max_length": 128, "cache_dir": str(tmp_path / "cache")}}))
     assert main([command, str(tmp_path / "c.yaml")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "read as │ messages: ShareGPT (from/value) in column 'conversations' (read as data.fields.messages); " \
