@@ -7,6 +7,8 @@ SFT_TEST_FSDP_ON_CPU=1: accelerate turns FSDP on only for GPU-class devices (Acc
   gloo process group, full-state-dict gathers, FSDP checkpoints) runs on the CPU-only test machines.
 SFT_TEST_SAVE_DELAY=SECONDS: every checkpoint save takes that much longer, like a large checkpoint written to
   a slow parallel filesystem.
+SFT_TEST_STEP_DELAY=SECONDS: every training step takes that much longer, like a bigger model's step (a run of a
+  few hundred steps then outlasts a short Slurm time limit).
 SFT_TEST_KILL_AT=POINT: the process SIGKILLs itself at one point of a run, as a node failure or the OOM killer
   would: `load` (opening the model's weights), `step:N` (step N computed, its optimizer update not yet applied),
   `save:TEXT` (half of a safetensors file written whose path contains TEXT, e.g. checkpoint-9 or .final.partial).
@@ -39,6 +41,19 @@ if os.environ.get("SFT_TEST_SAVE_DELAY"):
         return _save_checkpoint(self, *args, **kwargs)
 
     transformers.Trainer._save_checkpoint = _slow_save_checkpoint
+
+if os.environ.get("SFT_TEST_STEP_DELAY"):
+    import time
+
+    import transformers
+
+    _training_step_of = transformers.Trainer.training_step
+
+    def _slow_training_step(self, *args, **kwargs):
+        time.sleep(float(os.environ["SFT_TEST_STEP_DELAY"]))
+        return _training_step_of(self, *args, **kwargs)
+
+    transformers.Trainer.training_step = _slow_training_step
 
 if os.environ.get("SFT_TEST_KILL_AT"):
     import signal
