@@ -247,7 +247,7 @@ def test_what_check_accepts_trains_and_what_it_refuses_names_the_key(tiny_causal
 
 # More of the same: `make test` runs it too (it runs the slow tests); `pytest -m "not slow"` leaves it out.
 @pytest.mark.slow
-@settings(SETTINGS, max_examples=100)
+@settings(SETTINGS, max_examples=50)
 @given(data=st.data())
 def test_what_check_accepts_trains_over_many_configs(tiny_causal_lm, tiny_chat_data, data):
     check_agrees_with_train(data, tiny_causal_lm, tiny_chat_data)
