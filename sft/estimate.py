@@ -31,6 +31,11 @@ CHECKPOINTED_BYTES = {"half": 4, "fp32": 4}  # x hidden, per layer and token: on
 HEADROOM = 0.15
 BERT_LIKE = ("bert", "roberta", "distilbert", "electra", "deberta", "xlm-roberta", "mpnet")
 QLORA_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit values plus an fp32 scale per block of 64
+# Tokens per causal_lm batch when training.max_tokens_per_batch is auto: ~8k filled an H100 (../shared/bench).
+# On CPU a packed batch's attention costs (sum of lengths)^2, so the smallest budget (data.max_length wins when
+# larger) is the default: sft's `make bench` recipe ran at 3,143 real tok/s with 1,024, 1,461 with 2,048 and 949
+# with 4,096 tokens on a quiet machine (docs/performance.md).
+GPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET = 8192, 1024
 
 
 @dataclass
@@ -188,7 +193,7 @@ def uses_chunked_loss(config: Config, model_config: dict) -> bool:
 
 def read_model_config(config: Config) -> dict | None:
     """config.json of the model: a local folder, a `pkg:` package, or the hub cache (never a download)."""
-    from sft.model import local_model_folder
+    from sft.hub import local_model_folder
 
     folder = local_model_folder(config)
     file = folder / "config.json" if folder else None
@@ -213,8 +218,6 @@ def visible_gpu_memory() -> float | None:
 def preflight(config: Config, gpu_bytes: float | None, model_config: dict) -> tuple[list[tuple[str, str]], str | None]:
     """Rows for `sft check`: the estimate's parts for the model's config.json, and whether it fits the GPU (with the
     change that would); and, when it does not fit, the problem to report."""
-    from sft.model import GPU_TOKEN_BUDGET
-
     shape = shape_from_config(model_config)
     budget = config.training.max_tokens_per_batch
     if budget == "auto":

@@ -1,7 +1,10 @@
-"""Hub downloads: `sft fetch` fills the cache on a login node with network, since runs are offline (compute nodes
-rarely reach the internet, and a hub lookup there hangs until a timeout)."""
+"""Hub downloads and where a model's files are: `sft fetch` fills the cache on a login node with network, since runs
+are offline (compute nodes rarely reach the internet, and a hub lookup there hangs until a timeout)."""
+import importlib
 import os
+from pathlib import Path
 
+from sft.config import Config
 from sft.errors import UserError
 
 # What a run reads: config, tokenizer (*.model: sentencepiece) and generation files, safetensors weights (sharded
@@ -63,3 +66,32 @@ def fetch(name: str, revision: str | None = None) -> str:
                         f"with internet access (compute nodes usually have none), or set HTTPS_PROXY") from None
     except HfHubHTTPError as error:
         raise UserError(f"sft fetch {name}: the hub answered {str(error).splitlines()[0]}; retry later") from None
+
+
+def resolve_model_path(name: str) -> str:
+    """`pkg:MODULE` → the weights a Python package ships; a local folder → itself; anything else → a hub id."""
+    if name.startswith("pkg:"):
+        module_name = name.removeprefix("pkg:")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise UserError(f"model.name: Python package {module_name} is not installed; pip install it "
+                            f"(its PyPI name may use dashes)") from None
+        if not hasattr(module, "get_model_path"):
+            raise UserError(f"model.name: package {module_name} has no get_model_path(); point model.name at a folder")
+        return str(module.get_model_path())
+    return name
+
+
+def local_model_folder(config: Config) -> Path | None:
+    """Where the model's files are on this machine: its folder, a `pkg:` package's weights, or a hub id's snapshot
+    in the hub cache; None while a hub model is not downloaded."""
+    folder = Path(resolve_model_path(config.model.name))
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(config.model.name, revision=config.model.revision, local_files_only=True))
+    except (ValueError, OSError):  # not in the cache, or not a hub id either
+        return None

@@ -1,5 +1,4 @@
-"""Model stage: resolve where the weights live, load tokenizer and model, wrap in LoRA when asked."""
-import importlib
+"""Model stage: load tokenizer and model (from where sft.hub says the weights live), wrap in LoRA when asked."""
 import importlib.util
 import logging
 from contextlib import contextmanager
@@ -7,37 +6,10 @@ from pathlib import Path
 
 from sft.config import Config
 from sft.errors import UserError
+from sft.estimate import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET
+from sft.hub import resolve_model_path
 
 log = logging.getLogger("sft")
-
-
-def resolve_model_path(name: str) -> str:
-    """`pkg:MODULE` → the weights a Python package ships; a local folder → itself; anything else → a hub id."""
-    if name.startswith("pkg:"):
-        module_name = name.removeprefix("pkg:")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            raise UserError(f"model.name: Python package {module_name} is not installed; pip install it "
-                            f"(its PyPI name may use dashes)") from None
-        if not hasattr(module, "get_model_path"):
-            raise UserError(f"model.name: package {module_name} has no get_model_path(); point model.name at a folder")
-        return str(module.get_model_path())
-    return name
-
-
-def local_model_folder(config: Config) -> Path | None:
-    """Where the model's files are on this machine: its folder, a `pkg:` package's weights, or a hub id's snapshot
-    in the hub cache; None while a hub model is not downloaded."""
-    folder = Path(resolve_model_path(config.model.name))
-    if folder.is_dir():
-        return folder
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(config.model.name, revision=config.model.revision, local_files_only=True))
-    except (ValueError, OSError):  # not in the cache, or not a hub id either
-        return None
 
 
 def training_dtype(config: Config, gpu: bool | None = None):
@@ -71,11 +43,6 @@ def weights_dtype(config: Config):
 # On CPU, flex_attention has no backward (torch 2.13), and eager beat sdpa on packed batches in `make bench`'s
 # model (bench/RESULTS.md): both build the same (sum of lengths)^2 block mask from position_ids.
 CPU_ATTENTION = "eager"
-# Tokens per causal_lm batch when training.max_tokens_per_batch is auto: ~8k filled an H100 (../shared/bench).
-# On CPU a packed batch's attention costs (sum of lengths)^2, so the smallest budget (data.max_length wins when
-# larger) is the default: sft's `make bench` recipe ran at 3,143 real tok/s with 1,024, 1,461 with 2,048 and 949
-# with 4,096 tokens on a quiet machine (docs/performance.md).
-GPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET = 8192, 1024
 
 
 def attention_problem(config: Config, gpu: bool) -> str | None:

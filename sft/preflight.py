@@ -97,7 +97,7 @@ def check_settings(config: Config) -> None:
 def find_model(config: Config) -> tuple[ModelFiles | None, list[str]]:
     """The model's folder (a local folder, a `pkg:` package's weights, or a hub id's snapshot in the offline cache)
     with config.json, a tokenizer and weights."""
-    from sft.model import resolve_model_path
+    from sft.hub import resolve_model_path
 
     name = config.model.name
     try:

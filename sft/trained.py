@@ -75,7 +75,7 @@ def load_model(run: TrainedRun, dtype="auto", attention: str = "sdpa"):
     adapter (and classifier head) from final/ on top, unmerged (peft PeftModel)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from sft.model import resolve_model_path
+    from sft.hub import resolve_model_path
 
     config = run.config
     classification = config.task == "classification"

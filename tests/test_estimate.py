@@ -150,7 +150,8 @@ def test_sft_check_reports_the_estimate_and_the_fit_from_config_json_alone(tiny_
 
 def test_auto_token_budget_on_a_gpu_shrinks_until_the_estimate_fits(tmp_path):
     from sft.config import Config
-    from sft.model import GPU_TOKEN_BUDGET, gpu_token_budget
+    from sft.estimate import GPU_TOKEN_BUDGET
+    from sft.model import gpu_token_budget
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN2_15B))
     config = Config.model_validate({"task": "causal_lm", "model": {"name": str(tmp_path)},

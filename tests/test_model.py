@@ -3,7 +3,8 @@ import pytest
 
 from sft.config import Config
 from sft.errors import UserError
-from sft.model import CPU_ATTENTION, choose_attention, load_model, resolve_model_path
+from sft.hub import resolve_model_path
+from sft.model import CPU_ATTENTION, choose_attention, load_model
 
 
 def make_config(name: str, task: str = "classification", method: str = "lora") -> Config:

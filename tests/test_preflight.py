@@ -114,7 +114,7 @@ def test_max_length_above_the_models_positions_really_fails_in_the_model():
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from sft.model import resolve_model_path
+    from sft.hub import resolve_model_path
 
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(MINILM), num_labels=2)
     assert model.config.max_position_embeddings == 512
