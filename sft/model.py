@@ -169,20 +169,12 @@ def load_tokenizer(config: Config):
 
 def load_model(config: Config, label_names: list[str] | None = None):
     """The model as Trainer will train it: base weights, plus LoRA adapters when method.name is lora."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     path = resolve_model_path(config.model.name)
     options = {"attn_implementation": choose_attention(config)[0]}
     if config.method.name == "qlora":
         check_method_runs_here(config)
         options["quantization_config"] = qlora_quantization(config)
-    if config.task == "classification":
-        options |= {"num_labels": len(label_names),
-                    "id2label": dict(enumerate(label_names)),
-                    "label2id": {name: i for i, name in enumerate(label_names)}}
-        model = _from_pretrained(AutoModelForSequenceClassification, path, config, **options)
-    else:
-        model = _from_pretrained(AutoModelForCausalLM, path, config, **options)
+    model = load_pretrained(config, path, label_names, **options)
     if config.training.gradient_checkpointing:
         model.config.use_cache = False
     if config.method.name == "qlora":
@@ -197,6 +189,22 @@ def load_model(config: Config, label_names: list[str] | None = None):
     log.info("model %s: %s parameters, %s trainable (%.2f%%)", path, f"{total:,}", f"{trainable:,}",
              100 * trainable / total)
     return model
+
+
+def load_pretrained(config: Config, path: str | Path, label_names: list[str] | None = None,
+                    head_in_adapter: bool = False, **options):
+    """The model class config.task needs, loaded from path by the rules of every sft load (training, predict,
+    export): safetensors unless model.allow_pickle, remote code only with model.trust_remote_code, one-line errors
+    with offline hints. A classifier gets its label names in the model config, so exported models show them.
+    head_in_adapter: the classifier head is missing here because a LoRA adapter loaded next brings it."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if config.task != "classification":
+        return _from_pretrained(AutoModelForCausalLM, path, config, **options)
+    options |= {"num_labels": len(label_names),
+                "id2label": dict(enumerate(label_names)),
+                "label2id": {name: i for i, name in enumerate(label_names)}}
+    return _from_pretrained(AutoModelForSequenceClassification, path, config, head_in_adapter, **options)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -238,8 +246,9 @@ def _wrap_lora(model, config: Config):
     return model
 
 
-def _from_pretrained(auto_class, path: str, config: Config, **options):
-    """Load from a folder or the hub, turning 'not found / offline' into one actionable line."""
+def _from_pretrained(auto_class, path: str | Path, config: Config, head_in_adapter: bool = False, **options):
+    """Load from a folder or the hub, turning 'not found / offline' into one actionable line; options override
+    the defaults (e.g. the dtype predict computes in)."""
     kwargs = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code}
     is_model = "Tokenizer" not in auto_class.__name__
     if is_model:
@@ -248,10 +257,10 @@ def _from_pretrained(auto_class, path: str, config: Config, **options):
         kwargs["use_safetensors"] = None if config.model.allow_pickle else True
     try:
         if not is_model:
-            return auto_class.from_pretrained(path, **kwargs, **options)
+            return auto_class.from_pretrained(path, **kwargs | options)
         with _without_load_report():
-            model, loading_info = auto_class.from_pretrained(path, **kwargs, **options)
-        _log_loading(model, loading_info)
+            model, loading_info = auto_class.from_pretrained(path, **kwargs | options)
+        _log_loading(model, loading_info, head_in_adapter)
         return model
     except ImportError as error:  # e.g. flash_attention_2 without the flash-attn package, or on CPU
         raise UserError(f"model.attn_implementation: {config.model.attn_implementation}: "
@@ -299,13 +308,13 @@ def _without_load_report():
         logger.removeFilter(drop)
 
 
-def _log_loading(model, loading_info: dict) -> None:
+def _log_loading(model, loading_info: dict, head_in_adapter: bool = False) -> None:
     """A new task head (weights outside the base model) is expected; missing base weights are not."""
     prefix = f"{model.base_model_prefix}."
     missing = sorted(loading_info["missing_keys"])
     head = [key for key in missing if not key.startswith(prefix)]
     base = [key for key in missing if key.startswith(prefix)]
-    if head:
+    if head and not head_in_adapter:
         log.info("new classifier head initialised (%s), trained from scratch", ", ".join(head))
     if base:
         log.warning("%d weights of the base model are not in the checkpoint and were initialised randomly: %s",

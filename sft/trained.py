@@ -72,36 +72,17 @@ def load_tokenizer(run: TrainedRun):
 
 def load_model(run: TrainedRun, dtype="auto", attention: str = "sdpa"):
     """The trained model in eval mode: final/ itself after full fine-tuning; after LoRA the base model with the
-    adapter (and classifier head) from final/ on top, unmerged (peft PeftModel)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+    adapter (and classifier head) from final/ on top, unmerged (peft PeftModel). Both load by the rules training
+    followed (sft.model.load_pretrained: safetensors unless model.allow_pickle, trust_remote_code)."""
     from sft.hub import resolve_model_path
+    from sft.model import load_pretrained
 
-    config = run.config
-    classification = config.task == "classification"
-    auto_class = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
     options = {"dtype": dtype, "attn_implementation": attention}
-    if classification:  # label names travel in the model config, so exported models and pipelines show them
-        options |= {"num_labels": len(run.label_names), "id2label": dict(enumerate(run.label_names)),
-                    "label2id": {name: i for i, name in enumerate(run.label_names)}}
-    if config.method.name == "full":
-        return auto_class.from_pretrained(run.final, **options).eval()
+    if run.config.method.name == "full":
+        return load_pretrained(run.config, run.final, run.label_names, **options).eval()
 
     from peft import PeftModel
 
-    from transformers.utils import logging as transformers_logging
-
-    base_path = resolve_model_path(config.model.name)
-    # The base lacks the trained classifier head (the adapter brings it): its load report would only alarm.
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        base = auto_class.from_pretrained(base_path, revision=config.model.revision,
-                                          trust_remote_code=config.model.trust_remote_code, **options)
-    except OSError as error:
-        raise UserError(f"model.name: the LoRA adapter in {run.final} needs its base model {base_path}, which cannot "
-                        f"be loaded ({str(error).splitlines()[0]}); make it available offline as for training"
-                        ) from None
-    finally:
-        transformers_logging.set_verbosity(verbosity)
+    base = load_pretrained(run.config, resolve_model_path(run.config.model.name), run.label_names,
+                           head_in_adapter=True, **options)
     return PeftModel.from_pretrained(base, run.final).eval()

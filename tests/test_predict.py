@@ -287,3 +287,38 @@ def test_a_model_setting_from_a_secret_variable_is_read_back_from_the_environmen
     (tmp_path / ".env").write_text("MODEL_ACCESS_TOKEN=main\n")
     run = open_trained_run(run_dir)
     assert (run.config.model.name, run.config.model.revision) == (base, "main")
+
+
+def test_a_lora_base_with_only_pickle_weights_needs_allow_pickle_as_in_training(finished_runs, tiny_causal_lm,
+                                                                                 tmp_path, on_cpu, capsys):
+    """predict and export load a LoRA run's base by training's rules: pickle weights (pytorch_model.bin) only with
+    model.allow_pickle in the run's config."""
+    import shutil
+
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    pickled_base = tmp_path / "pickled-base"  # as older checkpoints ship: transformers 5 writes no pickle itself
+    shutil.copytree(tiny_causal_lm, pickled_base, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(tiny_causal_lm / "model.safetensors"), pickled_base / "pytorch_model.bin")
+    assert (pickled_base / "pytorch_model.bin").is_file() and not list(pickled_base.glob("*.safetensors"))
+    run_dir = Path(shutil.copytree(finished_runs["causal_lm", "lora"], tmp_path / "run"))
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    recorded["model"]["name"] = str(pickled_base)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"messages": CHAT_ROWS[0]["messages"][:1]}])
+
+    assert main(["predict", str(run_dir), str(rows), "--output", str(tmp_path / "refused.jsonl")]) == 2
+    assert main(["export", str(run_dir), "--merge", "--to", str(tmp_path / "refused")]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all(line.startswith("sft: error: model.name: ") and "pickle" in line
+                                    and "model.allow_pickle: true" in line for line in errors), errors
+    assert not (tmp_path / "refused.jsonl").exists() and not (tmp_path / "refused").exists()
+
+    recorded["model"]["allow_pickle"] = True
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert main(["predict", str(run_dir), str(rows), "--output", str(tmp_path / "o.jsonl"), "--max-new-tokens", "2"]) == 0
+    assert len(read_jsonl(tmp_path / "o.jsonl")) == 1
+    assert main(["export", str(run_dir), "--merge", "--to", str(tmp_path / "exported")]) == 0
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
