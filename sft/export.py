@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from sft.errors import UserError
+from sft.files import follow_umask
 from sft.trained import load_model, load_tokenizer, open_trained_run
 
 log = logging.getLogger("sft")
@@ -40,9 +41,7 @@ def export(run_dir: str, merge: bool, to: str | None) -> Path:
         load_tokenizer(run).save_pretrained(building)
         # mkdtemp makes the folder private, and transformers writes model.safetensors 0600: an export is meant to
         # be shared, so it gets the modes a plain mkdir/open would give.
-        os.chmod(building, 0o777 & ~_umask())
-        for file in building.iterdir():
-            os.chmod(file, 0o666 & ~_umask())
+        follow_umask(building)
         # Appears complete or not at all; rename replaces only an empty folder, so nothing a user put there is lost.
         os.rename(building, target)
     except BaseException:
@@ -51,9 +50,3 @@ def export(run_dir: str, merge: bool, to: str | None) -> Path:
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     log.info("exported %s to %s (%.1f MB)", "merged model" if lora else "model", target, size / 1e6)
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -48,6 +48,7 @@ def test_exported_causal_lm_loads_standalone_and_gives_the_runs_logits(finished_
     umask = os.umask(0)
     os.umask(umask)
     assert {f.stat().st_mode & 0o777 for f in target.iterdir()} == {0o666 & ~umask}  # readable by collaborators
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
 
     exported = AutoModelForCausalLM.from_pretrained(target)
     assert not any("lora" in name for name, _ in exported.named_parameters())
