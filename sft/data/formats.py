@@ -104,13 +104,20 @@ def tokenize_instruction(tokenizer, instruction: str, input_text: str, output: s
                          system_prompt: str | None = None) -> dict:
     """Chat-tuned tokenizers get a user/assistant conversation (after the system prompt, if any); base models the
     Alpaca prompt."""
+    prompt = instruction_prompt(tokenizer, instruction, input_text)
+    if isinstance(prompt, str):
+        return tokenize_prompt_completion(tokenizer, prompt, output, max_length)
+    messages = [prompt, {"role": "assistant", "content": output}]
+    return tokenize_messages(tokenizer, messages, max_length, ChatFormat(system_prompt=system_prompt))
+
+
+def instruction_prompt(tokenizer, instruction: str, input_text: str) -> dict | str:
+    """What an instruction row asks, as the model sees it before the answer: a user message for chat-tuned
+    tokenizers, the Alpaca prompt text for base models."""
     if tokenizer.chat_template:
-        user = f"{instruction}\n\n{input_text}" if input_text else instruction
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        return tokenize_messages(tokenizer, messages, max_length, ChatFormat(system_prompt=system_prompt))
+        return {"role": "user", "content": f"{instruction}\n\n{input_text}" if input_text else instruction}
     template = ALPACA_PROMPT_WITH_INPUT if input_text else ALPACA_PROMPT
-    return tokenize_prompt_completion(tokenizer, template.format(instruction=instruction, input=input_text),
-                                      output, max_length)
+    return template.format(instruction=instruction, input=input_text)
 
 
 def tokenize_messages(tokenizer, messages: list[dict], max_length: int | None, chat: ChatFormat | None = None,
@@ -246,12 +253,10 @@ def prompt_ids(tokenizer, record: dict, data_format: str, fields: Fields) -> lis
             messages.pop()
         return _conversation_start(tokenizer, messages)
     if data_format == "instruction":
-        instruction, input_text = record[fields.instruction], record.get(fields.input) or ""
-        if tokenizer.chat_template:
-            user = f"{instruction}\n\n{input_text}" if input_text else instruction
-            return _conversation_start(tokenizer, [{"role": "user", "content": user}])
-        template = ALPACA_PROMPT_WITH_INPUT if input_text else ALPACA_PROMPT
-        return tokenizer(template.format(instruction=instruction, input=input_text))["input_ids"]
+        prompt = instruction_prompt(tokenizer, record[fields.instruction], record.get(fields.input) or "")
+        if isinstance(prompt, str):
+            return tokenizer(prompt)["input_ids"]
+        return _conversation_start(tokenizer, [prompt])
     if data_format == "prompt_completion":
         return tokenizer(record[fields.prompt])["input_ids"]
     return tokenizer(record[fields.text])["input_ids"]  # text: continue it
