@@ -127,10 +127,10 @@ def generate(run: TrainedRun, model, tokenizer, records: list[dict], max_new_tok
     import torch
     from transformers import GenerationConfig
 
-    from sft.data.formats import prompt_ids
+    from sft.data.formats import chat_format, prompt_ids
 
-    fields = run.config.data.fields
-    prompts = [prompt_ids(tokenizer, record, run.data_format, fields) for record in records]
+    fields, chat = run.config.data.fields, chat_format(run.config)
+    prompts = [prompt_ids(tokenizer, record, run.data_format, fields, chat) for record in records]
     # Left padding: every prompt ends where generation starts.
     tokenizer.padding_side = "left"
     batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)

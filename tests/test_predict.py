@@ -9,8 +9,8 @@ import pytest
 from conftest import CHAT_ROWS, write_jsonl
 from sft.cli import main
 from sft.config import Fields
-from sft.data.formats import (IGNORE_INDEX, prompt_ids, tokenize_instruction, tokenize_messages,
-                              tokenize_prompt_completion, tokenize_text)
+from sft.data.formats import (IGNORE_INDEX, USUAL_ROLES, ChatFormat, prompt_ids, tokenize_instruction,
+                              tokenize_messages, tokenize_prompt_completion, tokenize_text)
 from sft.errors import UserError
 from sft.predict import predict
 from sft.trained import load_model, open_trained_run
@@ -154,6 +154,26 @@ def test_prompt_tokens_are_the_training_example_before_its_answer(tiny_causal_lm
         return
     answer_starts = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
     assert prompt == example["input_ids"][:answer_starts]
+
+
+@pytest.mark.parametrize("data_format", ["messages", "instruction"])
+def test_prompt_tokens_carry_the_system_prompt_and_roles_the_run_trained_with(tiny_causal_lm, data_format):
+    """data.system_prompt and data.fields.roles shaped the training examples, so they shape the prompt too."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm)
+    chat = ChatFormat(roles={**USUAL_ROLES, "customer": "user"}, system_prompt="answer in words")
+    record = {"messages": [{"role": "customer", "content": "add 2 and 3"}, {"role": "assistant", "content": "five"}],
+              "instruction": "add two and three", "input": "", "output": "five"}
+    if data_format == "messages":
+        example = tokenize_messages(tokenizer, record["messages"], None, chat)
+    else:
+        example = tokenize_instruction(tokenizer, record["instruction"], "", record["output"], None,
+                                       chat.system_prompt)
+    prompt = prompt_ids(tokenizer, record, data_format, Fields(), chat)
+    answer_starts = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+    assert prompt == example["input_ids"][:answer_starts]
+    assert "answer in words" in tokenizer.decode(prompt)
 
 
 def test_bad_input_is_refused_in_one_line(finished_runs, tmp_path, capsys):
@@ -318,7 +338,8 @@ def test_a_lora_base_with_only_pickle_weights_needs_allow_pickle_as_in_training(
 
     recorded["model"]["allow_pickle"] = True
     (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
-    assert main(["predict", str(run_dir), str(rows), "--output", str(tmp_path / "o.jsonl"), "--max-new-tokens", "2"]) == 0
+    assert main(["predict", str(run_dir), str(rows), "--output", str(tmp_path / "o.jsonl"),
+                 "--max-new-tokens", "2"]) == 0
     assert len(read_jsonl(tmp_path / "o.jsonl")) == 1
     assert main(["export", str(run_dir), "--merge", "--to", str(tmp_path / "exported")]) == 0
     assert (tmp_path / "exported" / "model.safetensors").is_file()

@@ -243,12 +243,13 @@ def _first_token_from(encoding, char: int, text_length: int) -> int:
     return bisect_left(encoding.offsets, (char,))
 
 
-def prompt_ids(tokenizer, record: dict, data_format: str, fields: Fields) -> list[int]:
+def prompt_ids(tokenizer, record: dict, data_format: str, fields: Fields, chat: ChatFormat | None = None) -> list[int]:
     """The tokens a causal-LM example of this format starts with before its answer, exactly as training tokenized
-    them: what a trained model continues from (`sft predict`). A trailing assistant turn in messages is the
-    expected answer and left out."""
+    them (with the run's chat_format: system prompt, role names): what a trained model continues from
+    (`sft predict`). A trailing assistant turn in messages is the expected answer and left out."""
+    chat = chat or ChatFormat()
     if data_format == "messages":
-        messages = to_messages(record[fields.messages], ChatFormat())
+        messages = to_messages(record[fields.messages], chat)
         while messages and messages[-1]["role"] == "assistant":
             messages.pop()
         return _conversation_start(tokenizer, messages)
@@ -256,7 +257,7 @@ def prompt_ids(tokenizer, record: dict, data_format: str, fields: Fields) -> lis
         prompt = instruction_prompt(tokenizer, record[fields.instruction], record.get(fields.input) or "")
         if isinstance(prompt, str):
             return tokenizer(prompt)["input_ids"]
-        return _conversation_start(tokenizer, [prompt])
+        return _conversation_start(tokenizer, to_messages([prompt], chat))
     if data_format == "prompt_completion":
         return tokenizer(record[fields.prompt])["input_ids"]
     return tokenizer(record[fields.text])["input_ids"]  # text: continue it
