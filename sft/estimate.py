@@ -2,17 +2,8 @@
 (no weights, no torch), whether it fits the GPU, and the change that makes it fit.
 
 Peak = weights + gradients + optimizer states (AdamW: two fp32 moments) + activations and logits for the
-largest batch. Per-token costs were read off the measured H100 peaks in ../shared/bench/NOTES.md (0.5B Qwen2,
-bf16 autocast over fp32 weights; tests/test_estimate.py checks them, and a measured CPU peak, within 15%):
-  activations  64 bytes x hidden size, per layer and token (what autograd keeps for the backward pass)
-  logits       14 bytes x vocabulary, per token: the bf16 logits the output holds, their fp32 copy for the loss,
-               the saved log-softmax and its gradient. At a 152k vocabulary that is 2.1 MB a token: most of
-               the peak, which is why a fused/chunked cross-entropy (never materialising them) matters.
-In fp32 (CPU) training every activation is 4 bytes instead of (mostly) 2, and the logits lose the bf16 copy.
-With training.chunked_loss (sft/loss.py) only one chunk of logits exists at a time, plus an fp32 buffer for the
-head's gradient when the head is trained: 6 bytes x vocabulary per token of the chunk in fp32 (the fp32 logits,
-turned softmax in place, and temporaries; measured on CPU at 64k and 152k vocabularies, tests/test_estimate.py), 8
-under bf16 autocast (the bf16 product and the bf16 copy of the gradient besides; not measured: no GPU here).
+largest batch, from per-token costs read off measured peaks; docs/performance.md has where each cost comes from and
+how close the estimate came (tests/test_estimate.py checks it).
 """
 import json
 import re
@@ -23,7 +14,7 @@ from sft.errors import UserError
 
 GIB = 2**30
 ACTIVATION_BYTES = {"half": 64, "fp32": 128}  # x hidden, per layer and token
-LOGIT_BYTES = {"half": 14, "fp32": 12}  # x vocabulary, per token
+LOGIT_BYTES = {"half": 14, "fp32": 12}  # x vocabulary, per token: logits, their fp32 copy, softmax and gradient
 CHUNKED_LOGIT_BYTES = {"half": 8, "fp32": 6}  # x vocabulary, per token of one chunk
 CHECKPOINTED_BYTES = {"half": 4, "fp32": 4}  # x hidden, per layer and token: only each layer's fp32 input is kept
 # Leave this share of the GPU free: the CUDA context, and the caching allocator's fragmentation when every batch
@@ -31,10 +22,8 @@ CHECKPOINTED_BYTES = {"half": 4, "fp32": 4}  # x hidden, per layer and token: on
 HEADROOM = 0.15
 BERT_LIKE = ("bert", "roberta", "distilbert", "electra", "deberta", "xlm-roberta", "mpnet")
 QLORA_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit values plus an fp32 scale per block of 64
-# Tokens per causal_lm batch when training.max_tokens_per_batch is auto: ~8k filled an H100 (../shared/bench).
-# On CPU a packed batch's attention costs (sum of lengths)^2, so the smallest budget (data.max_length wins when
-# larger) is the default: sft's `make bench` recipe ran at 3,143 real tok/s with 1,024, 1,461 with 2,048 and 949
-# with 4,096 tokens on a quiet machine (docs/performance.md).
+# Tokens per causal_lm batch when training.max_tokens_per_batch is auto: ~8k filled an H100; on CPU a packed
+# batch's attention costs (sum of lengths)^2, so the smallest budget was fastest (docs/performance.md).
 GPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET = 8192, 1024
 
 

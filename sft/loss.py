@@ -1,7 +1,6 @@
 """Chunked cross-entropy for causal-LM training: the loss and its gradients computed from the last hidden states a
-chunk of tokens at a time, so the tokens x vocabulary logits never exist whole. At a 152k vocabulary those logits
-(bf16, their fp32 copy, the saved softmax and its gradient) were half of a 0.5B model's peak memory on an H100
-(../shared/bench/NOTES.md, sft/estimate.py).
+chunk of tokens at a time, so the tokens x vocabulary logits never exist whole: at large vocabularies they are
+about half of the peak memory (measurements in docs/performance.md).
 
 The gradients are computed in the forward pass, chunk by chunk, the way liger-kernel's fused linear cross-entropy
 does (a Triton kernel, GPU only): the same three matrix products per token as the plain loss's forward and backward,

@@ -81,7 +81,7 @@ def choose_attention(config: Config) -> tuple[str, str]:
     if is_flash_attn_2_available():
         return "flash_attention_2", "varlen flash attention (flash-attn 2) is installed"
     if importlib.util.find_spec("torch.nn.attention.flex_attention"):
-        return "flex_attention", "document masking for packed batches (2.3x sdpa on an H100)"
+        return "flex_attention", "document masking for packed batches, fastest measured on an H100"
     return "sdpa", "no flash-attn or flex_attention in this torch; cuDNN SDPA off for variable shapes"
 
 
@@ -119,7 +119,7 @@ def gpu_token_budget(config: Config, gpu_bytes: float) -> int:
 def for_this_device(config: Config) -> Config:
     """A copy of the config with `auto` attention and token budget resolved (logged; the manifest records them).
     With sdpa on a GPU the cuDNN backend is switched off: it re-plans for every new shape, and padding-free
-    batches all differ (0.55x on an H100, ../shared/bench/NOTES.md)."""
+    batches all differ (measured in docs/performance.md)."""
     import torch
 
     attention, why = choose_attention(config)

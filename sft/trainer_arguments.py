@@ -70,8 +70,8 @@ def training_arguments(config: Config, output_dir: Path, gpu: bool | None = None
         remove_unused_columns=False,
         disable_tqdm=True,  # sft.progress draws the bar on a terminal
         use_cpu=not on_gpu,
-        # Loading an 8,192-token batch from the cache takes 1.5 ms (bench/dataloader_probe.py), under 1% of a 0.5B
-        # model's step on an H100: workers would overlap almost nothing and cost a process each.
+        # Loading a batch is under 1% of a GPU step (measured, docs/performance.md): workers would overlap almost
+        # nothing and cost a process each.
         dataloader_num_workers=0,
         dataloader_pin_memory=on_gpu,
     )
