@@ -595,3 +595,15 @@ def resolved_yaml(config: Config) -> str:
         return secrets.mask_url_passwords(value) if isinstance(value, str) else value
 
     return yaml.safe_dump(recorded(config.model_dump(mode="json")), sort_keys=False)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A config (or any nested value) as setting paths, the way run comparisons and resume messages name them:
+    {"a": {"b": [1, {"c": 2}]}} → {"a.b[0]": 1, "a.b[1].c": 2}; empty sections and lists stay as values."""
+    if isinstance(node, dict) and node:
+        return {key: value for name, child in node.items()
+                for key, value in flatten(child, f"{prefix}.{name}" if prefix else str(name)).items()}
+    if isinstance(node, list) and node:
+        return {key: value for index, child in enumerate(node)
+                for key, value in flatten(child, f"{prefix}[{index}]").items()}
+    return {prefix: node}

@@ -40,7 +40,7 @@ def write_dashboard(output_dir: str | Path, html_file: str | Path) -> Path:
 
 def run_data(path: Path, info, page_folder: Path) -> dict:
     """What the page shows of one run: table cells, the differing-keys candidates, and its curves."""
-    from sft.diff import flatten
+    from sft.config import flatten
     from sft.manifest import read_manifest
     from sft.run_report import read_metrics
 

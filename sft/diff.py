@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from sft.config import flatten
 from sft.errors import UserError
 
 # Where a run writes and which .env it read say nothing about what it computed; data paths are compared by the
@@ -103,17 +104,6 @@ def diff_runs(a: RunRecord, b: RunRecord) -> RunDiff:
     _outcome(a, b, result)
     result.deterministic = all((run.manifest.get("determinism") or {}).get("deterministic") for run in (a, b))
     return result
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": [1, {"c": 2}]}} → {"a.b[0]": 1, "a.b[1].c": 2}; empty sections and lists stay as values."""
-    if isinstance(node, dict) and node:
-        return {key: value for name, child in node.items()
-                for key, value in flatten(child, f"{prefix}.{name}" if prefix else str(name)).items()}
-    if isinstance(node, list) and node:
-        return {key: value for index, child in enumerate(node)
-                for key, value in flatten(child, f"{prefix}[{index}]").items()}
-    return {prefix: node}
 
 
 def _compare(a: dict, b: dict, skip=lambda key: False) -> list[Difference]:

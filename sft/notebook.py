@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sft.diff import flatten, read_run_record
+from sft.config import flatten
+from sft.diff import read_run_record
 from sft.errors import UserError
 
 # Where a run wrote says nothing about how it differs from the others.

@@ -2,12 +2,13 @@
 checkpoint, and leave a finished run directory (config, manifest, log, metrics, final model)."""
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sft import rundir
-from sft.config import Config, resolved_yaml
+from sft.config import Config, flatten, resolved_yaml
 from sft.errors import EXIT_PREEMPTED, UserError
 from sft.files import write_text_atomic
 
@@ -307,9 +308,12 @@ CHANGEABLE_ON_RESUME = ("output.name", "training.stop_at", "training.ddp_timeout
                         "data.cache_dir")
 
 
+# A SQL source's timeout (data.train.timeout, data.eval[1].timeout): how long a query may take, not what it reads.
+SQL_TIMEOUT = re.compile(r"data\.(train|eval)(\[\d+\])?\.timeout")
+
+
 def _changeable_on_resume(key: str) -> bool:
-    # A SQL source's timeout (data.train.timeout, data.eval.1.timeout): how long a query may take, not what it reads.
-    return key in CHANGEABLE_ON_RESUME or (key.startswith(("data.train.", "data.eval.")) and key.endswith(".timeout"))
+    return key in CHANGEABLE_ON_RESUME or bool(SQL_TIMEOUT.fullmatch(key))
 
 
 def _may_change_on_restart(config: Config) -> tuple[str, ...]:
@@ -341,13 +345,7 @@ def _write_config(run_dir: Path, config: Config, must_match: bool, may_change: t
 def _changed_settings(old_yaml: str, new_yaml: str) -> dict:
     import yaml
 
-    def flat(node, prefix=""):
-        if isinstance(node, dict | list):
-            items = node.items() if isinstance(node, dict) else enumerate(node)
-            return {k: v for key, value in items for k, v in flat(value, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): node}
-
-    old, new = flat(yaml.safe_load(old_yaml)), flat(yaml.safe_load(new_yaml))
+    old, new = flatten(yaml.safe_load(old_yaml)), flatten(yaml.safe_load(new_yaml))
     return {k: {"from": old.get(k), "to": new.get(k)} for k in sorted(old.keys() | new.keys())
             if old.get(k) != new.get(k)}
 

@@ -530,6 +530,27 @@ def test_a_resume_may_change_settings_that_do_not_change_what_is_trained(resumab
     assert (tmp_path / "cache" / "tokenized").is_dir()
 
 
+def test_a_resume_may_change_a_sql_sources_timeout_but_not_its_query(tiny_causal_lm, tiny_chat_data, tmp_path,
+                                                                     write_config):
+    """Settings are named as everywhere else (data.train[1].timeout); only a SQL source's timeout may change."""
+    from sft.errors import UserError
+    from sft.training import _write_config
+
+    def config(**sql):
+        raw = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs")
+        raw["data"]["train"] = [str(tiny_chat_data), {"database": "sqlite:///rows.db", "query": "SELECT 1", **sql}]
+        return load_config(write_config(raw))
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _write_config(run_dir, config(timeout=60), must_match=False)
+    with pytest.raises(UserError, match=r"different config \(data\.train\[1\]\.query changed\)"):
+        _write_config(run_dir, config(timeout=60, query="SELECT 2"), must_match=True)
+    changes = _write_config(run_dir, config(timeout=120), must_match=True)
+    assert changes == {"data.train[1].timeout": {"from": 60, "to": 120}}
+    assert load_config(run_dir / "config.yaml").data.train[1].timeout == 120
+
+
 @pytest.mark.slow
 def test_a_resume_on_changed_data_is_refused_unless_allowed_and_the_manifest_keeps_both(tiny_causal_lm, tiny_chat_data,
                                                                                        tmp_path, write_config):
