@@ -1,5 +1,6 @@
 """Container images (Containerfile, apptainer.def, container/): the two recipes stay in step and lint clean; and,
-marked `container` (root + podman, installed here when missing), both really build and honour the bind contract.
+marked `container` (root + podman, installed here when missing), both really build and honour the bind contract,
+and slurm/train.sbatch runs the OCI image with SFT_RUNTIME=podman on a real Slurm (also marked `slurm`, ~45 s).
 
     .venv/bin/python -m pytest tests/test_container.py -m "not container"   # recipe checks, about a second
     .venv/bin/python -m pytest tests/test_container.py                      # + builds: 4.5 min cold, 3 cached
