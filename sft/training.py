@@ -50,11 +50,13 @@ def run_training(config: Config, overwrite: bool = False, overrides: list[str] =
     `allow_data_change` lets a resume continue on data whose content changed since the run started;
     `from_checkpoint` (checkpoint-N) restarts an unfinished run from that checkpoint instead of the newest."""
     from sft.callbacks import PreemptionCallback
+    from sft.data import check_sources_exist
     from sft.logs import close_run_log
     from sft.model import check_method_runs_here
     from sft.walltime import WallTimeCallback
 
     check_method_runs_here(config)  # before a run directory exists: nothing to clean up
+    check_sources_exist(config)  # a wrong data path, too
     preemption = PreemptionCallback()
     preemption.install()
     walltime = WallTimeCallback.for_session(config, preemption)  # a stop_at duration counts from now

@@ -1,22 +1,31 @@
 # shellcheck shell=bash disable=SC2034  # the scripts that source this file use the arrays it sets
 # Shared by the sbatch scripts in slurm/ (sourced, not run): runtime choice, bind mounts, provenance,
 # signal forwarding and requeue. Settings, all environment variables with defaults:
-#   SFT_RUNTIME     auto | apptainer | singularity | none   auto: apptainer, else singularity.
-#                   none: no container, run the `sft` and `torchrun` found on PATH (a venv; what the tests use),
-#                   else those of the .venv next to slurm/ (`make venv`).
-#   SFT_IMAGE       container image                                                 (default: sft.sif)
+#   SFT_RUNTIME     auto | apptainer | singularity | podman | podman-hpc | none   auto: apptainer, else singularity
+#                   (never podman: ask for it). none: no container, run the `sft` and `torchrun` found on PATH (a
+#                   venv; what the tests use), else those of the .venv next to slurm/ (`make venv`).
+#                   podman: the OCI image (make oci) with the same binds, a read-only root, the host's network,
+#                   your uid (--userns=keep-id when rootless), the GPUs Slurm allocated (CDI: nvidia.com/gpu=all;
+#                   podman-hpc: --gpu); train.sbatch and sweep.sbatch only (docs/slurm.md says why).
+#   SFT_IMAGE       container image: a .sif file, or for podman an image in the node's image store
+#                   (default: sft.sif; podman: localhost/sft:latest, as make oci tags it)
 #   SFT_DATA_DIR    project data, read-only at /data and at its own path            (default: ./data, if present)
 #   SFT_ENV_FILE    .env (DATA_PATH, tokens), read-only at /secrets/.env, --env-file (default: ./.env, if present)
 #   SFT_OUTPUT_DIR  where run directories go, read-write at /outputs, output.dir=   (default: ./runs)
 #   SFT_CACHE_DIR   caches, read-write at /cache; HF_HOME is its huggingface/       (default: ./.cache)
 #   SFT_BINDS       more binds, comma-separated, apptainer syntax (src[:dst[:ro]]), e.g. a config outside ./
+#                   (podman too: a bind without dst is at its own path)
 #   SFT_SIGNAL_LEAD seconds of the USR1 warning (default: the script's own #SBATCH --signal=B:USR1@N line); set it
 #                   when you pass another --signal to sbatch, so a time limit shorter than it is recognised
 # "./" is the directory sbatch was called from. The container paths are the image's bind contract
-# (docs/container.md); apptainer also binds $HOME and ./ itself, which is how configs/ is found.
+# (docs/container.md); apptainer also binds $HOME and ./ itself, which is how configs/ is found; podman binds ./
+# (read-only) and starts in it, and binds no $HOME.
 
 SFT_RUNTIME="${SFT_RUNTIME:-auto}"
-SFT_IMAGE="${SFT_IMAGE:-sft.sif}"
+case "$SFT_RUNTIME" in
+  podman|podman-hpc) SFT_IMAGE="${SFT_IMAGE:-localhost/sft:latest}" ;;
+  *) SFT_IMAGE="${SFT_IMAGE:-sft.sif}" ;;
+esac
 sft_submit_dir="${SLURM_SUBMIT_DIR:-$PWD}"
 sft_venv_bin="$(realpath -m "$(dirname "${BASH_SOURCE[0]}")/../.venv/bin")"  # SFT_RUNTIME=none, sft not on PATH
 SFT_DATA_DIR="$(realpath -m "${SFT_DATA_DIR:-$sft_submit_dir/data}")"
@@ -41,10 +50,11 @@ sft_setup() {
                  "(e.g. module load apptainer) or set SFT_RUNTIME=none to use an installed sft" >&2
             exit 2
           fi ;;
-    apptainer|singularity) container="$(command -v "$SFT_RUNTIME")" || {
+    apptainer|singularity|podman|podman-hpc) container="$(command -v "$SFT_RUNTIME")" || {
             echo "sft: error: SFT_RUNTIME=$SFT_RUNTIME but $SFT_RUNTIME is not on PATH" >&2; exit 2; } ;;
     none) ;;
-    *) echo "sft: error: SFT_RUNTIME=$SFT_RUNTIME; use auto, apptainer, singularity or none" >&2; exit 2 ;;
+    *) echo "sft: error: SFT_RUNTIME=$SFT_RUNTIME; use auto, apptainer, singularity, podman, podman-hpc or none" >&2
+       exit 2 ;;
   esac
   mkdir -p "$SFT_OUTPUT_DIR" "$SFT_CACHE_DIR/huggingface"
   # Where sft says it stopped for a requeue (a checkpoint is complete): under torchrun its exit code 75 reaches
@@ -66,25 +76,84 @@ sft_setup() {
     SFT_EXEC=()
     return
   fi
+  export SFT_STOP_FILE="/outputs/${sft_stop_file##*/}"
+  # The bind contract (docs/container.md), src:dst[:ro] as both apptainer --bind and podman --volume write it.
+  local binds=("$SFT_OUTPUT_DIR:/outputs" "$SFT_CACHE_DIR:/cache")
+  SFT_OVERRIDES=("output.dir=/outputs")
+  if [[ -d "$SFT_DATA_DIR" ]]; then
+    binds+=("$SFT_DATA_DIR:/data:ro" "$SFT_DATA_DIR:$SFT_DATA_DIR:ro")
+  fi
+  if [[ -f "$SFT_ENV_FILE" ]]; then
+    binds+=("$SFT_ENV_FILE:/secrets/.env:ro")
+    SFT_OPTS+=(--env-file /secrets/.env)
+  fi
+  if [[ "$SFT_RUNTIME" == podman* ]]; then
+    sft_setup_podman "$container" "${binds[@]}"
+    return
+  fi
   if [[ ! -f "$SFT_IMAGE" ]]; then
     echo "sft: error: image $SFT_IMAGE not found; build it (make build, see docs/container.md)" \
          "or set SFT_IMAGE=/path/to/sft.sif" >&2
     exit 2
   fi
-  export SFT_STOP_FILE="/outputs/${sft_stop_file##*/}"
-  local binds=(--bind "$SFT_OUTPUT_DIR:/outputs" --bind "$SFT_CACHE_DIR:/cache")
-  SFT_OVERRIDES=("output.dir=/outputs")
-  if [[ -d "$SFT_DATA_DIR" ]]; then
-    binds+=(--bind "$SFT_DATA_DIR:/data:ro" --bind "$SFT_DATA_DIR:$SFT_DATA_DIR:ro")
-  fi
-  if [[ -f "$SFT_ENV_FILE" ]]; then
-    binds+=(--bind "$SFT_ENV_FILE:/secrets/.env:ro")
-    SFT_OPTS+=(--env-file /secrets/.env)
-  fi
-  if [[ -n "${SFT_BINDS:-}" ]]; then binds+=(--bind "$SFT_BINDS"); fi
+  local bind flags=()
+  for bind in "${binds[@]}"; do flags+=(--bind "$bind"); done
+  if [[ -n "${SFT_BINDS:-}" ]]; then flags+=(--bind "$SFT_BINDS"); fi
   # --nv: the host's NVIDIA driver libraries and GPUs (a harmless warning on CPU nodes).
-  SFT_RUN=("$container" run --nv "${binds[@]}" "$SFT_IMAGE")
-  SFT_EXEC=("$container" exec --nv "${binds[@]}" "$SFT_IMAGE")
+  SFT_RUN=("$container" run --nv "${flags[@]}" "$SFT_IMAGE")
+  SFT_EXEC=("$container" exec --nv "${flags[@]}" "$SFT_IMAGE")
+}
+
+# sft_setup_podman PODMAN BIND...: SFT_RUN and SFT_EXEC for podman (or podman-hpc), as close to apptainer's as
+# podman allows. Apptainer passes the host's environment and shares its namespaces; podman does neither unless told.
+sft_setup_podman() {
+  local podman="$1" bind flags
+  shift
+  if ! "$podman" image exists "$SFT_IMAGE"; then
+    echo "sft: error: image $SFT_IMAGE is not in $SFT_RUNTIME's image store on $(hostname); build it (make oci)" \
+         "or load it (podman load -i build/sft-oci.tar), or set SFT_IMAGE=NAME:TAG (docs/container.md)" >&2
+    exit 2
+  fi
+  # --read-only: the image as apptainer runs a .sif (podman adds tmpfs /tmp and /run). --init: a small init
+  # passes on the signals podman forwards (--sig-proxy, the default) and reaps data-loader workers.
+  # Host network and hostname, as apptainer: ports are the node's, and run.lock's host must be the node's name
+  # (the lock's flock works across containers: one kernel). --ipc=host: the
+  # node's /dev/shm (podman's own is 64 MB) for data loaders and NCCL. --pull=never: compute nodes have no registry.
+  flags=(run --rm --read-only --init --network=host --uts=host --ipc=host --pull=never
+         --volume "$sft_submit_dir:$sft_submit_dir:ro" --workdir "$sft_submit_dir")
+  for bind in "$@"; do flags+=(--volume "$bind"); done
+  if [[ -n "${SFT_BINDS:-}" ]]; then
+    local extra
+    IFS=, read -ra extra <<< "$SFT_BINDS"
+    for bind in "${extra[@]}"; do
+      [[ "$bind" == *:* ]] || bind="$bind:$bind"  # apptainer's `src` alone; to podman it would name a volume
+      flags+=(--volume "$bind")
+    done
+  fi
+  # Rootless podman maps you to root in the container unless keep-id keeps your uid (files you own in runs/);
+  # as root (rootful podman) you are root in both.
+  if [[ "$(id -u)" != 0 ]]; then
+    flags+=(--userns=keep-id)
+  fi
+  # The GPUs of this job: all of the node's through CDI (nvidia-ctk cdi generate), narrowed by the
+  # CUDA_VISIBLE_DEVICES Slurm set, as apptainer --nv does. A CPU job (no GPU allocated) gets no device flag.
+  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" != NoDevFiles ]] || \
+     (( ${SLURM_GPUS_ON_NODE:-0} > 0 )); then
+    if [[ "$SFT_RUNTIME" == podman-hpc ]]; then flags+=(--gpu); else flags+=(--device nvidia.com/gpu=all); fi
+  fi
+  # What sft reads from the host environment (apptainer passes all of it; the image's own ENV must win here).
+  flags+=(--env 'SLURM_*' --env SFT_STOP_FILE --env SFT_SLURM_JOBS --env SFT_JOB_END --env SFT_SBATCH_COMMAND
+          --env OMP_NUM_THREADS --env CUDA_VISIBLE_DEVICES)
+  SFT_RUN=("$podman" "${flags[@]}" "$SFT_IMAGE")
+  SFT_EXEC=("$podman" "${flags[@]}" --entrypoint= "$SFT_IMAGE")
+}
+
+# sft_refuse_podman SCRIPT WHY: for the scripts that cannot run under podman; one error line, exit 2.
+sft_refuse_podman() {
+  if [[ "$SFT_RUNTIME" == podman* ]]; then
+    echo "sft: error: $1 does not run under SFT_RUNTIME=$SFT_RUNTIME ($2); use SFT_RUNTIME=apptainer or none" >&2
+    exit 2
+  fi
 }
 
 # sft_list_jobs: export SFT_SLURM_JOBS, this user's jobs as squeue lists them now ("JOBID:STATE ..."), for sft
@@ -154,7 +223,10 @@ sft_print_provenance() {
   else
     echo "GPUs: no nvidia-smi (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset})"
   fi
-  if [[ ${#SFT_EXEC[@]} -gt 0 ]]; then
+  if [[ "$SFT_RUNTIME" == podman* ]]; then
+    echo "runtime: $("${SFT_EXEC[0]}" --version); image $SFT_IMAGE," \
+         "$("${SFT_EXEC[0]}" image inspect --format '{{.Id}}, {{.Size}} bytes, created {{.Created}}' "$SFT_IMAGE")"
+  elif [[ ${#SFT_EXEC[@]} -gt 0 ]]; then
     echo "runtime: $("${SFT_EXEC[0]}" --version); image $(realpath "$SFT_IMAGE")," \
          "$(du -h "$SFT_IMAGE" | cut -f1), modified $(date -r "$SFT_IMAGE" '+%F %T')"
   else

@@ -132,6 +132,11 @@ CASES = [
            args=("output.name=new-run",), command=command)
       for command in ("check", "train")],
     case("train-over-a-finished-run", ("runs/old-run holds a finished run", "pass --overwrite"), command="train"),
+    case("train-data-file-missing-before-run-dir", ("data.train: data/none.jsonl does not exist", "check the path"),
+         config={"data": {"train": "data/none.jsonl"}}, args=("output.name=new-run",), command="train"),
+    case("train-eval-file-missing-before-run-dir", ("data.eval: data/none.jsonl does not exist", "check the path"),
+         config={"data": {"eval": ["data/train.jsonl", {"path": "data/none.jsonl"}]}}, args=("output.name=new-run",),
+         command="train"),
     # Model paths
     case("model-folder-missing", ("model.name: folder models/none does not exist", "check the path"),
          config={"model": {"name": "./models/none"}}),

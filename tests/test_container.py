@@ -1,5 +1,6 @@
 """Container images (Containerfile, apptainer.def, container/): the two recipes stay in step and lint clean; and,
-marked `container` (root + podman, installed here when missing), both really build and honour the bind contract.
+marked `container` (root + podman, installed here when missing), both really build and honour the bind contract,
+and slurm/train.sbatch runs the OCI image with SFT_RUNTIME=podman on a real Slurm (also marked `slurm`, ~45 s).
 
     .venv/bin/python -m pytest tests/test_container.py -m "not container"   # recipe checks, about a second
     .venv/bin/python -m pytest tests/test_container.py                      # + builds: 4.5 min cold, 3 cached
@@ -21,6 +22,9 @@ from pathlib import Path
 import pytest
 
 from apt_packages import apt_install
+from conftest import tiny_lm_config
+from slurm_cluster import SlurmCluster, SlurmUnavailable
+from test_slurm import _loss_records, _outside_slurm, _wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "container"))
@@ -465,3 +469,62 @@ def test_apptainer_def_builds_tests_and_runs(def_image, bound_dirs):
     flags = [*bind_flags(bound_dirs), "--workdir", "/opt/sft"]
     sh(*defrun.run_args(def_image, "/.singularity.d/runscript", TRAIN_ARGS, flags))
     assert_run_recorded(bound_dirs, image, before)
+
+
+@pytest.fixture
+def slurm_cluster(tmp_path):
+    cluster = SlurmCluster(tmp_path / "slurm")
+    try:
+        cluster.start()
+    except SlurmUnavailable as error:
+        pytest.skip(f"no Slurm cluster: {error}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.container
+@pytest.mark.slurm
+def test_train_sbatch_runs_the_oci_image_with_podman_and_resumes_after_usr1(oci_image, slurm_cluster, tmp_path,
+                                                                             tiny_causal_lm, tiny_chat_data):
+    """SFT_RUNTIME=podman: train.sbatch runs the image the suite built, from a project directory with the default
+    binds (./data, ./runs, ./.cache); USR1 reaches sft through podman, which checkpoints and exits 75, the job
+    requeues and the second start resumes in a new container; the image's provenance (only inside the image) is in
+    the manifest. A GPU job asks podman for the CDI devices; a CPU job (--gres=none) asks for none."""
+    tag, _ = oci_image
+    project = tmp_path / "project"
+    for folder in ("configs", "data", "logs"):
+        (project / folder).mkdir(parents=True)
+    shutil.copytree(tiny_causal_lm, project / "models" / "tiny")
+    shutil.copy(tiny_chat_data, project / "data" / "chat.jsonl")
+    config = tiny_lm_config(Path("models/tiny"), Path("data/chat.jsonl"), Path("ignored"), max_steps=600)
+    (project / "configs" / "tiny.yaml").write_text(json.dumps(config))
+    before = tree(project)
+    env = {**_outside_slurm(), "SLURM_CONF": str(slurm_cluster.conf), "CONTAINERS_CONF": str(CONTAINERS_CONF),
+           "SFT_RUNTIME": "podman", "SFT_IMAGE": tag, "OMP_NUM_THREADS": "1"}
+    script = str(REPO / "slurm" / "train.sbatch")
+
+    job = slurm_cluster.sbatch("--cpus-per-task=1", "--gres=none", script, "configs/tiny.yaml", "output.name=podman",
+                               env=env, cwd=project)
+    run_dir = project / "runs" / "podman"
+    _wait_for(lambda: len(_loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster, timeout=180)
+    slurm_cluster.signal_batch(job, "USR1")
+    _wait_for(lambda: slurm_cluster.job(job)["Restarts"] == "1", f"job {job} requeued", slurm_cluster)
+    slurm_cluster.wait(job, timeout=240)
+    log = (project / "logs" / f"sft-{job}.out").read_text()
+    assert log.count("runtime: podman version") == 2 and f"image {tag}, " in log, log
+    assert "got SIGUSR1" in log and f"requeueing job {job}" in log
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["image"] == provenance(tag)
+    [restart] = manifest["restarts"]
+    assert restart["slurm_job"] == job and 10 <= restart["resumed_from_step"] < 600
+    assert [r["step"] for r in _loss_records(run_dir)] == list(range(1, 601))
+    # The project directory is read-only in the container: only the log, the run and the cache are new.
+    assert {name: digest for name, digest in tree(project).items()
+            if not name.startswith(("logs/", "runs/", ".cache/"))} == before
+
+    gpu_job = slurm_cluster.sbatch("--cpus-per-task=1", "--gres=gpu:1", script, "configs/tiny.yaml",
+                                   "output.name=podman-gpu", env=env, cwd=project)
+    slurm_cluster.wait(gpu_job, states=("FAILED",))
+    # The fake GPUs have no CDI specification: podman itself refuses the device it was asked for.
+    assert "nvidia.com/gpu=all" in (project / "logs" / f"sft-{gpu_job}.out").read_text()
+    assert not (project / "runs" / "podman-gpu").exists()

@@ -367,7 +367,7 @@ def test_cluster_guide_shows_every_runtime_the_scripts_take_and_the_gres_escape(
     """A newcomer without Apptainer follows docs/cluster.md only: each SFT_RUNTIME that slurm/common.sh accepts
     besides the default, and `--gres=none` for nodes without GPU gres, must be shown there."""
     setup = (REPO / "slurm" / "common.sh").read_text()
-    runtimes = re.search(r"use ([a-z, ]+) or ([a-z]+)\"", setup)
+    runtimes = re.search(r"use ([a-z, -]+) or ([a-z-]+)\"", setup)
     accepted = {*runtimes[1].split(", "), runtimes[2]} - {"auto", "apptainer"}
     guide = (REPO / "docs" / "cluster.md").read_text()
     missing = [f"SFT_RUNTIME={runtime}" for runtime in sorted(accepted) if f"SFT_RUNTIME={runtime}" not in guide]

@@ -530,6 +530,29 @@ def test_jupyter_sbatch_without_jupyter_says_how_to_get_it(tmp_path):
     assert "jupyter is not on PATH" in result.stderr and "pip install -r container/jupyter.lock" in result.stderr
 
 
+@pytest.mark.parametrize("script", ["train_multi.sbatch", "jupyter.sbatch"])
+def test_scripts_that_cannot_run_under_podman_refuse_it_in_one_line(tmp_path, script):
+    env = {**_outside_slurm(), "SLURM_JOB_ID": "7", "SFT_SLURM_DIR": str(SLURM_DIR), "SFT_RUNTIME": "podman",
+           "HOME": str(tmp_path)}
+    result = subprocess.run(["bash", str(SLURM_DIR / script), "c.yaml"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"sft: error: {script} does not run under SFT_RUNTIME=podman (")
+    assert list(tmp_path.iterdir()) == []  # refused before it creates runs/ or .cache/
+
+
+def test_podman_runtime_without_the_image_says_how_to_get_it(tmp_path):
+    if not shutil.which("podman"):
+        pytest.skip("podman is not installed")
+    (tmp_path / "c.yaml").touch()
+    env = {**_outside_slurm(), "SFT_RUNTIME": "podman", "SFT_IMAGE": "localhost/sft-missing:none"}
+    result = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), "c.yaml"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "image localhost/sft-missing:none is not in podman's image store" in result.stderr
+    assert "podman load -i build/sft-oci.tar" in result.stderr
+
+
 def test_runtime_none_without_sft_on_path_uses_the_venv_next_to_the_scripts(tmp_path):
     """A shell that never activated .venv (README: make demo, then sbatch) still gets its sft, torchrun and
     jupyter: before, jupyter.sbatch died with `jupyter: command not found`."""

@@ -22,7 +22,8 @@ from sft.data.batching import TokenBudgetBatches, TokenBudgetCollator, group_by_
 from sft.data.formats import (FULL_LENGTH, IGNORE_INDEX, SKIPPED_TURNS, TRAINABLE, TRAINED_TURNS, chat_format,
                               tokenize_batch, tokenize_classification, tokenize_instruction, tokenize_messages,
                               tokenize_prompt_completion, tokenize_text)
-from sft.data.sources import DataFile, Rows, concatenate, file_fingerprint, read_file, read_sql, source_items
+from sft.data.sources import (DataFile, Rows, check_source_exists, concatenate, file_fingerprint, read_file, read_sql,
+                              source_items)
 from sft.data.summary import int_column, summarize, summary_rows
 from sft.data.validation import (SHAREGPT_COLUMN, describe_format, detect_format, duplicate_free, eval_split_rows,
                                  format_columns, resolve_labels, row_problems, split_eval)
@@ -31,7 +32,7 @@ from sft.errors import UserError
 log = logging.getLogger("sft")
 
 __all__ = ["IGNORE_INDEX", "DataFile", "LoadedRows", "PreparedData", "Rows", "TokenBudgetBatches",
-           "TokenBudgetCollator", "group_by_tokens", "in_token_budget_batches", "load_rows", "prepare", "prepare_for_run", "read_source",
+           "TokenBudgetCollator", "check_sources_exist", "group_by_tokens", "in_token_budget_batches", "load_rows", "prepare", "prepare_for_run", "read_source",
            "split_eval", "summary_rows", "tokenize_classification", "tokenize_instruction", "tokenize_messages",
            "tokenize_prompt_completion", "tokenize_rows", "tokenize_text"]
 
@@ -73,6 +74,14 @@ class PreparedData:
 
 
 # Read
+
+def check_sources_exist(config: Config) -> None:
+    """Every configured data source exists, before `sft train` creates a run directory: a wrong path (or a host
+    DATA_PATH the container does not see) then leaves no failed run behind."""
+    for config_key, source in (("data.train", config.data.train), ("data.eval", config.data.eval)):
+        for item in source_items(source):
+            check_source_exists(item, config_key)
+
 
 def open_sources(config: Config, work_dir: Path) -> dict[str, list[Opened]]:
     opened = {}

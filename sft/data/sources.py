@@ -104,13 +104,28 @@ def source_items(source: Source | None) -> list[str | FileSource | SQLSource]:
     return list(source) if isinstance(source, list) else [source]
 
 
-def file_fingerprint(item: str | FileSource, config_key: str) -> DataFile:
+def existing_path(item: str | FileSource, config_key: str) -> Path:
+    """The file or save_to_disk folder a source names; a missing one is a one-line error naming the config key."""
     path = Path(item if isinstance(item, str) else item.path)
-    if path.is_dir():
-        return DataFile(str(path), _sha256_folder(path), -1)
-    if not path.is_file():
+    if not (path.is_file() or path.is_dir()):
         raise UserError(f"{config_key}: {path} does not exist (a relative path is looked up from {Path.cwd()}, "
                         f"then next to the config); check the path (and DATA_PATH in .env)")
+    return path
+
+
+def check_source_exists(item: str | FileSource | SQLSource, config_key: str) -> None:
+    """What can be checked without reading: the file, folder or SQLite database exists, the database URL is one sft
+    reads. Cheap, so `sft train` asks it before creating a run directory."""
+    if isinstance(item, SQLSource):
+        _database_url(item, config_key)
+    else:
+        existing_path(item, config_key)
+
+
+def file_fingerprint(item: str | FileSource, config_key: str) -> DataFile:
+    path = existing_path(item, config_key)
+    if path.is_dir():
+        return DataFile(str(path), _sha256_folder(path), -1)
     if path.suffix.lower() not in FILE_SUFFIXES:
         raise UserError(f"{config_key}: {path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)} "
                         f"or a datasets save_to_disk folder")
