@@ -3,7 +3,7 @@
     .venv/bin/python bench/dashboard_load.py        # needs chromium (tests/browser.py installs it when missing)
 
 50 synthetic runs under a temporary folder, each with 2,000 logged training steps and an evaluation every 100
-(longer curves are thinned to sft.dashboard.MAX_POINTS points per run anyway), a report.md and a config that
+(longer curves are thinned to sft.results.dashboard.MAX_POINTS points per run anyway), a report.md and a config that
 differs in the learning rate; then `sft runs DIR --html` is timed, and the page is opened in headless chromium:
 the time from navigation to the end of the load event (the table and both charts are drawn by then)."""
 import sys

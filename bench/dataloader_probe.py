@@ -26,8 +26,8 @@ def main() -> None:
 
     from sft import data
     from sft.config import load_config
-    from sft.model import load_tokenizer
-    from sft.training import make_collator
+    from sft.model.loading import load_tokenizer
+    from sft.training.trainer import make_collator
 
     with tempfile.TemporaryDirectory(prefix="sft-loader-") as work:
         folder = Path(work)

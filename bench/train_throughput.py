@@ -217,7 +217,7 @@ def trl_trainer(assets: Path, examples: list[dict], device: str, packing: bool):
 
 def sft_attention() -> str:
     from sft.config import Config
-    from sft.model import choose_attention
+    from sft.model.device import choose_attention
 
     config = Config.model_validate({"task": "causal_lm", "model": {"name": "m"}, "data": {"train": "t"}})
     return choose_attention(config)[0]
@@ -229,7 +229,7 @@ def train_sft(assets: Path, instrument, recipe: str) -> dict:
     Trainer sft builds; nothing else about the run changes."""
     import yaml
 
-    import sft.training
+    import sft.training.trainer
     from sft.config import load_config
 
     config_path = assets / "sft.yaml"
@@ -240,9 +240,9 @@ def train_sft(assets: Path, instrument, recipe: str) -> dict:
         "training": {"epochs": 1, "save_strategy": "no", "eval_strategy": "no", "logging_steps": 1000,
                      **{"sft_own_loss": {"chunked_loss": False}, "sft_compile": {"compile": True}}.get(recipe, {})},
         "output": {"dir": str(assets / "runs"), "name": recipe}}))
-    build_trainer = sft.training.build_trainer
-    sft.training.build_trainer = lambda *args, **kwargs: instrument(build_trainer(*args, **kwargs))
-    result = sft.training.run_training(load_config(config_path))
+    build_trainer = sft.training.trainer.build_trainer
+    sft.training.trainer.build_trainer = lambda *args, **kwargs: instrument(build_trainer(*args, **kwargs))
+    result = sft.training.trainer.run_training(load_config(config_path))
     return json.loads((result.run_dir / "manifest.json").read_text())
 
 

@@ -7,10 +7,10 @@ __version__ = "0.1.0"
 def train(config_path: str, **overrides: Any) -> "object":
     """Train from a YAML config, for notebooks: `train("configs/x.yaml", **{"training.epochs": 1})`.
 
-    Nested dicts work too (`training={"epochs": 1}`). Returns the finished run's summary (`sft.training.RunResult`).
+    Nested dicts work too (`training={"epochs": 1}`). Returns the finished run's summary (`sft.training.trainer.RunResult`).
     """
     from sft.config import load_config
-    from sft.training import run_training
+    from sft.training.trainer import run_training
 
     flat = _flatten(overrides)
     return run_training(load_config(config_path, overrides=flat), overrides=flat)
@@ -18,14 +18,14 @@ def train(config_path: str, **overrides: Any) -> "object":
 
 def load_run(path: str) -> "object":
     """A run directory for a notebook: `.config`, `.manifest`, `.metrics` (pandas DataFrame, one row per step)."""
-    from sft.notebook import load_run as load
+    from sft.results.notebook import load_run as load
 
     return load(path)
 
 
 def load_runs(output_dir: str = "runs") -> "object":
     """A pandas DataFrame with one row per run under OUTPUT_DIR: status, steps, results, differing config keys."""
-    from sft.notebook import load_runs as load
+    from sft.results.notebook import load_runs as load
 
     return load(output_dir)
 

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     # the user opts in with HF_HUB_OFFLINE=0 (e.g. on a login node).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from sft.hub import use_project_cache
+    from sft.model.hub import use_project_cache
 
     use_project_cache()
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sft: error: {one_line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as stop:
-        # Set once the run directory exists (sft.training.Interrupted); before that there is nothing to resume.
+        # Set once the run directory exists (sft.training.trainer.Interrupted); before that there is nothing to resume.
         resume = getattr(stop, "resume_command", None)
         if not resume:
             print("sft: interrupted before the run started", file=sys.stderr)
@@ -206,11 +206,11 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     import signal
 
+    from sft.check.preflight import check_settings
+    from sft.cli_output import print_summary
     from sft.config import load_config
-    from sft.preflight import check_settings
-    from sft.report import print_summary
-    from sft.rundir import RunAlreadyFinished
-    from sft.training import Preempted, run_training
+    from sft.run.directory import RunAlreadyFinished
+    from sft.training.trainer import Preempted, run_training
 
     if args.from_checkpoint and args.overwrite:
         raise UserError("--from-checkpoint restarts a run, --overwrite replaces it; pass one of them")
@@ -241,10 +241,10 @@ def _check(args) -> int:
     import tempfile
     from pathlib import Path
 
+    from sft.check.memory import parse_memory, print_preflight, visible_gpu_memory
+    from sft.check.preflight import run_checks
+    from sft.cli_output import print_check
     from sft.config import load_config
-    from sft.estimate import parse_memory, print_preflight, visible_gpu_memory
-    from sft.preflight import run_checks
-    from sft.report import print_check
 
     config = load_config(args.config, args.overrides, args.env_file)
     gpu_bytes = parse_memory(args.gpu_mem) if args.gpu_mem else visible_gpu_memory()
@@ -260,10 +260,10 @@ def _check(args) -> int:
 
 def _prepare(args) -> int:
     """Tokenize into the cache with the tokenizer only (no weights, no GPU), e.g. on a CPU node before the GPU job."""
+    from sft.cli_output import print_prepare
     from sft.config import load_config
     from sft.data import prepare
-    from sft.model import load_tokenizer
-    from sft.report import print_prepare
+    from sft.model.loading import load_tokenizer
 
     config = load_config(args.config, args.overrides, args.env_file)
     print_prepare(config, prepare(config, lambda: load_tokenizer(config)))
@@ -271,7 +271,7 @@ def _prepare(args) -> int:
 
 
 def _info(args) -> int:
-    from sft.report import print_info
+    from sft.cli_output import print_info
 
     print_info()
     return 0
@@ -279,7 +279,7 @@ def _info(args) -> int:
 
 def _fetch(args) -> int:
     from sft.config import load_env_file
-    from sft.hub import fetch
+    from sft.model.hub import fetch
 
     load_env_file(args.env_file)  # HF_TOKEN (and HF_HOME) as train reads them, before huggingface_hub is imported
     print(f"sft: {args.model} is in the cache: {fetch(args.model, args.revision)}")
@@ -287,7 +287,7 @@ def _fetch(args) -> int:
 
 
 def _predict(args) -> int:
-    from sft.predict import predict
+    from sft.results.predict import predict
 
     count = predict(args.run_dir, args.input, args.output, args.batch_size, args.max_new_tokens)
     if args.output:
@@ -296,7 +296,7 @@ def _predict(args) -> int:
 
 
 def _export(args) -> int:
-    from sft.export import export
+    from sft.results.export import export
 
     print(f"sft: exported to {export(args.run_dir, args.merge, args.to)}")
     return 0
@@ -305,7 +305,7 @@ def _export(args) -> int:
 def _runs(args) -> int:
     from datetime import datetime
 
-    from sft.runs import format_runs, list_runs
+    from sft.run.listing import format_runs, list_runs
 
     runs = list_runs(args.output_dir)
     print(format_runs(runs, datetime.now().astimezone()) if runs else f"sft: no runs in {args.output_dir}")
@@ -313,14 +313,14 @@ def _runs(args) -> int:
         for problem in run.problems:
             print(f"sft: {run.name}: {problem}", file=sys.stderr)
     if args.html:
-        from sft.dashboard import write_dashboard
+        from sft.results.dashboard import write_dashboard
 
         print(f"sft: wrote {write_dashboard(args.output_dir, args.html)}")
     return 0
 
 
 def _clean(args) -> int:
-    from sft.clean import clean
+    from sft.run.clean import clean
 
     result = clean(args.run_dir, args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
@@ -340,14 +340,14 @@ def _size(count: int) -> str:
 
 
 def _report(args) -> int:
-    from sft.run_report import write_report
+    from sft.run.report import write_report
 
     print(f"sft: wrote {write_report(args.run_dir)}")
     return 0
 
 
 def _diff(args) -> int:
-    from sft.diff import diff
+    from sft.results.diff import diff
 
     text, identical = diff(args.run_a, args.run_b)
     print(text)
@@ -355,8 +355,8 @@ def _diff(args) -> int:
 
 
 def _reproduce(args) -> int:
-    from sft.reproduce import reproduce
-    from sft.training import Preempted
+    from sft.results.reproduce import reproduce
+    from sft.training.trainer import Preempted
 
     try:
         text, identical = reproduce(args.run_dir, args.name, args.env_file)
@@ -374,7 +374,7 @@ def _reproduce(args) -> int:
 def _kernel(args) -> int:
     import shlex
 
-    from sft.kernel import install
+    from sft.results.kernel import install
 
     folder, argv = install(args.image, args.name, args.display_name, args.prefix)
     print(f"sft: installed kernel {folder.name} in {folder}: {shlex.join(argv)}")

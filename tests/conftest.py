@@ -151,7 +151,7 @@ def finished_runs(tiny_causal_lm, tiny_chat_data, tmp_path_factory) -> dict[tupl
     import yaml
 
     from sft.config import load_config
-    from sft.training import run_training
+    from sft.training.trainer import run_training
 
     folder = tmp_path_factory.mktemp("finished-runs")
     classes = write_jsonl(folder / "classes.jsonl", [{"text": f"add {a} and {b}", "label": SIZES[min((a + b) // 3, 2)]}
@@ -176,7 +176,7 @@ SIZES = ["small", "big", "huge"]  # the classifier's labels in finished_runs (so
 RUN_OWNER = """
 import sys, time
 from pathlib import Path
-from sft.rundir import take_over
+from sft.run.directory import take_over
 
 run = take_over(Path(sys.argv[1]))
 print("owner", flush=True)

@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL server for the database-source tests: install, initdb, start on a private port, stop.
 
-Used by the `postgres` fixture in tests/test_data_postgres.py; also runnable by hand for debugging:
+Used by the `postgres` fixture in tests/data/test_sources_postgres.py; also runnable by hand for debugging:
 
     python tests/postgres_server.py      # starts a server, prints its URL; Ctrl-C stops it
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 from conftest import REPO, write_jsonl
+
 from sft.cli import main
 
 ROWS = [{"text": f"review {i}", "label": "pos" if i % 2 else "neg"} for i in range(10)]
@@ -95,7 +96,6 @@ def test_a_full_training_run_needs_no_network(tiny_causal_lm, tiny_chat_data, tm
     import os
 
     import yaml
-
     from conftest import tiny_lm_config
 
     config = tmp_path / "c.yaml"
@@ -113,7 +113,7 @@ def test_a_full_training_run_needs_no_network(tiny_causal_lm, tiny_chat_data, tm
 
 
 def test_ctrl_c_prints_the_resume_command_once_a_run_exists(capsys, monkeypatch):
-    from sft.training import Interrupted
+    from sft.training.trainer import Interrupted
 
     def interrupt(error):
         def train(args):

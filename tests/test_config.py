@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from sft.config import load_config, resolved_yaml
 from sft.errors import UserError
+from sft.run.directory import run_config
 from sft.secrets import mask
-from sft.trained import run_config
 
 MINIMAL = {"task": "classification", "model": {"name": "some/model"}, "data": {"train": "train.jsonl"}}
 

@@ -137,7 +137,7 @@ def test_the_configured_timeout_reaches_the_process_group(tiny_causal_lm, tiny_c
     probe.write_text(
         "import sys, torch, torch.distributed as dist\n"
         "from sft.config import load_config\n"
-        "from sft.training import start_processes\n"
+        "from sft.training.trainer import start_processes\n"
         "state = start_processes(load_config(sys.argv[1], sys.argv[2:]))\n"
         "backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu'))\n"
         # A file per rank: the ranks share one stdout, where their lines can interleave mid-line.

@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_lm_config
+
 from sft.errors import EXIT_USER_ERROR
 
 
@@ -23,9 +23,9 @@ def train_cli(config_path: Path, capsys, *args: str) -> tuple[int, str]:
 
 
 def complete_checkpoints(run_dir: Path) -> list[str]:
-    from sft import rundir
+    from sft.run import checkpoints
 
-    return [path.name for path in rundir.complete_checkpoints(run_dir / "checkpoints")]
+    return [path.name for path in checkpoints.complete_checkpoints(run_dir / "checkpoints")]
 
 
 def manifest(run_dir: Path) -> dict:
@@ -129,7 +129,7 @@ def test_the_weight_check_names_each_non_finite_trained_parameter(bad):
     not looked at: an update never changes it."""
     import torch
 
-    from sft.callbacks import non_finite_parameters
+    from sft.training.callbacks import non_finite_parameters
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     with torch.no_grad():
@@ -149,10 +149,10 @@ def test_a_restart_from_a_chosen_checkpoint_moves_later_ones_aside_and_may_lower
     learning rate, in Slurm job 77: checkpoint-4 is moved aside (not deleted), the rate logged from step 3 on is
     half the uninterrupted run's at each step, and the manifest records the restart as no longer exact. Preempted
     in step 5, the requeued job 77 (same arguments) resumes from checkpoint-5, not from checkpoint-2 again."""
+    from test_trainer import signal_in_step
     from transformers import Trainer
 
-    from sft.training import Preempted
-    from test_training import signal_in_step
+    from sft.training.trainer import Preempted
 
     def config(name: str) -> Path:
         settings = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=6, save_steps=2,
@@ -206,8 +206,8 @@ def test_a_resumed_run_names_the_steps_since_it_resumed(tmp_path):
     """Resumed from checkpoint-3, a nan first logged at step 6 covers steps 4-6, not steps since the first start."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from sft.callbacks import NonFiniteLossCallback
     from sft.errors import UserError
+    from sft.training.callbacks import NonFiniteLossCallback
 
     callback, args = NonFiniteLossCallback(), TrainingArguments(output_dir=str(tmp_path), report_to="none")
     state, control = TrainerState(global_step=3), TrainerControl()
@@ -266,20 +266,20 @@ def test_the_final_model_is_written_aside_marked_complete_then_moved(tiny_causal
                                                                      write_config, monkeypatch):
     """Watched at the moment it moves: complete in its temporary folder, final/ not there yet; and what a killed
     attempt left (a half-written temporary folder, an older final/) is replaced."""
-    from sft import rundir
     from sft.config import load_config
-    from sft.training import run_training
+    from sft.run import checkpoints
+    from sft.training.trainer import run_training
 
     run_dir = tmp_path / "runs" / "tiny"
     seen = {}
-    publish_final = rundir.publish_final
+    publish_final = checkpoints.publish_final
 
     def watch(partial: Path) -> Path:
         seen.update(partial=partial.name, files=sorted(p.name for p in partial.iterdir()),
                     final_exists=(run_dir / "final").exists())
         return publish_final(partial)
 
-    monkeypatch.setattr(rundir, "publish_final", watch)
+    monkeypatch.setattr("sft.training.trainer.publish_final", watch)
     config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=2))
     run_training(load_config(config_path))
     assert seen["partial"] == ".final.partial" and not seen["final_exists"]

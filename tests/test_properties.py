@@ -10,13 +10,12 @@ from unittest import mock
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
-
 from conftest import REPO
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+
+from sft.check.preflight import settings_problems
 from sft.config import Config, load_config
 from sft.errors import UserError
-from sft.preflight import settings_problems
 
 SETTINGS = settings(derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SECTION_KEYS = {name: list(field.annotation.model_fields) for name, field in Config.model_fields.items()
@@ -208,8 +207,8 @@ def run_configs(draw, model: Path, chat_data: Path, label_data: Path, output: Pa
 
 
 def check_agrees_with_train(data, model: Path, chat_data: Path) -> None:
-    from sft.preflight import run_checks
-    from sft.training import run_training
+    from sft.check.preflight import run_checks
+    from sft.training.trainer import run_training
 
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -226,7 +225,7 @@ def check_agrees_with_train(data, model: Path, chat_data: Path) -> None:
             return
         # Any exception fails the test: check accepted what train cannot run. report.md and its plots (half of a
         # tiny run's time) are written after training, and are not what this test is about.
-        with mock.patch("sft.training.write_report_of"):
+        with mock.patch("sft.training.trainer.write_report_of"):
             result = run_training(config)
     assert result.metrics["steps"] == 1, result.metrics
     event("trained one step")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import CHAT_ROWS, REPO, tiny_lm_config, write_jsonl
+
 from sft.config import load_config
 from sft.errors import UserError
 
@@ -45,7 +45,7 @@ def model_with_its_own_code(tiny_causal_lm: Path, folder: Path, marker: Path) ->
 
 def test_model_code_runs_only_when_trust_remote_code_is_set(tiny_causal_lm, tiny_chat_data, tmp_path, write_config,
                                                             monkeypatch):
-    from sft.model import load_model, load_tokenizer
+    from sft.model.loading import load_model, load_tokenizer
 
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     marker = tmp_path / "marker"
@@ -68,7 +68,7 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_causal_lm, tiny_chat_dat
     import torch
     from safetensors.torch import load_file
 
-    from sft.model import load_model
+    from sft.model.loading import load_model
 
     model = tmp_path / "model"
     shutil.copytree(tiny_causal_lm, model)
@@ -98,7 +98,7 @@ def test_resume_reads_checkpoints_with_the_tensors_only_unpickler(tiny_causal_lm
     directory, and read back on resume only with weights_only=True (tensors and plain types, no code)."""
     import torch
 
-    from sft.training import run_training
+    from sft.training.trainer import run_training
 
     config_path = write_config(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=2,
                                               save_steps=2))

@@ -278,7 +278,7 @@ def prepare(config: Config, get_tokenizer: Callable[[], Any]) -> PreparedData:
     for (`get_tokenizer()`) only to build, or to download a hub tokenizer the key needs the files of."""
     from filelock import Timeout
 
-    from sft.hub import local_model_folder
+    from sft.model.hub import local_model_folder
 
     root = cache.cache_root(config)
     try:

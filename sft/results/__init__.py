@@ -1,0 +1,1 @@
+"""Using finished runs: predict, export, compare, reproduce, dashboards and notebooks."""
