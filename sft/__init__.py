@@ -1,7 +1,9 @@
 """sft — supervised fine-tuning on HPC clusters: one YAML config in, one inspectable run directory out."""
 from typing import Any
 
-__version__ = "0.1.0"
+from sft.version import __version__
+
+__all__ = ["__version__", "train", "load_run", "load_runs"]
 
 
 def train(config_path: str, **overrides: Any) -> "object":

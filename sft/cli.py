@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_reproducibility_commands(commands) -> None:
-    """diff, reproduce (sft.diff, sft.reproduce)."""
+    """diff, reproduce (sft.results.diff, sft.results.reproduce)."""
     diff = commands.add_parser("diff", help="compare two run directories: inputs, environment, outcome, verdict",
                                description="Compare two run directories (finished, failed, preempted or copied from "
                                            "another machine: data hashes decide, not paths). Exit code 0 only when "
@@ -114,7 +114,8 @@ RUN_STATUSES = """statuses:
 
 
 def _add_tool_commands(commands) -> None:
-    """predict, export, runs, clean: what to do with run directories (sft.predict, sft.export, sft.runs, sft.clean)."""
+    """predict, export, runs, clean: what to do with run directories (sft.results.predict, sft.results.export,
+    sft.run.listing, sft.run.clean)."""
     def add(name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text, description=text, epilog=epilog,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)

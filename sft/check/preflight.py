@@ -78,7 +78,7 @@ def model_limit_problems(config: Config, model_config: dict) -> list[str]:
 
 def check_settings(config: Config) -> None:
     """For `sft train`: fail in seconds, before the processes start and a run directory exists, instead of inside
-    Trainer (sft.training checks Trainer's own arguments once the processes have started)."""
+    Trainer (sft.training.trainer checks Trainer's own arguments once the processes have started)."""
     from sft.model.estimate import read_model_config
 
     problems = settings_problems(config)

@@ -19,11 +19,11 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-import sft
 from sft.config import Config
 from sft.data.sources import DataFile
 from sft.errors import UserError
 from sft.files import follow_umask, write_text_atomic
+from sft.version import __version__
 
 log = logging.getLogger("sft")
 INFO = "info.json"
@@ -54,7 +54,7 @@ def cache_key(config: Config, sources: dict[str, list[DataFile]], tokenizer_fold
         isinstance(item, dict) and (item.get("max_rows") or item.get("fraction"))
         for section in ("train", "eval") for item in data.get(section) or [])
     libraries = {name: metadata.version(name) for name in ("transformers", "tokenizers")}
-    settings = {"sft": sft.__version__, "task": config.task, "num_labels": config.model.num_labels, "data": data,
+    settings = {"sft": __version__, "task": config.task, "num_labels": config.model.num_labels, "data": data,
                 "seed": config.training.seed if picks_rows else None, "libraries": libraries,
                 "tokenizer": tokenizer_digest(tokenizer_folder)}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]

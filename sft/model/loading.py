@@ -1,4 +1,5 @@
-"""Model stage: load tokenizer and model (from where sft.hub says the weights live), wrap in LoRA when asked."""
+"""Loading: tokenizer and model from where sft.model.hub says the files live, with the safetensors, remote-code
+and offline rules every loader follows (training, predict, export), wrapped in LoRA when asked."""
 import logging
 from contextlib import contextmanager
 from pathlib import Path

@@ -10,10 +10,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import sft
 from sft.files import read_json, write_json_atomic
 from sft.model.hub import hub_home
 from sft.secrets import mask_values
+from sft.version import __version__
 
 MANIFEST = "manifest.json"
 
@@ -24,7 +24,7 @@ SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_ARRAY_JOB_ID", "SLUR
 
 
 def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version(), "sft": sft.__version__}
+    versions: dict[str, str | None] = {"python": platform.python_version(), "sft": __version__}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -120,7 +120,7 @@ def start_manifest(run_dir: Path, config, resume_step: int | None, changed_setti
                                      **({"changed_settings": changed_settings} if changed_settings else {})})
         manifest["status"] = "running"
     else:
-        manifest = {"sft_version": sft.__version__, "name": run_dir.name, "name_template": config.output.name,
+        manifest = {"sft_version": __version__, "name": run_dir.name, "name_template": config.output.name,
                     "config_file": str(config.config_path), "status": "running", "started": start["time"],
                     "finished": None, "seed": config.training.seed, "slurm_job": start["slurm_job"],
                     "slurm": start["slurm"], "host": start["host"], "platform": start["platform"],

@@ -7,7 +7,7 @@ from pathlib import Path
 from sft.files import plain_file_mode, write_json_atomic
 
 PLOTS = "plots"
-THROUGHPUT_KEY = "real_tokens_per_s"  # added to each training log line by sft.throughput
+THROUGHPUT_KEY = "real_tokens_per_s"  # added to each training log line by sft.training.throughput
 
 
 def write_plots(run_dir: Path, records: list[dict], eval_metrics: dict | None) -> dict[str, Path]:

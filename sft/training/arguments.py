@@ -68,7 +68,7 @@ def training_arguments(config: Config, output_dir: Path, gpu: bool | None = None
         torch_compile=t.compile,
         report_to="none",
         remove_unused_columns=False,
-        disable_tqdm=True,  # sft.progress draws the bar on a terminal
+        disable_tqdm=True,  # sft.training.progress draws the bar on a terminal
         use_cpu=not on_gpu,
         # Loading a batch is under 1% of a GPU step (measured, docs/performance.md): workers would overlap almost
         # nothing and cost a process each.

@@ -1,5 +1,6 @@
-"""Training progress on a terminal: a rich progress bar with step, epoch, loss, real tokens/s and ETA. Only on a
-TTY: Slurm output files get the plain timestamped log line of each logging step instead."""
+"""What a terminal shows while training: the settings table as training starts, then a rich progress bar with
+step, epoch, loss, real tokens/s and ETA. The bar only on a TTY: Slurm output files get the plain timestamped log
+line of each logging step instead."""
 import sys
 
 from rich.table import Table

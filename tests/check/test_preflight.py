@@ -1,4 +1,4 @@
-"""Checks before the queue: each problem sft.preflight reports is one that transformers, peft or the disk really
+"""Checks before the queue: each problem sft.check.preflight reports is one that transformers, peft or the disk really
 would hit after the job starts, and the estimates it makes agree with the real thing."""
 import json
 import shutil
