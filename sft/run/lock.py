@@ -42,7 +42,7 @@ def acquire(path: Path) -> IO:
     """Open and flock PATH/run.lock without writing anything, or raise UserError naming the live owner."""
     lock_path = path / LOCK
     lock = lock_path.open("a+")
-    held_elsewhere = _try_flock(lock)
+    held_elsewhere = _try_flock(lock, fcntl.LOCK_EX)
     owner = _read_owner(lock_path)
     if _owner_running(owner, held_elsewhere):
         lock.close()
@@ -63,20 +63,15 @@ def owner_running(path: Path) -> bool:
     except FileNotFoundError:
         return False
     with probe:
-        try:
-            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            held_elsewhere: bool | None = False
-        except BlockingIOError:
-            held_elsewhere = True
-        except OSError:  # no flock on this filesystem: the owner's pid decides, as in acquire
-            held_elsewhere = None
+        held_elsewhere = _try_flock(probe, fcntl.LOCK_SH)
     return _owner_running(_read_owner(lock_path), held_elsewhere)
 
 
-def _try_flock(lock: IO) -> bool | None:
-    """False when this process now holds the flock, True when another one does, None when flock is unsupported."""
+def _try_flock(lock: IO, mode: int) -> bool | None:
+    """False when this process now holds the flock (LOCK_EX or LOCK_SH), True when another one holds it, None when
+    flock is unsupported (then the owner's pid decides)."""
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock, mode | fcntl.LOCK_NB)
         return False
     except BlockingIOError:
         return True
@@ -87,7 +82,7 @@ def _try_flock(lock: IO) -> bool | None:
 def _fresh_lock(lock_path: Path) -> IO:
     temporary = lock_path.with_name(f".{LOCK}.{os.getpid()}")
     lock = temporary.open("a+")
-    _try_flock(lock)  # a new file nobody else has opened: the flock is ours (or the filesystem has none)
+    _try_flock(lock, fcntl.LOCK_EX)  # a new file nobody else has opened: the flock is ours (or there is no flock)
     os.replace(temporary, lock_path)
     return lock
 
