@@ -9,7 +9,8 @@ __all__ = ["__version__", "train", "load_run", "load_runs"]
 def train(config_path: str, **overrides: Any) -> "object":
     """Train from a YAML config, for notebooks: `train("configs/x.yaml", **{"training.epochs": 1})`.
 
-    Nested dicts work too (`training={"epochs": 1}`). Returns the finished run's summary (`sft.training.trainer.RunResult`).
+    Nested dicts work too (`training={"epochs": 1}`). Returns the finished run's summary
+    (`sft.training.trainer.RunResult`).
     """
     from sft.config import load_config
     from sft.training.trainer import run_training

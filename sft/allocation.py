@@ -1,7 +1,8 @@
 """When this session's allocation ends: SFT_JOB_END (the sbatch scripts read the job's end time with squeue on the
 host and pass it into the container, which has no squeue; on other schedulers set it yourself), training.stop_at,
 or squeue itself where sft runs in a Slurm allocation without the scripts (an interactive srun). The earliest wins.
-Read by the wall-time guard (sft/training/walltime.py); no heavy imports, as sft.config checks training.stop_at with it."""
+Read by the wall-time guard (sft/training/walltime.py); no heavy imports, as sft.config checks training.stop_at
+with it."""
 import logging
 import os
 import re

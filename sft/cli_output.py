@@ -17,7 +17,8 @@ def print_summary(result) -> None:
 
 
 def print_check(config: Config, loaded, checked: list[tuple[str, str]] = ()) -> None:
-    """`sft check`: the data summary without tokens (no torch: it answers in seconds), and what sft.check.preflight found."""
+    """`sft check`: the data summary without tokens (no torch: it answers in seconds), and what sft.check.preflight
+    found."""
     from sft.data.summary import rows_summary, summary_rows
 
     table = Table(title=f"sft check: {config.config_path}", show_header=False)

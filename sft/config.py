@@ -251,8 +251,8 @@ class TrainingConfig(Section):
         "auto", description="causal_lm: compute the loss and its gradients from the last hidden states a chunk of "
                             "tokens at a time, so the tokens x vocabulary logits are never held whole (about half "
                             "the peak memory at a 152k vocabulary). auto: on for the architectures checked against "
-                            "the model's own loss (sft/model/loss.py: llama, mistral, qwen2, qwen3, phi3, olmo2, smollm3), "
-                            "off under training.fsdp.")
+                            "the model's own loss (sft/model/loss.py: llama, mistral, qwen2, qwen3, phi3, olmo2, "
+                            "smollm3), off under training.fsdp.")
     compile: bool = Field(False, description="torch.compile the model (Trainer's torch_compile: Inductor; batch shapes "
                                              "become dynamic after the first recompile). Compiling takes tens of "
                                              "seconds at the start of every session, resumes included; docs/"

@@ -168,7 +168,8 @@ def what_fits(config: Config, shape: ModelShape, tokens: int, gpu_bytes: float,
 
 
 def uses_chunked_loss(config: Config, model_config: dict) -> bool:
-    """Whether training.chunked_loss will be on for this model (sft/model/loss.py decides the same way at train time)."""
+    """Whether training.chunked_loss will be on for this model (sft/model/loss.py decides the same way at train
+    time)."""
     from sft.model.loss import off_reason
 
     return off_reason(config, model_config.get("model_type", "")) is None

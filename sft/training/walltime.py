@@ -1,8 +1,9 @@
 """Wall-time guard: measure what a stop costs (a step, a checkpoint save) and, while one more step and a save still
 fit before the allocation ends (sft/allocation.py), checkpoint and stop for a requeue, with no signal needed.
 
-The stop goes through the signal path (sft.training.callbacks.PreemptionCallback): the guard raises the same flag a SIGUSR1
-would, so the ranks agree on the step, and the checkpoint, manifest and exit code 75 are exactly those of a signal."""
+The stop goes through the signal path (sft.training.callbacks.PreemptionCallback): the guard raises the same flag a
+SIGUSR1 would, so the ranks agree on the step, and the checkpoint, manifest and exit code 75 are exactly those of a
+signal."""
 import logging
 import time
 from collections import deque

@@ -254,7 +254,8 @@ def test_too_little_disk_for_the_checkpoints_is_reported_before_the_queue(tmp_pa
     _, lines, _ = run_checks(config_of(config), tmp_path / "work")
     assert dict(lines)["output space"].startswith("about 0.91 GB needed (3 checkpoint(s) of 0.27 GB for 22,713,728")
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("sft.check.preflight.shutil.disk_usage", lambda path: usage(10**12, 10**12 - 5 * 10**8, 5 * 10**8))
+    monkeypatch.setattr("sft.check.preflight.shutil.disk_usage",
+                        lambda path: usage(10**12, 10**12 - 5 * 10**8, 5 * 10**8))
     message = check_error(config, tmp_path)
     assert message.startswith(f"output.dir: {tmp_path} has 0.5 GB free, but the run needs about 0.9 GB")
     assert "lower training.save_total_limit" in message

@@ -279,7 +279,8 @@ def test_a_run_trained_with_flex_attention_predicts_with_sdpa(finished_runs, tmp
     config["model"]["attn_implementation"] = "flex_attention"
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     loaded = []
-    monkeypatch.setattr(sft.results.predict, "load_model", lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(sft.results.predict, "load_model",
+                        lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1])
     predict(str(run_dir), str(write_jsonl(tmp_path / "p.jsonl", CHAT_ROWS[:2])), str(tmp_path / "o.jsonl"), 2, 3)
     assert loaded[0].config._attn_implementation == "sdpa"
     assert len(read_jsonl(tmp_path / "o.jsonl")) == 2

@@ -667,7 +667,8 @@ def test_a_signal_at_any_step_keeps_every_evaluation(evaluated_each_epoch, monke
         with pytest.raises(Preempted):
             run_training(load_config(config_path))
         assert json.loads((run_dir / "manifest.json").read_text())["status"] == "preempted"
-        assert [p.name for p in run_checkpoints.complete_checkpoints(run_dir / "checkpoints")][-1] == f"checkpoint-{step}"
+        complete = run_checkpoints.complete_checkpoints(run_dir / "checkpoints")
+        assert [p.name for p in complete][-1] == f"checkpoint-{step}"
         monkeypatch.undo()
         run_training(load_config(config_path))  # the requeued job
     else:
