@@ -211,3 +211,17 @@ def run_owner(owner_processes):
     """run_owner(run_dir): a live process (outside any Slurm job) that owns the run directory until the test ends."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     return lambda run_dir: owner_processes(RUN_OWNER, str(run_dir), env=env)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node Slurm cluster (tests/slurm_cluster.py) for one test file; skips where it cannot start."""
+    from slurm_cluster import SlurmCluster, SlurmUnavailable
+
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmUnavailable as error:
+        pytest.skip(f"no Slurm cluster: {error}")
+    yield cluster
+    cluster.stop()

@@ -12,6 +12,7 @@ Facts about Debian 12's slurm-wlm 22.05 on a machine without systemd, which the 
 """
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -255,6 +256,28 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def _squeue_ids(self) -> list[str]:
         result = subprocess.run(["squeue", "--noheader", "--format=%i"], env=self.env, capture_output=True, text=True)
         return result.stdout.split()
+
+
+def outside_slurm() -> dict[str, str]:
+    """This environment without any SLURM_* variables, as if on a login node (tests may run inside a job)."""
+    return {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+
+
+def loss_records(run_dir: Path) -> list[dict]:
+    """The training-loss lines a job's run has logged so far (metrics.jsonl)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [record for line in path.read_text().splitlines() if "loss" in (record := json.loads(line))]
+
+
+def wait_for(condition, what: str, cluster: SlurmCluster, timeout: float = 120) -> None:
+    """Poll CONDITION until it holds; on timeout fail with the cluster's logs."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what} after {timeout} s\n{cluster.logs_tail()}")
+        time.sleep(0.1)
 
 
 def _parse_record(line: str) -> dict[str, str]:

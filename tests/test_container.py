@@ -23,8 +23,7 @@ import pytest
 
 from apt_packages import apt_install
 from conftest import tiny_lm_config
-from slurm_cluster import SlurmCluster, SlurmUnavailable
-from test_slurm import _loss_records, _outside_slurm, _wait_for
+from slurm_cluster import loss_records, outside_slurm, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "container"))
@@ -471,17 +470,6 @@ def test_apptainer_def_builds_tests_and_runs(def_image, bound_dirs):
     assert_run_recorded(bound_dirs, image, before)
 
 
-@pytest.fixture
-def slurm_cluster(tmp_path):
-    cluster = SlurmCluster(tmp_path / "slurm")
-    try:
-        cluster.start()
-    except SlurmUnavailable as error:
-        pytest.skip(f"no Slurm cluster: {error}")
-    yield cluster
-    cluster.stop()
-
-
 @pytest.mark.container
 @pytest.mark.slurm
 def test_train_sbatch_runs_the_oci_image_with_podman_and_resumes_after_usr1(oci_image, slurm_cluster, tmp_path,
@@ -499,16 +487,16 @@ def test_train_sbatch_runs_the_oci_image_with_podman_and_resumes_after_usr1(oci_
     config = tiny_lm_config(Path("models/tiny"), Path("data/chat.jsonl"), Path("ignored"), max_steps=600)
     (project / "configs" / "tiny.yaml").write_text(json.dumps(config))
     before = tree(project)
-    env = {**_outside_slurm(), "SLURM_CONF": str(slurm_cluster.conf), "CONTAINERS_CONF": str(CONTAINERS_CONF),
+    env = {**outside_slurm(), "SLURM_CONF": str(slurm_cluster.conf), "CONTAINERS_CONF": str(CONTAINERS_CONF),
            "SFT_RUNTIME": "podman", "SFT_IMAGE": tag, "OMP_NUM_THREADS": "1"}
     script = str(REPO / "slurm" / "train.sbatch")
 
     job = slurm_cluster.sbatch("--cpus-per-task=1", "--gres=none", script, "configs/tiny.yaml", "output.name=podman",
                                env=env, cwd=project)
     run_dir = project / "runs" / "podman"
-    _wait_for(lambda: len(_loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster, timeout=180)
+    wait_for(lambda: len(loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster, timeout=180)
     slurm_cluster.signal_batch(job, "USR1")
-    _wait_for(lambda: slurm_cluster.job(job)["Restarts"] == "1", f"job {job} requeued", slurm_cluster)
+    wait_for(lambda: slurm_cluster.job(job)["Restarts"] == "1", f"job {job} requeued", slurm_cluster)
     slurm_cluster.wait(job, timeout=240)
     log = (project / "logs" / f"sft-{job}.out").read_text()
     assert log.count("runtime: podman version") == 2 and f"image {tag}, " in log, log
@@ -517,7 +505,7 @@ def test_train_sbatch_runs_the_oci_image_with_podman_and_resumes_after_usr1(oci_
     assert manifest["status"] == "finished" and manifest["image"] == provenance(tag)
     [restart] = manifest["restarts"]
     assert restart["slurm_job"] == job and 10 <= restart["resumed_from_step"] < 600
-    assert [r["step"] for r in _loss_records(run_dir)] == list(range(1, 601))
+    assert [r["step"] for r in loss_records(run_dir)] == list(range(1, 601))
     # The project directory is read-only in the container: only the log, the run and the cache are new.
     assert {name: digest for name, digest in tree(project).items()
             if not name.startswith(("logs/", "runs/", ".cache/"))} == before

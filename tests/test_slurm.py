@@ -31,7 +31,7 @@ import pytest
 
 from apt_packages import apt_install
 from conftest import REPO, tiny_lm_config
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+from slurm_cluster import loss_records, outside_slurm, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -47,17 +47,6 @@ ONE_NODE_TWO_TASKS = ("--nodes=1", "--ntasks-per-node=2", "--gres=gpu:1")
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except SlurmUnavailable as error:
-        pytest.skip(f"no Slurm cluster: {error}")
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """The directory jobs are submitted from (their logs/ and runs/ land here)."""
     path = tmp_path_factory.mktemp("submit")
@@ -68,7 +57,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def job_env(slurm_cluster, workdir) -> dict[str, str]:
     """Environment sbatch exports to the jobs: this venv's sft/torchrun, no container, offline, 1 thread."""
-    return {**_outside_slurm(), "SLURM_CONF": str(slurm_cluster.conf),
+    return {**outside_slurm(), "SLURM_CONF": str(slurm_cluster.conf),
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
             "SFT_RUNTIME": "none", "SFT_OUTPUT_DIR": str(workdir / "runs"), "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -103,7 +92,7 @@ def test_train_sbatch_completes_a_run_with_provenance_and_total_time(uninterrupt
     assert "total time" in lines[-1] and lines[-1].endswith("exit 0")
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["slurm_job"] == job and manifest["restarts"] == []
-    assert [r["step"] for r in _loss_records(run_dir)] == list(range(1, PREEMPT_STEPS + 1))
+    assert [r["step"] for r in loss_records(run_dir)] == list(range(1, PREEMPT_STEPS + 1))
     assert (run_dir / "final" / "model.safetensors").is_file()
 
 
@@ -112,13 +101,13 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, workdir, j
     job = slurm_cluster.sbatch(*SMALL, str(SLURM_DIR / "train.sbatch"), str(lm_config),
                                f"training.max_steps={PREEMPT_STEPS}", "output.name=preempted",
                                env=job_env, cwd=workdir)
-    _wait_for(lambda: len(_loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster)
+    wait_for(lambda: len(loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster)
     slurm_cluster.signal_batch(job, "USR1")  # what --signal=B:USR1@120 does 2 minutes before the time limit
 
     # The requeued job waits ~11 s (BeginTime); meanwhile plant a newer checkpoint that never got its
     # .complete marker, as if a kill had hit mid-write. The resumed run must not use it.
     # Restarts turns 1 while the first run may still be COMPLETING; PENDING means it is gone and not yet back.
-    _wait_for(lambda: (record := slurm_cluster.job(job))["Restarts"] == "1" and record["JobState"] == "PENDING",
+    wait_for(lambda: (record := slurm_cluster.job(job))["Restarts"] == "1" and record["JobState"] == "PENDING",
               f"job {job} requeued and pending", slurm_cluster)
     checkpoints = sorted((run_dir / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and (checkpoints[0] / ".complete").is_file()
@@ -141,8 +130,8 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(slurm_cluster, workdir, j
 
     # Exactness: every step's loss and every final weight, bit for bit.
     _, baseline = uninterrupted
-    assert [(r["step"], r["loss"]) for r in _loss_records(run_dir)] \
-        == [(r["step"], r["loss"]) for r in _loss_records(baseline)]
+    assert [(r["step"], r["loss"]) for r in loss_records(run_dir)] \
+        == [(r["step"], r["loss"]) for r in loss_records(baseline)]
     _assert_same_weights(run_dir / "final", baseline / "final")
 
 
@@ -151,16 +140,16 @@ def test_plain_scancel_checkpoints_but_stays_cancelled(slurm_cluster, workdir, j
     job = slurm_cluster.sbatch(*SMALL, str(SLURM_DIR / "train.sbatch"), str(lm_config),
                                f"training.max_steps={PREEMPT_STEPS}", "output.name=cancelled",
                                env=job_env, cwd=workdir)
-    _wait_for(lambda: len(_loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster)
+    wait_for(lambda: len(loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster)
     subprocess.run(["scancel", job], env=slurm_cluster.env, check=True)  # SIGTERM to the shell and sft
     slurm_cluster.wait(job, states=("CANCELLED",))
-    _wait_for(lambda: json.loads((run_dir / "manifest.json").read_text())["status"] == "preempted",
+    wait_for(lambda: json.loads((run_dir / "manifest.json").read_text())["status"] == "preempted",
               "sft's checkpoint on SIGTERM", slurm_cluster, timeout=30)
     time.sleep(3)  # a requeue would show by now
     record = slurm_cluster.job(job)
     assert (record["JobState"], record["Restarts"]) == ("CANCELLED", "0")
     assert len(list((run_dir / "checkpoints").glob("checkpoint-*/.complete"))) == 1
-    _wait_for(lambda: "total time" in (workdir / "logs" / f"sft-{job}.out").read_text(), "the script's end",
+    wait_for(lambda: "total time" in (workdir / "logs" / f"sft-{job}.out").read_text(), "the script's end",
               slurm_cluster, timeout=30)
     log = (workdir / "logs" / f"sft-{job}.out").read_text()
     assert "not requeueing" in log
@@ -251,8 +240,8 @@ def test_without_a_signal_the_guard_checkpoints_before_the_limit_sized_by_the_sl
     assert left > 20 + 30, "the stop began no earlier than a rule that ignores the measured save would start it"
     assert manifest["status"] == "finished"
     reference = workdir / "runs" / "slow-save-baseline"
-    assert [(r["step"], r["loss"]) for r in _loss_records(run_dir)] \
-        == [(r["step"], r["loss"]) for r in _loss_records(reference)]
+    assert [(r["step"], r["loss"]) for r in loss_records(run_dir)] \
+        == [(r["step"], r["loss"]) for r in loss_records(reference)]
     _assert_same_weights(run_dir / "final", reference / "final")
 
 
@@ -266,7 +255,7 @@ def test_a_job_requeued_after_its_run_finished_completes_without_touching_it(slu
     final = workdir / "runs" / "finished-then-requeued" / "final" / "model.safetensors"
     written = final.stat().st_mtime_ns
     subprocess.run(["scontrol", "requeue", job], env=slurm_cluster.env, check=True)
-    _wait_for(lambda: slurm_cluster.job(job)["Restarts"] == "1", f"job {job} requeued", slurm_cluster)
+    wait_for(lambda: slurm_cluster.job(job)["Restarts"] == "1", f"job {job} requeued", slurm_cluster)
     record = slurm_cluster.wait(job)[0]
     assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0")
     log = (workdir / "logs" / f"sft-{job}.out").read_text()
@@ -289,7 +278,7 @@ def test_sweep_array_gives_each_task_its_own_run_dir(slurm_cluster, workdir, job
         manifest = json.loads((run_dir / "manifest.json").read_text())
         assert manifest["status"] == "finished" and manifest["slurm_job"] == f"{job}_{task}"
         assert (workdir / "logs" / f"sft-sweep-{job}_{task}.out").is_file()
-    losses = [_loss_records(d)[0]["loss"] for d in run_dirs]
+    losses = [loss_records(d)[0]["loss"] for d in run_dirs]
     assert losses[0] != losses[1]  # different seeds really reached the runs
 
 
@@ -307,7 +296,7 @@ def test_scripts_pass_shellcheck():
 def test_sweep_task_outside_the_grid_fails_with_the_range_to_use(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text("")
-    env = {**_outside_slurm(), "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "6", "SFT_RUNTIME": "none"}
+    env = {**outside_slurm(), "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "6", "SFT_RUNTIME": "none"}
     result = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), str(config)], env=env, cwd=tmp_path,
                             capture_output=True, text=True)
     assert result.returncode == 2
@@ -321,7 +310,7 @@ def test_sweep_file_gives_each_task_its_line_of_overrides(tmp_path, tiny_causal_
     config.write_text(yaml.safe_dump(tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "ignored")))
     sweep = tmp_path / "sweep.txt"
     sweep.write_text("# one line per array task\ntraining.seed=5\n\ntraining.seed=6 training.learning_rate=2e-3\n")
-    env = {**_outside_slurm(), "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "1", "SFT_RUNTIME": "none",
+    env = {**outside_slurm(), "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "1", "SFT_RUNTIME": "none",
            "SFT_SWEEP_FILE": str(sweep), "SFT_OUTPUT_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), str(config), "training.max_steps=1"],
@@ -346,7 +335,7 @@ def _train_sbatch_with_fake_sft(tmp_path: Path, sft_train: str, job_end: int | N
     calls = tmp_path / "scontrol-calls"
     calls.unlink(missing_ok=True)
     (tmp_path / "config.yaml").touch()
-    env = {**_outside_slurm(), "SLURM_JOB_ID": "77", "SFT_RUNTIME": "none", "SFT_SLURM_DIR": str(SLURM_DIR),
+    env = {**outside_slurm(), "SLURM_JOB_ID": "77", "SFT_RUNTIME": "none", "SFT_SLURM_DIR": str(SLURM_DIR),
            "SFT_OUTPUT_DIR": str(tmp_path / "runs"), "PATH": f"{bin_dir}:/usr/bin:/bin", "SCONTROL_CALLS": str(calls)}
     result = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), str(tmp_path / "config.yaml")], env=env,
                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -392,7 +381,7 @@ def test_multi_node_script_runs_two_process_ddp_and_writes_once(ddp_uninterrupte
     job, run_dir = ddp_uninterrupted
     log = (workdir / "logs" / f"sft-multi-{job}.out").read_text()
     assert "2 torchrun agents x 1 processes" in log
-    records = _loss_records(run_dir)
+    records = loss_records(run_dir)
     assert [r["step"] for r in records] == list(range(1, DDP_STEPS + 1))  # each step logged once, not per rank
     # 24 examples, batch 4 per process: one epoch is 3 steps with 2 processes (a single process needs 6).
     assert records[2]["epoch"] == 1.0
@@ -408,7 +397,7 @@ def test_multi_node_script_survives_usr1_and_resumes_exactly(slurm_cluster, work
     job = slurm_cluster.sbatch(*SMALL, *ONE_NODE_TWO_TASKS, str(SLURM_DIR / "train_multi.sbatch"), str(lm_config),
                                "training.ddp_backend=gloo", f"training.max_steps={DDP_STEPS}",
                                "output.name=ddp-preempted", env=job_env, cwd=workdir)
-    _wait_for(lambda: len(_loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster)
+    wait_for(lambda: len(loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster)
     slurm_cluster.signal_batch(job, "USR1")  # reaches both workers through srun; torchrun ignores it
     slurm_cluster.wait(job)
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -416,8 +405,8 @@ def test_multi_node_script_survives_usr1_and_resumes_exactly(slurm_cluster, work
     assert [(r["slurm_restart_count"], 10 <= r["resumed_from_step"] < DDP_STEPS) for r in manifest["restarts"]] \
         == [("1", True)]
     _, baseline = ddp_uninterrupted
-    assert [(r["step"], r["loss"]) for r in _loss_records(run_dir)] \
-        == [(r["step"], r["loss"]) for r in _loss_records(baseline)]
+    assert [(r["step"], r["loss"]) for r in loss_records(run_dir)] \
+        == [(r["step"], r["loss"]) for r in loss_records(baseline)]
     _assert_same_weights(run_dir / "final", baseline / "final")
 
 
@@ -430,7 +419,7 @@ def test_multi_node_script_trains_with_fsdp_from_the_config(slurm_cluster, workd
                                env=env, cwd=workdir)
     slurm_cluster.wait(job)
     run_dir = workdir / "runs" / "fsdp"
-    assert [r["step"] for r in _loss_records(run_dir)] == list(range(1, 7))
+    assert [r["step"] for r in loss_records(run_dir)] == list(range(1, 7))
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "finished"
     # Sharded: rank 0 held about half of the parameter values, and the checkpoint is accelerate's FSDP format.
     log = (workdir / "logs" / f"sft-multi-{job}.out").read_text()
@@ -456,11 +445,11 @@ def test_multi_node_script_finishes_a_slow_checkpoint_on_sigterm(slurm_cluster, 
                                "training.ddp_backend=gloo", f"training.max_steps={DDP_STEPS}",
                                f"output.name={run_dir.name}", env=env, cwd=workdir)
     # Two torchrun agents start slowly on a loaded 2-core machine (minutes at worst).
-    _wait_for(lambda: len(_loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster, timeout=400)
+    wait_for(lambda: len(loss_records(run_dir)) >= 10, f"job {job} logging 10 steps", slurm_cluster, timeout=400)
     subprocess.run(["scancel", *scancel, job], env=slurm_cluster.env, check=True)
     slurm_cluster.wait(job, timeout=300, states=(end_state,))  # the workers' exit 75 is not requeued
     # A cancelled job shows CANCELLED while its processes still finish: wait for sft to record the checkpoint.
-    _wait_for(lambda: json.loads((run_dir / "manifest.json").read_text())["status"] == "preempted",
+    wait_for(lambda: json.loads((run_dir / "manifest.json").read_text())["status"] == "preempted",
               "sft's checkpoint on SIGTERM", slurm_cluster, timeout=80)
     checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / ".complete").is_file()
@@ -479,7 +468,7 @@ def test_jupyter_sbatch_serves_lab_behind_a_token_and_prints_the_tunnel(slurm_cl
                                cwd=workdir)
     log_path = workdir / "logs" / f"sft-jupyter-{job}.out"
     connection = home / ".sft" / f"jupyter-{job}.txt"
-    _wait_for(connection.is_file, f"job {job} connection file", slurm_cluster)
+    wait_for(connection.is_file, f"job {job} connection file", slurm_cluster)
     assert stat.S_IMODE(connection.stat().st_mode) == 0o600, "the token must be readable by the user alone"
     assert stat.S_IMODE(connection.parent.stat().st_mode) == 0o700
     details = connection.read_text()
@@ -496,7 +485,7 @@ def test_jupyter_sbatch_serves_lab_behind_a_token_and_prints_the_tunnel(slurm_cl
         except (urllib.error.URLError, ConnectionError):
             return False
 
-    _wait_for(answers, "JupyterLab answering", slurm_cluster, timeout=90)
+    wait_for(answers, "JupyterLab answering", slurm_cluster, timeout=90)
     with pytest.raises(urllib.error.HTTPError, match="403"):
         urllib.request.urlopen(api.split("?")[0], timeout=2)  # no token, no access
     # It listens on the node name's addresses (where the printed tunnel connects), on no other interface.
@@ -511,7 +500,7 @@ def test_jupyter_sbatch_serves_lab_behind_a_token_and_prints_the_tunnel(slurm_cl
     assert tunnel[1] in log and str(connection) in log, "the log says how to connect and where the URL is"
     subprocess.run(["scancel", job], env=slurm_cluster.env, check=True)
     slurm_cluster.wait(job, states=("CANCELLED",))
-    _wait_for(lambda: "total time" in log_path.read_text(), f"job {job} shutting down", slurm_cluster, timeout=30)
+    wait_for(lambda: "total time" in log_path.read_text(), f"job {job} shutting down", slurm_cluster, timeout=30)
     assert token not in log_path.read_text(), "the Slurm log is readable by others: no token in it"
     assert not connection.exists(), "the connection file goes with the server"
 
@@ -523,7 +512,7 @@ def test_jupyter_sbatch_without_jupyter_says_how_to_get_it(tmp_path):
     path = f"{bin_dir}:/usr/bin:/bin"
     assert shutil.which("jupyter", path=path) is None
     result = subprocess.run(["bash", str(SLURM_DIR / "jupyter.sbatch")], cwd=tmp_path, capture_output=True, text=True,
-                            env={**_outside_slurm(), "PATH": path, "SFT_RUNTIME": "none", "HOME": str(tmp_path)},
+                            env={**outside_slurm(), "PATH": path, "SFT_RUNTIME": "none", "HOME": str(tmp_path)},
                             timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1, result.stderr  # one line
@@ -532,7 +521,7 @@ def test_jupyter_sbatch_without_jupyter_says_how_to_get_it(tmp_path):
 
 @pytest.mark.parametrize("script", ["train_multi.sbatch", "jupyter.sbatch"])
 def test_scripts_that_cannot_run_under_podman_refuse_it_in_one_line(tmp_path, script):
-    env = {**_outside_slurm(), "SLURM_JOB_ID": "7", "SFT_SLURM_DIR": str(SLURM_DIR), "SFT_RUNTIME": "podman",
+    env = {**outside_slurm(), "SLURM_JOB_ID": "7", "SFT_SLURM_DIR": str(SLURM_DIR), "SFT_RUNTIME": "podman",
            "HOME": str(tmp_path)}
     result = subprocess.run(["bash", str(SLURM_DIR / script), "c.yaml"], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=60)
@@ -545,7 +534,7 @@ def test_podman_runtime_without_the_image_says_how_to_get_it(tmp_path):
     if not shutil.which("podman"):
         pytest.skip("podman is not installed")
     (tmp_path / "c.yaml").touch()
-    env = {**_outside_slurm(), "SFT_RUNTIME": "podman", "SFT_IMAGE": "localhost/sft-missing:none"}
+    env = {**outside_slurm(), "SFT_RUNTIME": "podman", "SFT_IMAGE": "localhost/sft-missing:none"}
     result = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), "c.yaml"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
@@ -561,7 +550,7 @@ def test_runtime_none_without_sft_on_path_uses_the_venv_next_to_the_scripts(tmp_
         pytest.skip("no .venv with JupyterLab next to slurm/ (make venv builds it)")
     found = subprocess.run(["bash", "-c", f"source {SLURM_DIR}/common.sh && sft_setup && command -v sft torchrun jupyter"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                           env={**_outside_slurm(), "PATH": "/usr/bin:/bin", "SFT_RUNTIME": "none"})
+                           env={**outside_slurm(), "PATH": "/usr/bin:/bin", "SFT_RUNTIME": "none"})
     assert found.returncode == 0, found.stderr
     assert found.stdout.split() == [str(venv_bin / name) for name in ("sft", "torchrun", "jupyter")]
 
@@ -594,18 +583,6 @@ def _outbound_address() -> str | None:
         return probe.getsockname()[0]
 
 
-def _outside_slurm() -> dict[str, str]:
-    """This environment without any SLURM_* variables, as if on a login node (tests may run inside a job)."""
-    return {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
-
-
-def _loss_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [record for line in path.read_text().splitlines() if "loss" in (record := json.loads(line))]
-
-
 def _assert_same_weights(a: Path, b: Path) -> None:
     from safetensors.torch import load_file
 
@@ -613,14 +590,6 @@ def _assert_same_weights(a: Path, b: Path) -> None:
     assert left.keys() == right.keys()
     different = [name for name in left if not left[name].equal(right[name])]
     assert not different, f"weights differ: {different}"
-
-
-def _wait_for(condition, what: str, cluster: SlurmCluster, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up waiting for {what} after {timeout} s\n{cluster.logs_tail()}")
-        time.sleep(0.1)
 
 
 def test_cluster_guide_venv_path_shares_one_cache_without_hf_home(slurm_cluster, tiny_causal_lm, tiny_chat_data,
@@ -639,7 +608,7 @@ def test_cluster_guide_venv_path_shares_one_cache_without_hf_home(slurm_cluster,
     config = tiny_lm_config(tiny_causal_lm, Path("data/chat.jsonl"), project / "runs", max_steps=2)
     config["model"]["name"] = "org/tiny"
     (project / "configs" / "tiny.yaml").write_text(json.dumps(config))
-    env = {name: value for name, value in _outside_slurm().items() if name not in ("HF_HOME", "HF_HUB_CACHE")}
+    env = {name: value for name, value in outside_slurm().items() if name not in ("HF_HOME", "HF_HUB_CACHE")}
     env |= {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SLURM_CONF": str(slurm_cluster.conf)}
     cache = project / ".cache" / "huggingface"
