@@ -89,11 +89,50 @@ def concatenate(parts: list[Rows]) -> Rows:
         files += part.files
         start += len(part)
     try:
-        dataset = concatenate_datasets([part.dataset for part in parts])
+        dataset = concatenate_datasets(_aligned([part.dataset for part in parts]))
     except ValueError as error:
         raise UserError(f"data sources have different columns or types ({str(error).splitlines()[0]}); give each "
                         f"source a fields mapping onto the same names, or convert them to one schema") from None
     return Rows(dataset, origins, files)
+
+
+def _aligned(datasets: list) -> list:
+    """The datasets with the column types chat files differ in made equal: a column one of them reads as JSON values
+    (rows of different shapes, e.g. messages with tool calls) is cast to that JSON type in all of them, and a column
+    that is all nulls in a file (an optional column it lacks, such as `tools` beside plain conversations) takes the
+    type the other files give it. So files of plain and tool-call conversations concatenate; other differences are
+    left for concatenate_datasets to report."""
+    from datasets.features import Json
+
+    aligned = list(datasets)
+    for column in aligned[0].column_names:
+        types = [d.features.get(column) for d in aligned]
+        if None in types or all(t == types[0] for t in types):
+            continue
+        filled = [t for d, t in zip(aligned, types) if d.data.column(column).null_count < len(d)]
+        target = next((t for t in types if _holds_json(t, Json)), filled[0] if filled else types[0])
+        aligned = [_nulls_as(d, column, target) if t != target and d.data.column(column).null_count == len(d)
+                   else d.cast_column(column, target) if t != target and _holds_json(target, Json)
+                   else d for d, t in zip(aligned, types)]
+    return aligned
+
+
+def _nulls_as(dataset, column: str, feature):
+    """DATASET with COLUMN, all nulls, retyped as FEATURE (Arrow cannot cast a string column to a struct)."""
+    import pyarrow as pa
+    from datasets import Features
+
+    arrow_type = Features({column: feature}).arrow_schema.field(column).type
+    order = dataset.column_names
+    return dataset.remove_columns(column).add_column(column, pa.nulls(len(dataset), arrow_type),
+                                                     feature=feature).select_columns(order)
+
+
+def _holds_json(feature, json_class) -> bool:
+    if isinstance(feature, json_class):
+        return True
+    inner = getattr(feature, "feature", None)  # List / Sequence
+    return inner is not None and _holds_json(inner, json_class)
 
 
 # Fingerprints: content hashes, cheap enough to compute before deciding whether the cache already has the result

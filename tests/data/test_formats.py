@@ -106,6 +106,25 @@ def test_a_tools_column_as_json_string_or_list_reaches_the_template(tmp_path, to
     assert summary["assistant_turns"] == {"trained": 2, "skipped": 0}
 
 
+def test_files_of_plain_and_tool_call_conversations_train_together(tmp_path, tokenizers):
+    """A tool-call file reads its messages as JSON values and has a tools column; a plain chat file reads them as
+    structs and has none: together they concatenate, and each example is tokenized as its file alone would be."""
+    tokenizer = tokenizers["tool"]
+    plain = [{"messages": [user("hi"), assistant("hello")]}]
+    tools = [{"messages": TOOL_CONVERSATION, "tools": TOOLS}]
+    alone = [tokenized_file(tmp_path, tokenizer, rows, name)[0][0] for name, rows in (("p.jsonl", plain),
+                                                                                     ("t.jsonl", tools))]
+    write_jsonl(tmp_path / "plain.jsonl", plain)
+    write_jsonl(tmp_path / "tools.jsonl", tools)
+    config = Config.model_validate({"task": "causal_lm", "model": {"name": "m"}, "data": {
+        "train": [str(tmp_path / "plain.jsonl"), str(tmp_path / "tools.jsonl")], "eval_fraction": 0}})
+    loaded = load_rows(config, tmp_path)
+    together, _ = tokenize_rows(loaded.train, loaded.data_format, config, tokenizer, None, "data.train",
+                                tmp_path / "together")
+    assert [dict(e) for e in together] == [dict(e) for e in alone]
+    assert together[1]["labels"] == expected(tokenizer, TOOL_SEGMENTS)["labels"]
+
+
 SHAREGPT = {"conversations": [
     {"from": "system", "value": "be brief"}, {"from": "human", "value": "weather in paris ?"},
     {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "paris"}})},
