@@ -242,7 +242,7 @@ def _check(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from sft.check.memory import parse_memory, print_preflight, visible_gpu_memory
+    from sft.check.memory import parse_memory, print_memory_table, visible_gpu_memory
     from sft.check.preflight import run_checks
     from sft.cli_output import print_check
     from sft.config import load_config
@@ -252,7 +252,7 @@ def _check(args) -> int:
     with tempfile.TemporaryDirectory(prefix="sft-check-") as work_dir:
         loaded, lines, model = run_checks(config, Path(work_dir), gpu=gpu_bytes is not None)
     print_check(config, loaded, lines)
-    too_big = print_preflight(config, gpu_bytes, model.config)
+    too_big = print_memory_table(config, gpu_bytes, model.config)
     if too_big:  # a failed check, so that a script can act on it before queueing
         where = f"--gpu-mem {args.gpu_mem}" if args.gpu_mem else "the visible GPU"
         raise UserError(f"{where}: {too_big}")

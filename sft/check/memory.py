@@ -31,7 +31,8 @@ def visible_gpu_memory() -> float | None:
     return float(out[0]) * 2**20 if out else None
 
 
-def preflight(config: Config, gpu_bytes: float | None, model_config: dict) -> tuple[list[tuple[str, str]], str | None]:
+def memory_rows(config: Config, gpu_bytes: float | None,
+                model_config: dict) -> tuple[list[tuple[str, str]], str | None]:
     """Rows for `sft check`: the estimate's parts for the model's config.json, and whether it fits the GPU (with the
     change that would); and, when it does not fit, the problem to report."""
     shape = shape_from_config(model_config)
@@ -60,13 +61,13 @@ def preflight(config: Config, gpu_bytes: float | None, model_config: dict) -> tu
     return rows, None
 
 
-def print_preflight(config: Config, gpu_bytes: float | None, model_config: dict) -> str | None:
+def print_memory_table(config: Config, gpu_bytes: float | None, model_config: dict) -> str | None:
     """`sft check`: the memory estimate, and whether it fits --gpu-mem or the visible GPU; returns the problem when
     it does not fit."""
     from rich.console import Console
     from rich.table import Table
 
-    rows, problem = preflight(config, gpu_bytes, model_config)
+    rows, problem = memory_rows(config, gpu_bytes, model_config)
     table = Table(title="memory (estimated from config.json)", show_header=False)
     for name, value in rows:
         table.add_row(name, value)
