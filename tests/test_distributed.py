@@ -213,6 +213,38 @@ def test_fsdp_shards_stops_all_ranks_together_resumes_exactly_and_saves_a_loadab
     assert all(torch.equal(parameter, actual[name]) for name, parameter in loaded.state_dict().items())
 
 
+def test_the_wall_time_guard_stops_both_ranks_at_one_step_and_the_next_session_finishes(tiny_causal_lm,
+                                                                                       tiny_chat_data, tmp_path):
+    """training.stop_at under torchrun, no signal: every rank's guard sees the end coming, and the agreed flag stops
+    both after the same step with one complete checkpoint holding both ranks' state, exit 75 on each; the next
+    session resumes from it and finishes, each step logged once."""
+    config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs", max_steps=6, save_strategy="steps",
+                            save_steps=5)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SLURM_")}
+    stopped = subprocess.run(torchrun_command("train", str(config_path), "training.ddp_backend=gloo",
+                                              "training.stop_at=20s"),
+                             capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0 and re.findall(r"exitcode\s*:\s*75", output), output[-5000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "preempted" and manifest["sessions"][0]["ended_by"] == "wall-time guard"
+    # The guard trips at the first step; the ranks agree on it one step later (the flag's all-reduce overlaps it).
+    step = int(re.search(r"stopped by the wall-time guard at step (\d+)",
+                         next(run_dir.glob("sft_log_*.log")).read_text())[1])
+    [checkpoint] = (run_dir / "checkpoints").glob("checkpoint-*")  # the guard's save: the regular one is at 5
+    assert step < 5 and checkpoint.name == f"checkpoint-{step}" and (checkpoint / ".complete").is_file()
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}  # both ranks saved
+
+    torchrun("train", str(config_path), "training.ddp_backend=gloo", "training.stop_at=1h", env=env)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    assert [s["ended_by"] for s in manifest["sessions"]] == ["wall-time guard", "finished"]
+    assert [step for step, _ in loss_records(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_fsdp_where_accelerate_would_not_shard_is_refused(tiny_causal_lm, tiny_chat_data, tmp_path):
     """Without GPUs accelerate ignores the FSDP plugin and trains with DDP: sft refuses instead of pretending."""
     import torch
