@@ -474,23 +474,41 @@ def test_apptainer_def_builds_tests_and_runs(def_image, bound_dirs):
 @pytest.mark.slurm
 def test_train_sbatch_runs_the_oci_image_with_podman_and_resumes_after_usr1(oci_image, slurm_cluster, tmp_path,
                                                                              tiny_causal_lm, tiny_chat_data):
-    """SFT_RUNTIME=podman: train.sbatch runs the image the suite built, from a project directory with the default
-    binds (./data, ./runs, ./.cache); USR1 reaches sft through podman, which checkpoints and exits 75, the job
-    requeues and the second start resumes in a new container; the image's provenance (only inside the image) is in
-    the manifest. A GPU job asks podman for the CDI devices; a CPU job (--gres=none) asks for none."""
+    """docs/cluster.md's podman path: `sft check` and `sft prepare` from the venv in the project directory, then
+    SFT_RUNTIME=podman: train.sbatch runs the image the suite built with the default binds (./data, ./runs,
+    ./.cache) and trains on the tokenized data the venv prepared; USR1 reaches sft through podman, which checkpoints
+    and exits 75, the job requeues and the second start resumes in a new container; the image's provenance (only
+    inside the image) is in the manifest; `sft clean` from the venv removes the run's checkpoints and tokenized
+    data. A GPU job asks podman for the CDI devices; a CPU job (--gres=none) asks for none."""
     tag, _ = oci_image
     project = tmp_path / "project"
     for folder in ("configs", "data", "logs"):
         (project / folder).mkdir(parents=True)
-    shutil.copytree(tiny_causal_lm, project / "models" / "tiny")
+    # A hub model where `sft fetch` puts it (./.cache/huggingface), as docs/cluster.md's step 2 leaves it.
+    snapshot = project / ".cache" / "huggingface" / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_causal_lm, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
     shutil.copy(tiny_chat_data, project / "data" / "chat.jsonl")
-    config = tiny_lm_config(Path("models/tiny"), Path("data/chat.jsonl"), Path("ignored"), max_steps=600)
+    config = tiny_lm_config(Path("org/tiny"), Path("data/chat.jsonl"), Path("ignored"), max_steps=600)
     (project / "configs" / "tiny.yaml").write_text(json.dumps(config))
-    before = tree(project)
+    before = {name: digest for name, digest in tree(project).items() if not name.startswith(".cache/")}
     env = {**outside_slurm(), "SLURM_CONF": str(slurm_cluster.conf), "CONTAINERS_CONF": str(CONTAINERS_CONF),
            "SFT_RUNTIME": "podman", "SFT_IMAGE": tag, "OMP_NUM_THREADS": "1"}
     script = str(REPO / "slurm" / "train.sbatch")
 
+    def sft(*args):
+        login = {name: value for name, value in outside_slurm().items() if name not in ("HF_HOME", "HF_HUB_CACHE")}
+        login |= {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+                  "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(["sft", *args], cwd=project, env=login, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (args, result.stderr)
+        return result.stdout
+
+    sft("check", "configs/tiny.yaml")
+    sft("prepare", "configs/tiny.yaml")
+    tokenized_dir = project / ".cache" / "huggingface" / "sft" / "tokenized"
+    [tokenized] = [entry for entry in tokenized_dir.iterdir() if entry.is_dir()]
     job = slurm_cluster.sbatch("--cpus-per-task=1", "--gres=none", script, "configs/tiny.yaml", "output.name=podman",
                                env=env, cwd=project)
     run_dir = project / "runs" / "podman"
@@ -509,6 +527,9 @@ def test_train_sbatch_runs_the_oci_image_with_podman_and_resumes_after_usr1(oci_
     # The project directory is read-only in the container: only the log, the run and the cache are new.
     assert {name: digest for name, digest in tree(project).items()
             if not name.startswith(("logs/", "runs/", ".cache/"))} == before
+    assert manifest["data"]["cache_key"] == tokenized.name  # the job trained on what the venv prepared,
+    assert f"tokenized data from cache {tokenized.name}" in log  # without tokenizing it again
+    assert "tokenized data cache" in sft("clean", "runs/podman") and not tokenized.exists()
 
     gpu_job = slurm_cluster.sbatch("--cpus-per-task=1", "--gres=gpu:1", script, "configs/tiny.yaml",
                                    "output.name=podman-gpu", env=env, cwd=project)
