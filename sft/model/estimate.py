@@ -15,15 +15,11 @@ ACTIVATION_BYTES = {"half": 64, "fp32": 128}  # x hidden, per layer and token
 LOGIT_BYTES = {"half": 14, "fp32": 12}  # x vocabulary, per token: logits, their fp32 copy, softmax and gradient
 CHUNKED_LOGIT_BYTES = {"half": 8, "fp32": 6}  # x vocabulary, per token of one chunk
 CHECKPOINTED_BYTES = {"half": 4, "fp32": 4}  # x hidden, per layer and token: only each layer's fp32 input is kept
-
-
 # Leave this share of the GPU free: the CUDA context, and the caching allocator's fragmentation when every batch
 # has another shape (the 1.5B row of NOTES.md ran out of memory at an estimated 81% of 80 GB).
 HEADROOM = 0.15
 BERT_LIKE = ("bert", "roberta", "distilbert", "electra", "deberta", "xlm-roberta", "mpnet")
 QLORA_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # 4-bit values plus an fp32 scale per block of 64
-
-
 # Tokens per causal_lm batch when training.max_tokens_per_batch is auto: ~8k filled an H100; on CPU a packed
 # batch's attention costs (sum of lengths)^2, so the smallest budget was fastest (docs/performance.md).
 GPU_TOKEN_BUDGET, CPU_TOKEN_BUDGET = 8192, 1024

@@ -12,8 +12,6 @@ from sft.run.directory import RunDir
 
 COMPLETE_MARKER = ".complete"
 FINAL = "final"
-
-
 # The final model is written here, marked complete, then renamed to final/: final/ always holds a whole model.
 FINAL_IN_PROGRESS = ".final.partial"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

@@ -13,8 +13,6 @@ from sft.errors import UserError
 from sft.run import manifest as manifests
 
 LOCK = "run.lock"
-
-
 # squeue states after which a job has no processes left and will not run again.
 ENDED_JOB_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "BOOT_FAIL",
                     "DEADLINE", "OUT_OF_MEMORY", "REVOKED"}
