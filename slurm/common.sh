@@ -117,8 +117,8 @@ sft_setup_podman() {
   # --read-only: the image as apptainer runs a .sif (podman adds tmpfs /tmp and /run). --init: a small init
   # passes on the signals podman forwards (--sig-proxy, the default) and reaps data-loader workers.
   # Host network and hostname, as apptainer: ports are the node's, and run.lock's host must be the node's name
-  # (the lock's flock works across containers: one kernel). --ipc=host: the
-  # node's /dev/shm (podman's own is 64 MB) for data loaders and NCCL. --pull=never: compute nodes have no registry.
+  # (the lock's flock works across containers: one kernel). --ipc=host: the node's /dev/shm (podman's own is
+  # 64 MB) for data loaders and NCCL. --pull=never: compute nodes have no registry.
   flags=(run --rm --read-only --init --network=host --uts=host --ipc=host --pull=never
          --volume "$sft_submit_dir:$sft_submit_dir:ro" --workdir "$sft_submit_dir")
   for bind in "$@"; do flags+=(--volume "$bind"); done

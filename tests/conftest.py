@@ -1,6 +1,7 @@
 """Shared test assets, all built locally and offline: a tiny BPE tokenizer + Llama model, and small datasets."""
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -129,6 +130,16 @@ def write_config(tmp_path):
         return path
 
     return write
+
+
+def put_in_hub_cache(model: Path, hub_cache: Path, repo_id: str = "org/tiny", commit: str = "abc123") -> Path:
+    """MODEL's files where `sft fetch REPO_ID` leaves them in HUB_CACHE (a snapshot and refs/main); its folder."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(model, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
 
 
 def tiny_lm_config(model: Path, data: Path, output: Path, **training) -> dict:

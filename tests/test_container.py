@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from apt_packages import apt_install
-from conftest import tiny_lm_config
+from conftest import put_in_hub_cache, tiny_lm_config
 from slurm_cluster import loss_records, outside_slurm, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -485,10 +485,7 @@ def test_train_sbatch_runs_the_oci_image_with_podman_and_resumes_after_usr1(oci_
     for folder in ("configs", "data", "logs"):
         (project / folder).mkdir(parents=True)
     # A hub model where `sft fetch` puts it (./.cache/huggingface), as docs/cluster.md's step 2 leaves it.
-    snapshot = project / ".cache" / "huggingface" / "hub" / "models--org--tiny" / "snapshots" / "abc123"
-    shutil.copytree(tiny_causal_lm, snapshot)
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    put_in_hub_cache(tiny_causal_lm, project / ".cache" / "huggingface" / "hub")
     shutil.copy(tiny_chat_data, project / "data" / "chat.jsonl")
     config = tiny_lm_config(Path("org/tiny"), Path("data/chat.jsonl"), Path("ignored"), max_steps=600)
     (project / "configs" / "tiny.yaml").write_text(json.dumps(config))

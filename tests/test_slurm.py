@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from apt_packages import apt_install
-from conftest import REPO, tiny_lm_config
+from conftest import REPO, put_in_hub_cache, tiny_lm_config
 from slurm_cluster import loss_records, outside_slurm, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -598,10 +598,7 @@ def test_cluster_guide_venv_path_shares_one_cache_without_hf_home(slurm_cluster,
     ./.cache/huggingface (where `sft fetch` puts it), a config in configs/ naming data/ relatively; `sft check` and
     `sft prepare` on the login node, the SFT_RUNTIME=none job, and `sft clean` all use that one cache."""
     project = tmp_path / "project"
-    snapshot = project / ".cache" / "huggingface" / "hub" / "models--org--tiny" / "snapshots" / "abc123"
-    shutil.copytree(tiny_causal_lm, snapshot)
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    put_in_hub_cache(tiny_causal_lm, project / ".cache" / "huggingface" / "hub")
     for folder in ("configs", "data", "logs"):
         (project / folder).mkdir()
     shutil.copy(tiny_chat_data, project / "data" / "chat.jsonl")

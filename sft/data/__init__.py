@@ -32,7 +32,8 @@ from sft.errors import UserError
 log = logging.getLogger("sft")
 
 __all__ = ["IGNORE_INDEX", "DataFile", "LoadedRows", "PreparedData", "Rows", "TokenBudgetBatches",
-           "TokenBudgetCollator", "check_sources_exist", "group_by_tokens", "in_token_budget_batches", "load_rows", "prepare", "prepare_for_run", "read_source",
+           "TokenBudgetCollator", "check_sources_exist", "group_by_tokens", "in_token_budget_batches", "load_rows",
+           "prepare", "prepare_for_run", "read_source",
            "split_eval", "summary_rows", "tokenize_classification", "tokenize_instruction", "tokenize_messages",
            "tokenize_prompt_completion", "tokenize_rows", "tokenize_text"]
 

@@ -109,11 +109,12 @@ def _aligned(datasets: list) -> list:
         types = [d.features.get(column) for d in aligned]
         if None in types or all(t == types[0] for t in types):
             continue
-        filled = [t for d, t in zip(aligned, types) if d.data.column(column).null_count < len(d)]
+        empty = [d.data.column(column).null_count == len(d) for d in aligned]
+        filled = [t for t, is_empty in zip(types, empty) if not is_empty]
         target = next((t for t in types if _holds_json(t, Json)), filled[0] if filled else types[0])
-        aligned = [_nulls_as(d, column, target) if t != target and d.data.column(column).null_count == len(d)
+        aligned = [_nulls_as(d, column, target) if t != target and is_empty
                    else d.cast_column(column, target) if t != target and _holds_json(target, Json)
-                   else d for d, t in zip(aligned, types)]
+                   else d for d, t, is_empty in zip(aligned, types, empty)]
     return aligned
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_lm_config, write_jsonl
+from conftest import REPO, put_in_hub_cache, tiny_lm_config, write_jsonl
 
 from sft.check.preflight import CHECKPOINT_BYTES_PER_PARAMETER, find_model, run_checks
 from sft.config import Config, load_config
@@ -143,13 +143,10 @@ def test_a_hub_id_is_found_in_the_offline_cache(tiny_causal_lm):
     from huggingface_hub import constants
 
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = Path(constants.HF_HUB_CACHE) / "models--test-org--tiny"
-    shutil.copytree(tiny_causal_lm, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    snapshot = put_in_hub_cache(tiny_causal_lm, Path(constants.HF_HUB_CACHE), "test-org/tiny", commit)
     model, problems = find_model(config_of({"task": "causal_lm", "model": {"name": "test-org/tiny"},
                                             "data": {"train": "x"}}))
-    assert problems == [] and model.folder == repo / "snapshots" / commit
+    assert problems == [] and model.folder == snapshot
 
 
 def test_parameter_counts_from_safetensors_headers_match_the_loaded_model(tiny_causal_lm, tmp_path):

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, put_in_hub_cache
 
 from sft.errors import EXIT_USER_ERROR
 
@@ -94,15 +94,10 @@ def test_fetch_sends_the_hf_token_from_dot_env(tmp_path):
 def test_without_hf_home_the_project_cache_is_the_cache(tiny_causal_lm, tiny_chat_data, tmp_path):
     """docs/cluster.md: models fetched into the project's .cache/huggingface (the cache slurm/'s jobs bind) are found
     by `sft check` run from the project directory with no HF_HOME set; elsewhere the error names where it looked."""
-    import shutil
-
     import yaml
     from conftest import tiny_lm_config
 
-    snapshot = tmp_path / ".cache" / "huggingface" / "hub" / "models--org--tiny" / "snapshots" / "abc123"
-    shutil.copytree(tiny_causal_lm, snapshot)
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    put_in_hub_cache(tiny_causal_lm, tmp_path / ".cache" / "huggingface" / "hub")
     config = tiny_lm_config(tiny_causal_lm, tiny_chat_data, tmp_path / "runs")
     config["model"]["name"] = "org/tiny"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
